@@ -1,0 +1,138 @@
+"""Turns a config into the explicit arguments the library takes.
+
+The prover and the verifier both call these: the verifier rebuilds the
+program from the config recorded in the proof's manifest.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from pol_jax import data, recorder, training
+from pol_jax.models import cnn, mlp
+
+DATASETS = ("digits",)
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+class ConfigError(ValueError):
+  """A config field the builder cannot use: ``config.<field>: <why>``."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"config.{field}: {message}")
+    self.field = field
+
+
+def _get(config, field: str, kind: type | tuple[type, ...]):
+  if field not in config:
+    raise ConfigError(field, "missing")
+  value = config[field]
+  if kind in (int, float) and isinstance(value, bool):
+    raise ConfigError(field, f"expected {kind.__name__}, got {value!r}")
+  if kind is float and isinstance(value, int):
+    value = float(value)
+  if not isinstance(value, kind):
+    names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+    raise ConfigError(field, f"expected {names}, got {value!r:.60}")
+  return value
+
+
+def _choice(config, field: str, known: tuple[str, ...]) -> str:
+  value = _get(config, field, str)
+  if value not in known:
+    raise ConfigError(field, f"unknown {field} {value!r} (known: {', '.join(known)})")
+  return value
+
+
+def _positive_ints(config, field: str) -> tuple[int, ...]:
+  value = _get(config, field, (tuple, list))
+  if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+    raise ConfigError(field, f"expected a list of positive integers, got {value!r:.60}")
+  return tuple(value)
+
+
+def dataset(config, split: str = "train") -> data.Dataset:
+  _choice(config, "dataset", DATASETS)
+  return data.load_digits(split)
+
+
+def plan(config) -> recorder.Plan:
+  try:
+    return recorder.Plan(
+        seed=_get(config, "seed", int),
+        k=_get(config, "k", int),
+        steps=_get(config, "steps", int),
+        batch_size=_get(config, "batch_size", int),
+        runner=_choice(config, "runner", training.RUNNERS),
+    )
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    field = str(e).split("got ", 1)[-1].split("=", 1)[0]
+    raise ConfigError(field, str(e)) from None
+
+
+def _model(config, ds: data.Dataset):
+  name = _choice(config, "model", MODELS)
+  num_classes = int(ds.labels.max()) + 1
+  scale = 1.0 / 16.0  # digits: 17 grey levels
+  dropout = _get(config, "dropout", float)
+  if not 0.0 <= dropout < 1.0:
+    raise ConfigError("dropout", f"expected 0 <= dropout < 1, got {dropout}")
+  if name == "mlp":
+    features = _positive_ints(config, "features")
+    return mlp.build(
+        in_features=int(np.prod(ds.inputs.shape[1:])), features=features, num_classes=num_classes,
+        dropout=dropout, input_scale=scale,
+    )
+  widths = _positive_ints(config, "widths")
+  return cnn.build(
+      in_channels=ds.inputs.shape[-1], widths=widths, num_classes=num_classes, dropout=dropout, input_scale=scale
+  )
+
+
+def optimizer(config) -> optax.GradientTransformation:
+  steps = _get(config, "steps", int)
+  lr = _get(config, "learning_rate", float)
+  if not lr > 0:
+    raise ConfigError("learning_rate", f"expected > 0, got {lr}")
+  schedule = _choice(config, "schedule", SCHEDULES)
+  if schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, max(steps, 1))
+  elif schedule == "step":
+    lr = optax.piecewise_constant_schedule(lr, {int(steps * 0.5): 0.1, int(steps * 0.75): 0.1})
+  name = _choice(config, "optimizer", OPTIMIZERS)
+  decay = _get(config, "weight_decay", float)
+  if name == "sgd":
+    tx = optax.sgd(lr, momentum=_get(config, "momentum", float) or None)
+  else:
+    tx = optax.adam(lr)
+  return optax.chain(optax.add_decayed_weights(decay), tx) if decay else tx
+
+
+def program(config, ds: data.Dataset) -> training.Program:
+  """The ``init`` and ``step`` a config describes."""
+  apply_fn, init_fn = _model(config, ds)
+  tx = optimizer(config)
+
+  def init(key):
+    params, model_state = init_fn(key)
+    return training.init_state(params, tx, model_state)
+
+  return training.Program(init=init, step=training.make_step(apply_fn, training.cross_entropy, tx))
+
+
+def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: int = 512) -> float:
+  """Accuracy of ``state`` on ``ds`` (inference mode)."""
+  apply_fn, _ = _model(config, ds)
+  predict = jax.jit(lambda p, s, x: jax.numpy.argmax(apply_fn(p, s, x, train=False)[0], -1))
+  correct = 0
+  for i in range(0, len(ds), batch_size):
+    x, y = ds.batch(np.arange(i, min(i + batch_size, len(ds))))
+    correct += int((np.asarray(predict(state.params, state.model_state, x)) == y).sum())
+  return correct / len(ds)
+

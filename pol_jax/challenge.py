@@ -1,0 +1,69 @@
+"""Which segments a verifier replays.
+
+``all`` replays every segment. ``uniform`` draws n segments from a verifier's
+seed, ``fiat-shamir`` draws them from the proof's root digest (the prover
+commits to every checkpoint before the draw is known, so it cannot place its
+honest segments where the verifier will look). ``top-q`` is the paper's: per
+epoch and per metric, the Q segments with the largest recorded update, united
+over the metrics; a prover knows in advance which segments it selects, which is
+what the blindfold attack exploits, so it is never our only check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+STRATEGIES = ("fiat-shamir", "uniform", "top-q", "all")
+
+
+def all_segments(num_segments: int) -> list[int]:
+  return list(range(num_segments))
+
+
+def uniform(num_segments: int, n: int, seed: int) -> list[int]:
+  """``min(n, num_segments)`` distinct segments drawn from the verifier's ``seed``."""
+  rng = np.random.default_rng(seed)
+  return sorted(int(i) for i in rng.choice(num_segments, size=min(n, num_segments), replace=False))
+
+
+def fiat_shamir(num_segments: int, n: int, root: str) -> list[int]:
+  """``min(n, num_segments)`` distinct segments drawn from the proof root.
+
+  Draws 64-bit values ``SHA-256(root || counter)`` and rejects those above the
+  largest multiple of ``num_segments``, so every segment is equally likely.
+
+  >>> fiat_shamir(10, 3, "00" * 32) == fiat_shamir(10, 3, "00" * 32)
+  True
+  """
+  n = min(n, num_segments)
+  limit = (2**64 // num_segments) * num_segments
+  chosen: set[int] = set()
+  counter = 0
+  while len(chosen) < n:
+    value = int.from_bytes(hashlib.sha256(f"pol-jax/challenge/v1:{root}:{counter}".encode()).digest()[:8], "big")
+    counter += 1
+    if value < limit:
+      chosen.add(value % num_segments)
+  return sorted(chosen)
+
+
+def top_q(update_sizes: dict[str, np.ndarray], epochs: np.ndarray, q: int) -> list[int]:
+  """Per epoch, the ``q`` segments with the largest update under any metric.
+
+  Args:
+    update_sizes: ``{metric: [num_segments]}`` distance between the recorded
+      states at each segment's start and end.
+    epochs: ``[num_segments]`` the epoch each segment starts in.
+    q: segments per epoch and metric.
+  """
+  chosen: set[int] = set()
+  epochs = np.asarray(epochs)
+  for sizes in update_sizes.values():
+    sizes = np.asarray(sizes)
+    for epoch in np.unique(epochs):
+      members = np.flatnonzero(epochs == epoch)
+      order = members[np.argsort(-sizes[members], kind="stable")]
+      chosen.update(int(i) for i in order[:q])
+  return sorted(chosen)

@@ -1,0 +1,414 @@
+"""The proof on disk: layout, digests, manifest, Orbax reads and writes.
+
+A proof is a directory::
+
+  proof/
+    run.json            what the run committed to at its start (resume checks it)
+    checkpoints/<step>/ Orbax: ``state`` (the whole TrainState) and ``meta``
+                        (JSON: step, SHA-256 of every state leaf, segment metrics)
+    indices.npy         int32 [T, B] index log (read with allow_pickle=False)
+    data_digests.npy    uint8 [N, 32] per-example SHA-256, the Merkle leaves
+    manifest.json       written last, atomically: everything above by digest,
+                        and ``root``, the SHA-256 of the canonical manifest body
+
+Two kinds of failure are told apart. :class:`ProofError` means the input is
+unusable (no manifest, a manifest that does not parse or validate, another
+schema): the CLI exits 2. :class:`IntegrityError` means a well-formed proof
+whose content contradicts its own digests: a failed check, exit 1. Nothing
+from a proof is used before its digest is checked, no path outside the proof
+directory is opened, and declared sizes are bounded before anything is
+allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+SCHEMA = "pol-jax/proof/v1"
+MANIFEST = "manifest.json"
+RUN = "run.json"
+CHECKPOINTS = "checkpoints"
+INDICES = "indices.npy"
+DATA_DIGESTS = "data_digests.npy"
+
+MAX_JSON_BYTES = 64 << 20
+MAX_STEPS = 1 << 31
+MAX_INDEX_ENTRIES = 1 << 31
+MAX_EXAMPLES = 1 << 31
+MAX_LEAF_BYTES = 16 << 30
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ProofError(Exception):
+  """Unusable input: names the file and the field (CLI exit status 2)."""
+
+  def __init__(self, file: str, field: str, message: str):
+    super().__init__(f"{file}: {field}: {message}")
+    self.file, self.field = file, field
+
+
+class IntegrityError(Exception):
+  """A proof's content contradicts its digests (a failed check, exit 1)."""
+
+
+# ----------------------------------------------------------------------------
+# Digests
+
+
+def canonical_json(obj: Any) -> bytes:
+  """The one byte encoding of a JSON value that digests are taken over."""
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def digest_json(obj: Any) -> str:
+  return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flatten(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+  """``(path components, leaf)`` for every leaf, in tree order.
+
+  NNX's ``.value`` attribute is dropped from paths, so a parameter reads
+  ``params/hidden/0/kernel``.
+  """
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = tuple(_key_name(e) for e in path)
+    if len(names) > 1 and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+      names = names[:-1]
+    out.append((names, leaf))
+  return out
+
+
+def path_str(names: Iterable[str]) -> str:
+  return "/".join(names)
+
+
+def leaf_digest(path: str, array: np.ndarray) -> str:
+  """SHA-256 of a leaf's tree path, dtype, shape and bytes."""
+  array = np.asarray(array)
+  h = hashlib.sha256(f"{path}\x00{array.dtype.str}\x00{array.shape}\x00".encode())
+  h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()
+
+
+def leaf_digests(tree: Any) -> dict[str, str]:
+  """``{path: digest}`` over every leaf of a host pytree."""
+  return {path_str(n): leaf_digest(path_str(n), leaf) for n, leaf in flatten(tree)}
+
+
+def _nested(tree: Any) -> dict:
+  """The leaves of ``tree`` as nested dicts keyed by path component (for Orbax)."""
+  root: dict = {}
+  for names, leaf in flatten(tree):
+    node = root
+    for name in names[:-1]:
+      node = node.setdefault(name, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"State path {path_str(names)!r} collides with a leaf.")
+    if names[-1] in node or any("/" in n for n in names):
+      raise ValueError(f"State path {path_str(names)!r} is ambiguous.")
+    node[names[-1]] = leaf if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(leaf)
+  return root
+
+
+def checkpoint_steps(k: int, num_steps: int) -> list[int]:
+  """The steps a proof records: 0, k, 2k, ... and ``num_steps``."""
+  return sorted(set(range(0, num_steps, k)) | {num_steps})
+
+
+# ----------------------------------------------------------------------------
+# Files
+
+
+def inside(proof_dir: str, *parts: str) -> str:
+  """``proof_dir/parts``, refusing anything that resolves outside ``proof_dir``."""
+  base = os.path.realpath(proof_dir)
+  path = os.path.realpath(os.path.join(base, *parts))
+  if path != base and not path.startswith(base + os.sep):
+    raise ProofError(path_str(parts), "path", f"resolves outside the proof directory ({path})")
+  return path
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to a temporary name, fsyncs it, renames it into place."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, array, allow_pickle=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: str, label: str) -> Any:
+  """Reads a JSON file of bounded size; any failure is a ProofError on ``label``."""
+  try:
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+      raise ProofError(label, "size", f"{size} bytes is over the {MAX_JSON_BYTES}-byte limit")
+    with open(path, "rb") as f:
+      return json.loads(f.read(), parse_constant=_reject_constant)
+  except FileNotFoundError:
+    raise ProofError(label, "file", "missing") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ProofError(label, "file", f"unreadable ({e})") from None
+  except json.JSONDecodeError as e:
+    raise ProofError(label, "json", f"does not parse ({e})") from None
+
+
+def _reject_constant(name: str):
+  raise json.JSONDecodeError(f"non-standard constant {name}", name, 0)
+
+
+def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """Reads a .npy whose header must declare exactly ``shape`` and ``dtype``.
+
+  The header is checked before the array is allocated; pickled objects are
+  refused.
+  """
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0(f)
+      elif version in ((2, 0), (3, 0)):
+        header = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise ValueError(f"unsupported .npy version {version}")
+      got_shape, fortran, got_dtype = header
+      if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or fortran:
+        raise IntegrityError(
+            f"{label}: declares {got_dtype}{list(got_shape)}, the manifest says {np.dtype(dtype)}{list(shape)}"
+        )
+      count = math.prod(shape)
+      data = f.read(count * np.dtype(dtype).itemsize + 1)
+  except FileNotFoundError:
+    raise IntegrityError(f"{label}: missing") from None
+  except (OSError, ValueError) as e:
+    raise IntegrityError(f"{label}: unreadable ({e})") from None
+  if len(data) != count * np.dtype(dtype).itemsize:
+    raise IntegrityError(f"{label}: {len(data)} data bytes, expected {count * np.dtype(dtype).itemsize}")
+  return np.frombuffer(data, dtype).reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# Manifest
+
+
+def seal(body: dict) -> dict:
+  """The manifest: ``body`` plus ``root``, the digest of its canonical form."""
+  return {**body, "root": digest_json(body)}
+
+
+def _field(obj: dict, name: str, kind, label: str = MANIFEST, prefix: str = ""):
+  if name not in obj:
+    raise ProofError(label, prefix + name, "missing")
+  value = obj[name]
+  if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+    raise ProofError(label, prefix + name, f"expected an integer, got {value!r:.60}")
+  if kind is not int and not isinstance(value, kind):
+    raise ProofError(label, prefix + name, f"expected {kind.__name__}, got {type(value).__name__}")
+  return value
+
+
+def _bounded(obj: dict, name: str, lo: int, hi: int, label: str = MANIFEST, prefix: str = "") -> int:
+  value = _field(obj, name, int, label, prefix)
+  if not lo <= value <= hi:
+    raise ProofError(label, prefix + name, f"{value} is outside [{lo}, {hi}]")
+  return value
+
+
+def _hex(obj: dict, name: str, label: str = MANIFEST, prefix: str = "") -> str:
+  value = _field(obj, name, str, label, prefix)
+  if not _HEX64.match(value):
+    raise ProofError(label, prefix + name, f"expected 64 lowercase hex digits, got {value!r:.80}")
+  return value
+
+
+def validate_body(body: Any, label: str = MANIFEST) -> dict:
+  """Checks the fields and bounds that a proof's body must have."""
+  if not isinstance(body, dict):
+    raise ProofError(label, "(top level)", f"expected a JSON object, got {type(body).__name__}")
+  schema = _field(body, "schema", str, label)
+  if schema != SCHEMA:
+    raise ProofError(label, "schema", f"proof schema {schema!r:.60} is not supported (this pol-jax reads {SCHEMA!r})")
+  _field(body, "config", dict, label)
+  _bounded(body, "seed", 0, 2**63 - 1, label)
+  steps = _bounded(body, "steps", 1, MAX_STEPS, label)
+  _bounded(body, "k", 1, steps, label)
+  batch = _bounded(body, "batch_size", 1, MAX_INDEX_ENTRIES, label)
+  if steps * batch > MAX_INDEX_ENTRIES:
+    raise ProofError(label, "steps", f"steps x batch_size = {steps * batch} is over the {MAX_INDEX_ENTRIES} limit")
+  runner = _field(body, "runner", str, label)
+  if runner not in ("scan", "loop"):
+    raise ProofError(label, "runner", f"expected 'scan' or 'loop', got {runner!r:.40}")
+  dataset = _field(body, "dataset", dict, label)
+  _field(dataset, "name", str, label, "dataset.")
+  size = _bounded(dataset, "size", 1, MAX_EXAMPLES, label, "dataset.")
+  if batch > size:
+    raise ProofError(label, "batch_size", f"{batch} is larger than the dataset ({size} examples)")
+  _hex(dataset, "merkle_root", label, "dataset.")
+  _field(body, "environment", dict, label)
+  programs = _field(body, "programs", dict, label)
+  _hex(programs, "segment", label, "programs.")
+  return body
+
+
+def validate_manifest(manifest: Any) -> dict:
+  """Validates a finished proof's manifest and its root; returns it."""
+  body = validate_body(manifest)
+  root = _hex(body, "root")
+  rest = {k: v for k, v in body.items() if k != "root"}
+  for name in ("indices", "data_digests"):
+    _hex(_field(rest, name, dict), "sha256", MANIFEST, f"{name}.")
+  checkpoints = _field(rest, "checkpoints", dict)
+  expected = [str(s) for s in checkpoint_steps(rest["k"], rest["steps"])]
+  if sorted(checkpoints, key=lambda s: (len(s), s)) != expected:
+    missing = sorted(set(expected) - set(checkpoints), key=lambda s: (len(s), s))[:5]
+    extra = sorted(set(checkpoints) - set(expected))[:5]
+    raise ProofError(MANIFEST, "checkpoints", f"expected steps 0, k, 2k, ..., T; missing {missing}, unexpected {extra}")
+  for step in checkpoints:
+    _hex(checkpoints, step, MANIFEST, "checkpoints.")
+  if digest_json(rest) != root:
+    raise IntegrityError(f"{MANIFEST}: root {root[:16]}... is not the digest of the manifest body (edited after sealing)")
+  return manifest
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+class Writer:
+  """Writes checkpoints asynchronously with an Orbax CheckpointManager."""
+
+  def __init__(self, proof_dir: str):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.directory = os.path.join(os.path.abspath(proof_dir), CHECKPOINTS)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def completed_steps(self) -> list[int]:
+    """Steps whose checkpoint Orbax finalised (a killed save leaves none)."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, state: Any, metrics: dict | None = None) -> str:
+    """Starts saving ``state`` (host arrays); returns its checkpoint digest."""
+    step = int(np.asarray(state.step))
+    meta = {"step": step, "leaves": leaf_digests(state), "metrics": metrics or {}}
+    args = self._ocp.args.Composite(
+        state=self._ocp.args.StandardSave(_nested(state)),
+        meta=self._ocp.args.JsonSave(meta),
+    )
+    self._manager.save(step, args=args, force=True)
+    return digest_json(meta)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def read_meta(proof_dir: str, step: int, expected_digest: str | None) -> dict:
+  """A checkpoint's meta item, checked against its manifest digest."""
+  label = f"checkpoint {step}"
+  path = inside(proof_dir, CHECKPOINTS, str(step), "meta", "metadata")
+  try:
+    meta = read_json(path, f"{CHECKPOINTS}/{step}/meta")
+  except ProofError as e:
+    raise IntegrityError(f"{label}: meta {str(e).split(': ', 1)[1]}") from None
+  if expected_digest is not None and digest_json(meta) != expected_digest:
+    raise IntegrityError(f"{label}: meta digest does not match the manifest")
+  if not (isinstance(meta, dict) and meta.get("step") == step and isinstance(meta.get("leaves"), dict)):
+    raise IntegrityError(f"{label}: meta is malformed")
+  return meta
+
+
+def restore(proof_dir: str, step: int, template: Any, expected_digest: str | None = None) -> tuple[Any, dict]:
+  """Restores the state at ``step`` into ``template``'s structure, checked.
+
+  Checks, in order: the meta item's digest against ``expected_digest`` (the
+  manifest's), that the leaves it lists are the template's, that the stored
+  shapes and dtypes are the template's (before anything is allocated), and
+  that every restored leaf's digest is the recorded one.
+
+  Returns:
+    ``(state as host NumPy arrays, meta)``.
+
+  Raises:
+    IntegrityError: naming the checkpoint and the leaf.
+  """
+  import orbax.checkpoint as ocp
+
+  label = f"checkpoint {step}"
+  meta = read_meta(proof_dir, step, expected_digest)
+  entries = flatten(template)
+  paths = [path_str(n) for n, _ in entries]
+  if set(meta["leaves"]) != set(paths):
+    missing = sorted(set(paths) - set(meta["leaves"]))[:3]
+    extra = sorted(set(meta["leaves"]) - set(paths))[:3]
+    raise IntegrityError(f"{label}: state leaves differ from the verifier's: missing {missing}, unexpected {extra}")
+  state_dir = inside(proof_dir, CHECKPOINTS, str(step), "state")
+  try:
+    stored = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  except Exception as e:  # Orbax/TensorStore raise many kinds on a damaged directory.
+    raise IntegrityError(f"{label}: unreadable state metadata ({type(e).__name__})") from None
+  for names, leaf in entries:
+    node = stored
+    for name in names:
+      node = node.get(name) if isinstance(node, dict) else None
+    want = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+    got = (tuple(getattr(node, "shape", ()) or ()), np.dtype(getattr(node, "dtype", None) or "V1")) if node else None
+    if got != want:
+      raise IntegrityError(f"{label}: {path_str(names)} is stored as {got}, expected {want}")
+    if np.dtype(leaf.dtype).itemsize * math.prod(np.shape(leaf)) > MAX_LEAF_BYTES:
+      raise IntegrityError(f"{label}: {path_str(names)} is over the {MAX_LEAF_BYTES}-byte leaf limit")
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _nested(template))
+  try:
+    nested = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # A damaged array surfaces as a TensorStore/ValueError/OSError.
+    raise IntegrityError(f"{label}: unreadable state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+  leaves = []
+  for names, _ in entries:
+    node = nested
+    for name in names:
+      node = node[name]
+    array = np.asarray(node)
+    if leaf_digest(path_str(names), array) != meta["leaves"][path_str(names)]:
+      raise IntegrityError(f"{label}: digest mismatch in {path_str(names)}")
+    leaves.append(array)
+  return jax.tree.unflatten(jax.tree.structure(template), leaves), meta

@@ -1,0 +1,217 @@
+"""``record``: the training loop that writes a proof, and its resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from pol_jax import data as data_lib
+from pol_jax import fingerprint, proof, sampling, training
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run commits to besides its config.
+
+  Attributes:
+    seed: the one seed every key derives from.
+    k: steps between recorded states.
+    steps: T, the number of training steps.
+    batch_size: B, examples per step.
+    runner: "scan" (one compiled ``lax.scan`` per segment) or "loop" (a loop of
+      one jitted step).
+  """
+
+  seed: int
+  k: int
+  steps: int
+  batch_size: int
+  runner: str = "scan"
+
+  def __post_init__(self):
+    if not 0 <= self.seed < 2**63:
+      raise ValueError(f"Expected 0 <= seed < 2**63, got seed={self.seed}.")
+    if self.steps < 1:
+      raise ValueError(f"Expected steps >= 1, got steps={self.steps}.")
+    if not 1 <= self.k <= self.steps:
+      raise ValueError(f"Expected 1 <= k <= steps={self.steps}, got k={self.k}.")
+    if self.batch_size < 1:
+      raise ValueError(f"Expected batch_size >= 1, got batch_size={self.batch_size}.")
+    if self.runner not in training.RUNNERS:
+      raise ValueError(f"Expected runner in {training.RUNNERS}, got runner={self.runner!r}.")
+
+  @classmethod
+  def from_manifest(cls, manifest: dict) -> "Plan":
+    return cls(manifest["seed"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"])
+
+
+class ProofExistsError(Exception):
+  """The proof directory already holds a finished proof."""
+
+
+def segments(plan: Plan) -> list[tuple[int, int]]:
+  """``(start, end)`` steps of every segment; the last may be shorter than k."""
+  bounds = proof.checkpoint_steps(plan.k, plan.steps)
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
+  """Digests of the lowered programs a run executes, at their input shapes."""
+  out = {}
+  lengths = {"segment": plan.k}
+  if plan.runner == "scan" and plan.steps % plan.k:
+    lengths["tail"] = plan.steps % plan.k
+  for name, length in lengths.items():
+    batches = dataset.batch(np.zeros((length, plan.batch_size), np.int32))
+    out[name] = fingerprint.program_digest(segment.program_text(state, batches, step_root))
+  return out
+
+
+def start_body(program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None) -> tuple[dict, Any]:
+  """The part of the manifest fixed before training starts, and the initial state."""
+  keys = training.derive_keys(plan.seed)
+  # Round-trip through the host so the prover and a verifier (which restores
+  # host arrays) call the compiled program with identical argument types.
+  state0 = training.to_host(program.init(keys.init))
+  segment = training.make_segment(program.step, plan.runner)
+  body = {
+      "schema": proof.SCHEMA,
+      "config": config or {},
+      "seed": plan.seed,
+      "k": plan.k,
+      "steps": plan.steps,
+      "batch_size": plan.batch_size,
+      "runner": plan.runner,
+      "dataset": {"name": dataset.name, "size": len(dataset), "merkle_root": None},
+      "environment": fingerprint.environment(),
+      "programs": program_digests(segment, state0, dataset, plan, keys.step),
+  }
+  return body, (state0, segment, keys)
+
+
+def record(
+    proof_dir: str,
+    program: training.Program,
+    dataset: data_lib.Dataset,
+    plan: Plan,
+    *,
+    config: dict | None = None,
+    on_segment: Callable[[int, dict], None] | None = None,
+) -> dict:
+  """Trains ``plan.steps`` steps and writes a proof of it to ``proof_dir``.
+
+  Records the whole training state at step 0, every ``plan.k`` steps and at the
+  end (Orbax, saved asynchronously while the next segment runs), the index
+  log, the per-example data digests and their Merkle root, and the manifest,
+  written last and atomically.
+
+  If ``proof_dir`` holds a partial proof of the same run (a killed recording),
+  training resumes from its last complete checkpoint; the finished proof is
+  identical to an uninterrupted run's.
+
+  Args:
+    proof_dir: where to write; created if needed.
+    program: ``init`` and ``step``, the same a verifier will use.
+    dataset: the training data.
+    plan: seed, k, T, B, runner.
+    config: JSON-serialisable settings the verifier needs to rebuild
+      ``program`` and ``dataset`` (recorded verbatim).
+    on_segment: called as ``on_segment(step, metrics)`` after each segment.
+
+  Returns:
+    The manifest.
+
+  Raises:
+    ProofExistsError: ``proof_dir`` holds a finished proof.
+    proof.ProofError: ``proof_dir`` holds a partial proof of another run.
+  """
+  proof_dir = os.path.abspath(proof_dir)
+  manifest_path = os.path.join(proof_dir, proof.MANIFEST)
+  if os.path.exists(manifest_path):
+    raise ProofExistsError(f"{manifest_path}: a finished proof is already there; it is never overwritten")
+  os.makedirs(proof_dir, exist_ok=True)
+
+  digests = dataset.digests()
+  body, (state, segment, keys) = start_body(program, dataset, plan, config)
+  body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
+  _commit_start(proof_dir, body)
+  log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
+
+  writer = proof.Writer(proof_dir)
+  checkpoints: dict[str, str] = {}
+  try:
+    state = _resume(proof_dir, writer, state, checkpoints, plan)
+    pending = None
+    if not checkpoints:
+      checkpoints["0"] = writer.save(state)
+    for start, end in segments(plan):
+      if end <= int(state.step):
+        continue
+      state, metrics = segment.run(state, dataset.batch(log[start:end]), keys.step)
+      if pending is not None:  # Hash and save the previous state while this segment runs.
+        _save(writer, checkpoints, *pending, on_segment)
+      pending = (state, metrics)
+    if pending is not None:
+      _save(writer, checkpoints, *pending, on_segment)
+  finally:
+    writer.close()
+
+  proof.write_npy_atomic(os.path.join(proof_dir, proof.INDICES), log)
+  proof.write_npy_atomic(os.path.join(proof_dir, proof.DATA_DIGESTS), digests)
+  body["checkpoints"] = checkpoints
+  body["indices"] = {"sha256": proof.leaf_digest("indices", log)}
+  body["data_digests"] = {"sha256": proof.leaf_digest("data_digests", digests)}
+  manifest = proof.seal(body)
+  proof.write_json_atomic(manifest_path, manifest)
+  os.remove(os.path.join(proof_dir, proof.RUN))
+  return manifest
+
+
+def _save(writer, checkpoints, state, metrics, on_segment) -> None:
+  host = training.to_host(state)
+  summary = {name: float(np.mean(v)) for name, v in training.to_host(metrics).items()}
+  checkpoints[str(int(host.step))] = writer.save(host, summary)
+  if on_segment is not None:
+    on_segment(int(host.step), summary)
+
+
+def _commit_start(proof_dir: str, body: dict) -> None:
+  """Writes run.json, or checks that a partial proof there is of this run."""
+  path = os.path.join(proof_dir, proof.RUN)
+  if not os.path.exists(path):
+    if os.path.isdir(os.path.join(proof_dir, proof.CHECKPOINTS)) and os.listdir(
+        os.path.join(proof_dir, proof.CHECKPOINTS)
+    ):
+      raise proof.ProofError(proof.RUN, "file", f"missing, but {proof_dir} holds checkpoints; use a new directory")
+    proof.write_json_atomic(path, body)
+    return
+  previous = proof.read_json(path, proof.RUN)
+  if previous != body:
+    differ = sorted(k for k in set(body) | set(previous) if body.get(k) != previous.get(k))
+    raise proof.ProofError(
+        proof.RUN,
+        ",".join(differ),
+        f"the partial proof in {proof_dir} is of another run (these fields differ); resume it with the same "
+        "settings and environment, or record into a new directory",
+    )
+
+
+def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
+  """Restores the last complete checkpoint of a partial proof, if any."""
+  wanted = set(proof.checkpoint_steps(plan.k, plan.steps))
+  done = [s for s in writer.completed_steps() if s in wanted]
+  if not done:
+    return state0
+  for step in done:
+    checkpoints[str(step)] = proof.digest_json(proof.read_meta(proof_dir, step, None))
+  state, _ = proof.restore(proof_dir, done[-1], state0)
+  expected = proof.leaf_digests(state0)
+  if not done[0] == 0 or proof.digest_json(proof.read_meta(proof_dir, 0, None)["leaves"]) != proof.digest_json(
+      expected
+  ):
+    raise proof.ProofError(proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init")
+  return jax.tree.map(np.asarray, state)

@@ -1,0 +1,196 @@
+"""Training state, the pure training step, and the segment runner.
+
+The segment runner is the only thing in pol-jax that advances training: the
+prover's ``record`` and the verifier's replay both call :meth:`Segment.run` on
+a :class:`Segment` built by :func:`make_segment` from the same step function,
+so they execute the same compiled program in the same sequence.
+
+All randomness derives from one seed (``derive_keys``); the key of a step is
+``jax.random.fold_in(keys.step, state.step)``, computed inside the compiled
+program, so a replay starting from a recorded state draws the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+Batch = tuple[jax.Array, jax.Array]
+StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict]]
+ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
+
+RUNNERS = ("scan", "loop")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The whole training state: what a proof records every k steps.
+
+  Attributes:
+    step: int32 scalar, the number of steps taken so far.
+    params: trainable parameters.
+    opt_state: the optimizer's state (momentum, Adam moments, counts).
+    model_state: non-trainable model state, e.g. BatchNorm statistics.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  model_state: PyTree
+
+
+class Keys(NamedTuple):
+  """The keys derived from the committed seed.
+
+  ``init`` initialises the model, ``order`` draws the data order, ``step`` is
+  the root of the per-step keys.
+  """
+
+  init: jax.Array
+  order: jax.Array
+  step: jax.Array
+
+
+def derive_keys(seed: int) -> Keys:
+  """Derives every key of a run from its seed (the determinism contract).
+
+  >>> keys = derive_keys(0)
+  >>> keys.init.dtype
+  key<fry>
+  """
+  root = jax.random.key(int(seed), impl="threefry2x32")
+  return Keys(*(jax.random.fold_in(root, i) for i in range(3)))
+
+
+class Program(NamedTuple):
+  """What a prover runs and a verifier re-runs.
+
+  Attributes:
+    init: ``init(key) -> TrainState``, the initial state from the init key.
+    step: ``step(state, batch, key) -> (state, metrics)``, pure.
+  """
+
+  init: Callable[[jax.Array], TrainState]
+  step: StepFn
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: PyTree = None) -> TrainState:
+  """Builds step 0 of the training state."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      model_state={} if model_state is None else model_state,
+  )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_step(
+    apply_fn: ApplyFn,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    tx: optax.GradientTransformation,
+    *,
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> StepFn:
+  """Returns the pure training step ``(state, batch, key) -> (state, metrics)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, model_state, x, *, train, key)`` returns
+      ``(outputs, new_model_state)``; ``key`` feeds dropout.
+    loss_fn: ``loss_fn(outputs, labels)``, a scalar.
+    tx: the optax optimizer.
+    augment: optional ``augment(x, key)``, run inside the step.
+
+  >>> import optax
+  >>> from pol_jax.models import mlp
+  >>> apply_fn, init_fn = mlp.build(features=(8,), num_classes=10, dropout=0.0)
+  >>> step = make_step(apply_fn, cross_entropy, optax.sgd(0.1))
+  """
+
+  def step(state: TrainState, batch: Batch, key: jax.Array):
+    x, y = batch
+    dropout_key, augment_key = jax.random.split(key)
+    if augment is not None:
+      x = augment(x, augment_key)
+
+    def objective(params):
+      outputs, model_state = apply_fn(params, state.model_state, x, train=True, key=dropout_key)
+      return loss_fn(outputs, y), (outputs, model_state)
+
+    (loss, (outputs, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        model_state=model_state,
+    )
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(outputs, -1) == y)}
+    return new_state, metrics
+
+  return step
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segment:
+  """Advances training by a run of steps; the prover's and the verifier's.
+
+  ``kind="scan"`` compiles one ``lax.scan`` over the steps of a segment (few
+  dispatches: the choice for GPU and TPU); ``kind="loop"`` runs a Python loop
+  over one jitted step (the choice on CPU for convolutional models, which XLA:CPU
+  runs far slower inside a loop body). The two give different bits, so a proof
+  records its kind and the verifier builds the same one.
+  """
+
+  kind: str
+  compiled: Callable
+  """The jitted function: the whole segment (scan) or one step (loop)."""
+
+  def run(self, state: TrainState, batches: Batch, step_root: jax.Array) -> tuple[TrainState, dict]:
+    """Runs ``len(batches[0])`` steps from ``state``; returns (state, stacked metrics)."""
+    if self.kind == "scan":
+      return self.compiled(state, batches, step_root)
+    metrics = []
+    for i in range(len(batches[0])):
+      state, m = self.compiled(state, jax.tree.map(lambda a: a[i], batches), step_root)
+      metrics.append(m)
+    return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+
+  def program_text(self, state: TrainState, batches: Batch, step_root: jax.Array) -> str:
+    """The lowered StableHLO of the compiled function at these input shapes."""
+    if self.kind == "loop":
+      batches = jax.tree.map(lambda a: a[0], batches)
+    return self.compiled.lower(state, batches, step_root).as_text(debug_info=False)
+
+
+def make_segment(step: StepFn, kind: str) -> Segment:
+  """Builds the segment runner of ``kind`` ("scan" or "loop") around ``step``."""
+  if kind not in RUNNERS:
+    raise ValueError(f"Expected runner in {RUNNERS}, got {kind!r}.")
+
+  def one(state, batch, step_root):
+    return step(state, batch, jax.random.fold_in(step_root, state.step))
+
+  if kind == "loop":
+    return Segment(kind, jax.jit(one))
+
+  def scanned(state, batches, step_root):
+    return jax.lax.scan(lambda s, b: one(s, b, step_root), state, batches)
+
+  return Segment(kind, jax.jit(scanned))
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Copies a pytree of arrays to host NumPy arrays."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
