@@ -1,11 +1,14 @@
-"""Default: an MLP on scikit-learn's digits (offline), recorded with k = 22.
+"""Default: a small CNN with BatchNorm and dropout on scikit-learn's digits.
 
   python -m experiments.train --workdir=runs/default
   python -m experiments.verify --proof=runs/default/proof
 
-Expect a held-out accuracy of about 0.95 after 660 steps (30 epochs of 22
-steps), in well under a minute on 2 CPU cores, and a proof of 31 checkpoints.
-``--config=experiments/configs/default.py:smoke`` shrinks the run for tests.
+Real data, offline (1437 training and 360 held-out 8x8 images). Expect a
+held-out accuracy of about 0.95 after 660 steps (30 epochs of 22 steps), in
+about 10 s on 2 CPU cores, and a proof of 31 checkpoints (about 2 MB). The
+``loop`` runner is used because XLA:CPU runs convolutions far slower inside
+``lax.scan``. ``--config=experiments/configs/default.py:smoke`` shrinks any
+setting to a few short segments for tests.
 """
 
 import ml_collections
@@ -14,11 +17,11 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
-  c.model = "mlp"
+  c.model = "cnn"  # cnn | mlp
+  c.widths = (16, 32)  # cnn: channels per block (stride 2 from the second)
   c.features = (128,)  # mlp: hidden layer sizes
-  c.widths = (16, 32)  # cnn: channels per block
   c.dropout = 0.1
-  c.optimizer = "sgd"
+  c.optimizer = "sgd"  # sgd | adam
   c.learning_rate = 0.1
   c.momentum = 0.9
   c.weight_decay = 1e-4
@@ -27,12 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.steps = 660
   c.k = 22
   c.seed = 0
-  c.runner = "scan"  # scan | loop
+  c.runner = "loop"  # loop | scan
   return shrink(c) if arg == "smoke" else c
 
 
 def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The ':smoke' version of any config: a few short segments."""
+  """The ':smoke' version of any config: three segments of four steps."""
   c.steps = 12
   c.k = 4
   c.batch_size = min(c.batch_size, 32)
