@@ -1,0 +1,78 @@
+"""Shared fixtures: small recorded proofs, and helpers to tamper with them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from experiments import build
+from experiments.configs import default
+from pol_jax import proof, recorder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(model: str = "mlp", **overrides):
+  """A few short segments: the scan runner for the MLP, the loop for the CNN."""
+  c = default.get_config("smoke")
+  c.model = model
+  c.runner = "scan" if model == "mlp" else "loop"
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def record(proof_dir: str, config) -> dict:
+  train = build.dataset(config, "train")
+  return recorder.record(proof_dir, build.program(config, train), train, build.plan(config), config=config.to_dict())
+
+
+@pytest.fixture(scope="session")
+def honest(tmp_path_factory):
+  """A finished honest proof (MLP, scan runner, seed 0); copy it before editing."""
+  path = str(tmp_path_factory.mktemp("honest") / "proof")
+  record(path, smoke_config())
+  return path
+
+
+@pytest.fixture(scope="session")
+def other_seed(tmp_path_factory):
+  """The same run with seed 1: a source of plausible checkpoints to splice in."""
+  path = str(tmp_path_factory.mktemp("other") / "proof")
+  record(path, smoke_config(seed=1))
+  return path
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+  def copy(path: str) -> str:
+    dest = str(tmp_path / f"copy{len(os.listdir(tmp_path))}")
+    shutil.copytree(path, dest)
+    return dest
+
+  return copy
+
+
+def load_manifest(proof_dir: str) -> dict:
+  with open(os.path.join(proof_dir, proof.MANIFEST)) as f:
+    return json.load(f)
+
+
+def reseal(proof_dir: str, edit) -> None:
+  """Edits the manifest body with ``edit(body)`` and recomputes the root, as a forger would."""
+  manifest = load_manifest(proof_dir)
+  body = {k: v for k, v in manifest.items() if k != "root"}
+  edit(body)
+  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), proof.seal(body))
+
+
+def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs ``python -m module args`` in a fresh process from the repository root."""
+  return subprocess.run(
+      [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )

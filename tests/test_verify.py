@@ -1,0 +1,245 @@
+"""Verification: honest proofs pass; each tampering is caught by the named check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import load_manifest, reseal, run_cli, smoke_config
+
+from experiments import build
+from pol_jax import data, proof
+from pol_jax import verify as verify_lib
+
+
+def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str = "all") -> verify_lib.Verdict:
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(load_manifest(proof_dir)["config"])
+  train = build.dataset(config, "train") if dataset is None else dataset
+  return verify_lib.verify(proof_dir, build.program(config, train), train, strategy=strategy)
+
+
+def _check_rejected_by(verdict: verify_lib.Verdict, check: str, words: str = "") -> None:
+  assert not verdict.accepted, verdict.table()
+  failed = [c.name for c in verdict.failed]
+  assert failed and failed[0] == check, verdict.table()
+  assert words in verdict.failed[0].detail, verdict.table()
+
+
+def test_honest_proof_is_accepted_by_a_verifier_in_another_process(honest, tmp_path):
+  report = tmp_path / "report.json"
+  result = run_cli("experiments.verify", f"--proof={honest}", "--strategy=all", f"--report={report}")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert result.stdout.startswith("ACCEPTED: 3 of 3 segments")
+  verdict = json.loads(report.read_text())
+  assert verdict["accepted"] and all(c["passed"] for c in verdict["checks"])
+  assert [s["distance"]["l2"] for s in verdict["segments"]] == [0.0, 0.0, 0.0]
+  assert all(s["update"]["l2"] > 0 for s in verdict["segments"])
+
+
+@pytest.mark.parametrize("strategy", ["fiat-shamir", "uniform", "top-q", "all"])
+def test_every_strategy_accepts_the_honest_proof(honest, strategy):
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(load_manifest(honest)["config"])
+  train = build.dataset(config, "train")
+  verdict = verify_lib.verify(honest, build.program(config, train), train, strategy=strategy, num_segments=2, seed=3)
+  assert verdict.accepted, verdict.table()
+  chosen = [s.index for s in verdict.segments]
+  if strategy == "top-q":  # One epoch: per metric the largest update, united over the four metrics.
+    everything = verify_lib.verify(honest, build.program(config, train), train, strategy="all").segments
+    assert max(everything, key=lambda s: s.update["l2"]).index in chosen
+    assert 1 <= len(chosen) <= 3
+  else:
+    assert len(chosen) == {"fiat-shamir": 2, "uniform": 2, "all": 3}[strategy]
+
+
+def _flip_array_byte(proof_dir: str, step: int) -> None:
+  """Flips one byte inside the stored data of a checkpoint's arrays."""
+  data_dir = os.path.join(proof_dir, proof.CHECKPOINTS, str(step), "state", "ocdbt.process_0", "d")
+  name = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
+  path = os.path.join(data_dir, name)
+  raw = bytearray(open(path, "rb").read())
+  raw[len(raw) // 2] ^= 0x01
+  open(path, "wb").write(bytes(raw))
+
+
+def test_flipped_byte_in_a_checkpoint_array(honest, copy_of):
+  p = copy_of(honest)
+  _flip_array_byte(p, 8)
+  _check_rejected_by(_verify(p), "integrity", "checkpoint 8")
+
+
+def test_swapped_index_rows_unsealed(honest, copy_of):
+  p = copy_of(honest)
+  log = np.load(os.path.join(p, proof.INDICES), allow_pickle=False).copy()
+  log[[2, 5]] = log[[5, 2]]
+  np.save(os.path.join(p, proof.INDICES), log, allow_pickle=False)
+  _check_rejected_by(_verify(p), "integrity", "indices.npy")
+
+
+def test_swapped_index_rows_resealed(honest, copy_of):
+  p = copy_of(honest)
+  log = np.load(os.path.join(p, proof.INDICES), allow_pickle=False).copy()
+  log[[2, 5]] = log[[5, 2]]
+  np.save(os.path.join(p, proof.INDICES), log, allow_pickle=False)
+  reseal(p, lambda b: b["indices"].update(sha256=proof.leaf_digest("indices", log)))
+  _check_rejected_by(_verify(p), "data order", "first step 2")
+
+
+def test_learning_rate_edited_unsealed(honest, copy_of):
+  p = copy_of(honest)
+  manifest = load_manifest(p)
+  manifest["config"]["learning_rate"] = 0.2
+  proof.write_json_atomic(os.path.join(p, proof.MANIFEST), manifest)
+  _check_rejected_by(_verify(p), "integrity", "root")
+
+
+def test_learning_rate_edited_resealed(honest, copy_of):
+  p = copy_of(honest)
+  reseal(p, lambda b: b["config"].update(learning_rate=0.2))
+  _check_rejected_by(_verify(p), "program", "differs from the recorded one")
+
+
+def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):
+  """A forger who also records the edited program's digest is caught by replay."""
+  from ml_collections import ConfigDict
+
+  from pol_jax import recorder, training
+
+  p = copy_of(honest)
+  config = ConfigDict(load_manifest(p)["config"])
+  config.learning_rate = 0.2
+  train = build.dataset(config, "train")
+  program = build.program(config, train)
+  plan = build.plan(config)
+  keys = training.derive_keys(plan.seed)
+  segment = training.make_segment(program.step, plan.runner)
+  digests = recorder.program_digests(segment, training.to_host(program.init(keys.init)), train, plan, keys.step)
+  reseal(p, lambda b: (b["config"].update(learning_rate=0.2), b.update(programs=digests)))
+  _check_rejected_by(_verify(p), "replay", "does not reproduce")
+
+
+def _splice(p: str, source: str, step: int) -> None:
+  shutil.rmtree(os.path.join(p, proof.CHECKPOINTS, str(step)))
+  shutil.copytree(os.path.join(source, proof.CHECKPOINTS, str(step)), os.path.join(p, proof.CHECKPOINTS, str(step)))
+
+
+def test_spliced_checkpoint_unsealed(honest, other_seed, copy_of):
+  p = copy_of(honest)
+  _splice(p, other_seed, 8)
+  _check_rejected_by(_verify(p), "integrity", "checkpoint 8: meta digest")
+
+
+def test_spliced_checkpoint_resealed(honest, other_seed, copy_of):
+  p = copy_of(honest)
+  _splice(p, other_seed, 8)
+  spliced = load_manifest(other_seed)["checkpoints"]["8"]
+  reseal(p, lambda b: b["checkpoints"].update({"8": spliced}))
+  _check_rejected_by(_verify(p), "replay", "segment 1 (steps 4-8)")
+
+
+def test_initial_state_not_derived_from_the_seed(honest, other_seed, copy_of):
+  p = copy_of(honest)
+  _splice(p, other_seed, 0)
+  spliced = load_manifest(other_seed)["checkpoints"]["0"]
+  reseal(p, lambda b: b["checkpoints"].update({"0": spliced}))
+  _check_rejected_by(_verify(p), "init", "not the seed's initialisation")
+
+
+def test_changed_example_in_the_verifiers_data(honest):
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(load_manifest(honest)["config"])
+  train = build.dataset(config, "train")
+  used = int(np.load(os.path.join(honest, proof.INDICES))[0, 0])
+  inputs = train.inputs.copy()
+  inputs[used, 3, 3, 0] ^= 1
+  changed = data.Dataset(train.name, inputs, train.labels)
+  _check_rejected_by(_verify(honest, changed), "data", f"first index {used}")
+
+
+def test_environment_mismatch_is_reported_field_by_field(honest, copy_of):
+  p = copy_of(honest)
+  reseal(p, lambda b: b["environment"].update(jax="0.0.1", cpu_threads=96))
+  verdict = _verify(p)
+  _check_rejected_by(verdict, "environment", "jax: proof '0.0.1'")
+  assert "cpu_threads: proof 96" in verdict.failed[0].detail
+  assert verdict.segments == [], "no replay may decide on a mismatched environment"
+
+
+def test_partial_proof_is_never_accepted(honest, copy_of):
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(load_manifest(honest)["config"])
+  train = build.dataset(config, "train")
+  p = copy_of(honest)
+  os.remove(os.path.join(p, proof.MANIFEST))
+  open(os.path.join(p, proof.RUN), "w").write("{}")
+  with pytest.raises(proof.ProofError, match="partial proof"):
+    verify_lib.verify(p, build.program(config, train), train)
+  result = run_cli("experiments.verify", f"--proof={p}")
+  assert result.returncode == 2 and "partial proof" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("missing", "not found"),
+        ("unparseable", "manifest.json: json: does not parse"),
+        ("schema", "manifest.json: schema: proof schema 'pol-jax/proof/v0' is not supported"),
+        ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+        ("steps", "manifest.json: steps: expected an integer"),
+        ("truncated", "indices.npy"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_status(honest, copy_of, tmp_path, damage, words):
+  p = copy_of(honest)
+  m = os.path.join(p, proof.MANIFEST)
+  if damage == "missing":
+    p = str(tmp_path / "nowhere")
+  elif damage == "unparseable":
+    open(m, "w").write('{"schema": "pol-jax/proof/v1", ')
+  elif damage == "schema":
+    reseal(p, lambda b: b.update(schema="pol-jax/proof/v0"))
+  elif damage == "model":
+    reseal(p, lambda b: b["config"].update(model="resnet9000"))
+  elif damage == "steps":
+    reseal(p, lambda b: b.update(steps="12"))
+  elif damage == "truncated":
+    path = os.path.join(p, proof.INDICES)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-7])
+  result = run_cli("experiments.verify", f"--proof={p}")
+  expected_status = 1 if damage == "truncated" else 2
+  assert result.returncode == expected_status, result.stdout + result.stderr
+  out = result.stderr if expected_status == 2 else result.stdout
+  assert words in out, out
+  assert "Traceback" not in result.stderr, result.stderr
+  if expected_status == 2:
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_exits_2_when_the_environment_cannot_replay_exactly(honest, copy_of):
+  p = copy_of(honest)
+  reseal(p, lambda b: b["environment"].update(jaxlib="9.9.9"))
+  result = run_cli("experiments.verify", f"--proof={p}")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "REJECTED by the environment check" in result.stdout
+  assert "jaxlib: proof '9.9.9'" in result.stdout
+
+
+def test_cnn_loop_runner_proof_verifies_with_batchnorm_statistics(tmp_path):
+  from conftest import record
+
+  config = smoke_config("cnn")
+  p = str(tmp_path / "proof")
+  record(p, config)
+  verdict = _verify(p)
+  assert verdict.accepted, verdict.table()
+  leaves = proof.read_meta(p, 12, None)["leaves"]
+  assert any(path.startswith("model_state/") and "mean" in path for path in leaves), sorted(leaves)
