@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -190,6 +191,7 @@ def _commit_start(proof_dir: str, body: dict) -> None:
     proof.write_json_atomic(path, body)
     return
   previous = proof.read_json(path, proof.RUN)
+  body = json.loads(proof.canonical_json(body))  # Compare as JSON: tuples read back as lists.
   if previous != body:
     differ = sorted(k for k in set(body) | set(previous) if body.get(k) != previous.get(k))
     raise proof.ProofError(

@@ -1,0 +1,120 @@
+"""Recording: resume after SIGKILL, compile once, never overwrite a finished proof."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, load_manifest, record, run_cli, smoke_config
+
+from experiments import build
+from pol_jax import proof, recorder, training
+from pol_jax import verify as verify_lib
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import smoke_config
+from experiments import build
+from pol_jax import recorder
+config = smoke_config({model!r}, steps=24, k=4)
+train = build.dataset(config, "train")
+
+def on_segment(step, metrics):
+  if step == {kill_at}:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+recorder.record({path!r}, build.program(config, train), train, build.plan(config), config=config.to_dict(),
+                on_segment=on_segment)
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  roots = {}
+  for model in ("mlp", "cnn"):
+    path = str(tmp_path_factory.mktemp(f"full-{model}") / "proof")
+    roots[model] = record(path, smoke_config(model, steps=24, k=4))["root"]
+  return roots
+
+
+@pytest.mark.parametrize("model, kill_at", [("mlp", 4), ("mlp", 16), ("cnn", 12)])
+def test_resume_after_sigkill_is_bit_identical(uninterrupted, tmp_path, model, kill_at):
+  path = str(tmp_path / "proof")
+  code = _KILLED_RUN.format(tests=os.path.join(ROOT, "tests"), model=model, kill_at=kill_at, path=path)
+  killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -9, killed.stderr
+  assert not os.path.exists(os.path.join(path, proof.MANIFEST))
+  assert os.path.exists(os.path.join(path, proof.RUN))
+  # The partial proof is refused, not verified.
+  result = run_cli("experiments.verify", f"--proof={path}")
+  assert result.returncode == 2 and "partial proof" in result.stderr, result.stderr
+  resumed = record(path, smoke_config(model, steps=24, k=4))
+  assert resumed["root"] == uninterrupted[model]
+  assert not os.path.exists(os.path.join(path, proof.RUN))
+
+
+def test_resume_refuses_a_partial_proof_of_another_run(tmp_path):
+  path = str(tmp_path / "proof")
+  code = _KILLED_RUN.format(tests=os.path.join(ROOT, "tests"), model="mlp", kill_at=8, path=path)
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=300)
+  with pytest.raises(proof.ProofError, match=r"run.json: config,programs: the partial proof .* is of another run"):
+    record(path, smoke_config("mlp", steps=24, k=4, learning_rate=0.3))
+
+
+def test_finished_proof_is_never_overwritten(honest, copy_of):
+  p = copy_of(honest)
+  before = load_manifest(p)["root"]
+  with pytest.raises(recorder.ProofExistsError, match="never overwritten"):
+    record(p, smoke_config())
+  workdir = os.path.dirname(p)
+  os.rename(p, os.path.join(workdir, "proof"))
+  result = run_cli("experiments.train", "--config=experiments/configs/digits_mlp.py:smoke", f"--workdir={workdir}")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "a finished proof is already there" in result.stderr and "Traceback" not in result.stderr
+  assert load_manifest(os.path.join(workdir, "proof"))["root"] == before
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_step_is_compiled_once_for_every_segment(tmp_path, model):
+  config = smoke_config(model, steps=20, k=4)
+  train = build.dataset(config, "train")
+  program = build.program(config, train)
+  traces = []
+
+  def counted(state, batch, key):
+    traces.append(1)
+    return program.step(state, batch, key)
+
+  counted_program = training.Program(program.init, counted)
+  path = str(tmp_path / "proof")
+  recorder.record(path, counted_program, train, build.plan(config), config=config.to_dict())
+  assert len(traces) == 1, f"the prover traced its step {len(traces)} times for 5 segments"
+  verdict = verify_lib.verify(path, counted_program, train, strategy="all")
+  assert verdict.accepted and len(verdict.segments) == 5
+  assert len(traces) == 2, f"the verifier traced its step {len(traces) - 1} times for 5 segments"
+
+
+def test_train_cli_prints_steps_size_root_and_accuracy(tmp_path):
+  result = run_cli("experiments.train", "--config=experiments/configs/default.py:smoke", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  root = load_manifest(str(tmp_path / "proof"))["root"]
+  assert "recorded 12 steps" in result.stdout and f"root:   {root}" in result.stdout
+  assert "bytes/step" in result.stdout and "held-out accuracy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, words",
+    [
+        ("--config.model=resnet9000", "config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+        ("--config.k=0", "config.k: Expected 1 <= k <= steps=12, got k=0."),
+        ("--config.runner=eager", "config.runner: unknown runner 'eager' (known: scan, loop)"),
+    ],
+)
+def test_train_cli_rejects_a_bad_config_before_training(tmp_path, flag, words):
+  result = run_cli("experiments.train", "--config=experiments/configs/default.py:smoke", flag, f"--workdir={tmp_path}")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+  assert not os.path.exists(tmp_path / "proof")
