@@ -63,11 +63,11 @@ def dataset(config, split: str = "train") -> data.Dataset:
 def plan(config) -> recorder.Plan:
   try:
     return recorder.Plan(
-        seed=_get(config, "seed", int),
-        k=_get(config, "k", int),
-        steps=_get(config, "steps", int),
-        batch_size=_get(config, "batch_size", int),
-        runner=_choice(config, "runner", training.RUNNERS),
+      seed=_get(config, "seed", int),
+      k=_get(config, "k", int),
+      steps=_get(config, "steps", int),
+      batch_size=_get(config, "batch_size", int),
+      runner=_choice(config, "runner", training.RUNNERS),
     )
   except ValueError as e:
     if isinstance(e, ConfigError):
@@ -86,12 +86,15 @@ def _model(config, ds: data.Dataset):
   if name == "mlp":
     features = _positive_ints(config, "features")
     return mlp.build(
-        in_features=int(np.prod(ds.inputs.shape[1:])), features=features, num_classes=num_classes,
-        dropout=dropout, input_scale=scale,
+      in_features=int(np.prod(ds.inputs.shape[1:])),
+      features=features,
+      num_classes=num_classes,
+      dropout=dropout,
+      input_scale=scale,
     )
   widths = _positive_ints(config, "widths")
   return cnn.build(
-      in_channels=ds.inputs.shape[-1], widths=widths, num_classes=num_classes, dropout=dropout, input_scale=scale
+    in_channels=ds.inputs.shape[-1], widths=widths, num_classes=num_classes, dropout=dropout, input_scale=scale
   )
 
 
@@ -135,4 +138,3 @@ def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: i
     x, y = ds.batch(np.arange(i, min(i + batch_size, len(ds))))
     correct += int((np.asarray(predict(state.params, state.model_state, x)) == y).sum())
   return correct / len(ds)
-

@@ -49,13 +49,13 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   template = jax.eval_shape(program.init, training.derive_keys(plan.seed).init)
   final, _ = proof.restore(proof_dir, plan.steps, template, manifest["checkpoints"][str(plan.steps)])
   return {
-      "proof": proof_dir,
-      "root": manifest["root"],
-      "steps": plan.steps,
-      "checkpoints": len(manifest["checkpoints"]),
-      "seconds": seconds,
-      "proof_bytes": proof_bytes(proof_dir),
-      "test_accuracy": build.evaluate(config, final, build.dataset(config, "test")),
+    "proof": proof_dir,
+    "root": manifest["root"],
+    "steps": plan.steps,
+    "checkpoints": len(manifest["checkpoints"]),
+    "seconds": seconds,
+    "proof_bytes": proof_bytes(proof_dir),
+    "test_accuracy": build.evaluate(config, final, build.dataset(config, "test")),
   }
 
 
@@ -68,10 +68,10 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(
-      f"recorded {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['checkpoints']} checkpoints, "
-      f"{summary['proof_bytes'] / 1e6:.2f} MB ({summary['proof_bytes'] / summary['steps']:.0f} bytes/step)\n"
-      f"proof:  {summary['proof']}\nroot:   {summary['root']}\n"
-      f"held-out accuracy: {summary['test_accuracy']:.4f}"
+    f"recorded {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['checkpoints']} checkpoints, "
+    f"{summary['proof_bytes'] / 1e6:.2f} MB ({summary['proof_bytes'] / summary['steps']:.0f} bytes/step)\n"
+    f"proof:  {summary['proof']}\nroot:   {summary['root']}\n"
+    f"held-out accuracy: {summary['test_accuracy']:.4f}"
   )
 
 

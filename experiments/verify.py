@@ -25,8 +25,14 @@ _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q).", lowe
 _REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
 
 
-def run(proof_dir: str, strategy: str = "fiat-shamir", segments: int = 8, seed: int | None = None, q: int = 1,
-        progress: bool = True) -> verify_lib.Verdict:
+def run(
+  proof_dir: str,
+  strategy: str = "fiat-shamir",
+  segments: int = 8,
+  seed: int | None = None,
+  q: int = 1,
+  progress: bool = True,
+) -> verify_lib.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes."""
   from ml_collections import ConfigDict
   from tqdm import tqdm
@@ -44,8 +50,14 @@ def run(proof_dir: str, strategy: str = "fiat-shamir", segments: int = 8, seed: 
     seed = secrets.randbits(63)
   with tqdm(desc="verify", unit="segment", disable=not progress, leave=False) as bar:
     return verify_lib.verify(
-        proof_dir, program, train, strategy=strategy, num_segments=segments, seed=seed, q=q,
-        on_segment=lambda _: bar.update(1),
+      proof_dir,
+      program,
+      train,
+      strategy=strategy,
+      num_segments=segments,
+      seed=seed,
+      q=q,
+      on_segment=lambda _: bar.update(1),
     )
 
 

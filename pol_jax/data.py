@@ -82,7 +82,7 @@ def merkle_root(leaves: np.ndarray) -> str:
   while len(level) > 1:
     # Pairing left to right and promoting an odd last node gives the same
     # tree as RFC 6962's split at the largest power of two.
-    nxt = [hashlib.sha256(_NODE_TAG + a + b).digest() for a, b in zip(level[0::2], level[1::2])]
+    nxt = [hashlib.sha256(_NODE_TAG + a + b).digest() for a, b in zip(level[0::2], level[1::2], strict=False)]
     if len(level) % 2:
       nxt.append(level[-1])
     level = nxt

@@ -18,24 +18,24 @@ from importlib import metadata
 import jax
 
 EXACT_FIELDS = (
-    "jax",
-    "jaxlib",
-    "backend",
-    "device_kind",
-    "cpu_threads",
-    "machine",
-    "xla_flags",
-    "x64",
-    "matmul_precision",
+  "jax",
+  "jaxlib",
+  "backend",
+  "device_kind",
+  "cpu_threads",
+  "machine",
+  "xla_flags",
+  "x64",
+  "matmul_precision",
 )
 INFO_FIELDS = ("python", "flax", "optax", "orbax_checkpoint", "numpy", "device_count", "process_count")
 
 # XLA flags that cannot change the numbers a program computes.
 _NEUTRAL_FLAG_PREFIXES = (
-    "--xla_force_host_platform_device_count",
-    "--xla_dump",
-    "--xla_gpu_cuda_data_dir",
-    "--xla_hlo_profile",
+  "--xla_force_host_platform_device_count",
+  "--xla_dump",
+  "--xla_gpu_cuda_data_dir",
+  "--xla_hlo_profile",
 )
 
 # Flags that make GPU replay deterministic; the CLI sets them before JAX starts.
@@ -72,22 +72,22 @@ def environment() -> dict:
   """
   device = jax.devices()[0]
   return {
-      "jax": jax.__version__,
-      "jaxlib": _version("jaxlib"),
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "cpu_threads": cpu_threads() if jax.default_backend() == "cpu" else None,
-      "machine": platform.machine(),
-      "xla_flags": numeric_xla_flags(),
-      "x64": bool(jax.config.jax_enable_x64),
-      "matmul_precision": str(jax.config.jax_default_matmul_precision),
-      "python": platform.python_version(),
-      "flax": _version("flax"),
-      "optax": _version("optax"),
-      "orbax_checkpoint": _version("orbax-checkpoint"),
-      "numpy": _version("numpy"),
-      "device_count": jax.device_count(),
-      "process_count": jax.process_count(),
+    "jax": jax.__version__,
+    "jaxlib": _version("jaxlib"),
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "cpu_threads": cpu_threads() if jax.default_backend() == "cpu" else None,
+    "machine": platform.machine(),
+    "xla_flags": numeric_xla_flags(),
+    "x64": bool(jax.config.jax_enable_x64),
+    "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    "python": platform.python_version(),
+    "flax": _version("flax"),
+    "optax": _version("optax"),
+    "orbax_checkpoint": _version("orbax-checkpoint"),
+    "numpy": _version("numpy"),
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
   }
 
 

@@ -27,7 +27,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -207,7 +208,7 @@ def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> 
       got_shape, fortran, got_dtype = header
       if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or fortran:
         raise IntegrityError(
-            f"{label}: declares {got_dtype}{list(got_shape)}, the manifest says {np.dtype(dtype)}{list(shape)}"
+          f"{label}: declares {got_dtype}{list(got_shape)}, the manifest says {np.dtype(dtype)}{list(shape)}"
         )
       count = math.prod(shape)
       data = f.read(count * np.dtype(dtype).itemsize + 1)
@@ -299,7 +300,9 @@ def validate_manifest(manifest: Any) -> dict:
   for step in checkpoints:
     _hex(checkpoints, step, MANIFEST, "checkpoints.")
   if digest_json(rest) != root:
-    raise IntegrityError(f"{MANIFEST}: root {root[:16]}... is not the digest of the manifest body (edited after sealing)")
+    raise IntegrityError(
+      f"{MANIFEST}: root {root[:16]}... is not the digest of the manifest body (edited after sealing)"
+    )
   return manifest
 
 
@@ -316,7 +319,7 @@ class Writer:
     self._ocp = ocp
     self.directory = os.path.join(os.path.abspath(proof_dir), CHECKPOINTS)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+      max_to_keep=None, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -329,8 +332,8 @@ class Writer:
     step = int(np.asarray(state.step))
     meta = {"step": step, "leaves": leaf_digests(state), "metrics": metrics or {}}
     args = self._ocp.args.Composite(
-        state=self._ocp.args.StandardSave(_nested(state)),
-        meta=self._ocp.args.JsonSave(meta),
+      state=self._ocp.args.StandardSave(_nested(state)),
+      meta=self._ocp.args.JsonSave(meta),
     )
     self._manager.save(step, args=args, force=True)
     return digest_json(meta)

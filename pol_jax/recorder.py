@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,7 +47,7 @@ class Plan:
       raise ValueError(f"Expected runner in {training.RUNNERS}, got runner={self.runner!r}.")
 
   @classmethod
-  def from_manifest(cls, manifest: dict) -> "Plan":
+  def from_manifest(cls, manifest: dict) -> Plan:
     return cls(manifest["seed"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"])
 
 
@@ -57,7 +58,7 @@ class ProofExistsError(Exception):
 def segments(plan: Plan) -> list[tuple[int, int]]:
   """``(start, end)`` steps of every segment; the last may be shorter than k."""
   bounds = proof.checkpoint_steps(plan.k, plan.steps)
-  return list(zip(bounds[:-1], bounds[1:]))
+  return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
@@ -72,7 +73,9 @@ def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dat
   return out
 
 
-def start_body(program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None) -> tuple[dict, Any]:
+def start_body(
+  program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None
+) -> tuple[dict, Any]:
   """The part of the manifest fixed before training starts, and the initial state."""
   keys = training.derive_keys(plan.seed)
   # Round-trip through the host so the prover and a verifier (which restores
@@ -80,28 +83,28 @@ def start_body(program: training.Program, dataset: data_lib.Dataset, plan: Plan,
   state0 = training.to_host(program.init(keys.init))
   segment = training.make_segment(program.step, plan.runner)
   body = {
-      "schema": proof.SCHEMA,
-      "config": config or {},
-      "seed": plan.seed,
-      "k": plan.k,
-      "steps": plan.steps,
-      "batch_size": plan.batch_size,
-      "runner": plan.runner,
-      "dataset": {"name": dataset.name, "size": len(dataset), "merkle_root": None},
-      "environment": fingerprint.environment(),
-      "programs": program_digests(segment, state0, dataset, plan, keys.step),
+    "schema": proof.SCHEMA,
+    "config": config or {},
+    "seed": plan.seed,
+    "k": plan.k,
+    "steps": plan.steps,
+    "batch_size": plan.batch_size,
+    "runner": plan.runner,
+    "dataset": {"name": dataset.name, "size": len(dataset), "merkle_root": None},
+    "environment": fingerprint.environment(),
+    "programs": program_digests(segment, state0, dataset, plan, keys.step),
   }
   return body, (state0, segment, keys)
 
 
 def record(
-    proof_dir: str,
-    program: training.Program,
-    dataset: data_lib.Dataset,
-    plan: Plan,
-    *,
-    config: dict | None = None,
-    on_segment: Callable[[int, dict], None] | None = None,
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  plan: Plan,
+  *,
+  config: dict | None = None,
+  on_segment: Callable[[int, dict], None] | None = None,
 ) -> dict:
   """Trains ``plan.steps`` steps and writes a proof of it to ``proof_dir``.
 
@@ -185,7 +188,7 @@ def _commit_start(proof_dir: str, body: dict) -> None:
   path = os.path.join(proof_dir, proof.RUN)
   if not os.path.exists(path):
     if os.path.isdir(os.path.join(proof_dir, proof.CHECKPOINTS)) and os.listdir(
-        os.path.join(proof_dir, proof.CHECKPOINTS)
+      os.path.join(proof_dir, proof.CHECKPOINTS)
     ):
       raise proof.ProofError(proof.RUN, "file", f"missing, but {proof_dir} holds checkpoints; use a new directory")
     proof.write_json_atomic(path, body)
@@ -195,10 +198,10 @@ def _commit_start(proof_dir: str, body: dict) -> None:
   if previous != body:
     differ = sorted(k for k in set(body) | set(previous) if body.get(k) != previous.get(k))
     raise proof.ProofError(
-        proof.RUN,
-        ",".join(differ),
-        f"the partial proof in {proof_dir} is of another run (these fields differ); resume it with the same "
-        "settings and environment, or record into a new directory",
+      proof.RUN,
+      ",".join(differ),
+      f"the partial proof in {proof_dir} is of another run (these fields differ); resume it with the same "
+      "settings and environment, or record into a new directory",
     )
 
 
@@ -213,7 +216,9 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
   state, _ = proof.restore(proof_dir, done[-1], state0)
   expected = proof.leaf_digests(state0)
   if not done[0] == 0 or proof.digest_json(proof.read_meta(proof_dir, 0, None)["leaves"]) != proof.digest_json(
-      expected
+    expected
   ):
-    raise proof.ProofError(proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init")
+    raise proof.ProofError(
+      proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init"
+    )
   return jax.tree.map(np.asarray, state)

@@ -13,7 +13,8 @@ program, so a replay starting from a recorded state draws the same keys.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -84,10 +85,10 @@ class Program(NamedTuple):
 def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: PyTree = None) -> TrainState:
   """Builds step 0 of the training state."""
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      model_state={} if model_state is None else model_state,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    model_state={} if model_state is None else model_state,
   )
 
 
@@ -97,11 +98,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_step(
-    apply_fn: ApplyFn,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    tx: optax.GradientTransformation,
-    *,
-    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+  apply_fn: ApplyFn,
+  loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  tx: optax.GradientTransformation,
+  *,
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> StepFn:
   """Returns the pure training step ``(state, batch, key) -> (state, metrics)``.
 
@@ -131,10 +132,10 @@ def make_step(
     (loss, (outputs, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        model_state=model_state,
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
+      model_state=model_state,
     )
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(outputs, -1) == y)}
     return new_state, metrics
@@ -163,7 +164,7 @@ class Segment:
       return self.compiled(state, batches, step_root)
     metrics = []
     for i in range(len(batches[0])):
-      state, m = self.compiled(state, jax.tree.map(lambda a: a[i], batches), step_root)
+      state, m = self.compiled(state, jax.tree.map(lambda a, i=i: a[i], batches), step_root)
       metrics.append(m)
     return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 

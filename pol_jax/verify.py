@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,20 +56,20 @@ class Verdict:
 
   def to_json(self) -> dict:
     return {
-        "accepted": self.accepted,
-        "mode": self.mode,
-        "strategy": self.strategy,
-        "root": self.root,
-        "num_segments": self.num_segments,
-        "checks": [dataclasses.asdict(c) for c in self.checks],
-        "segments": [dataclasses.asdict(s) for s in self.segments],
+      "accepted": self.accepted,
+      "mode": self.mode,
+      "strategy": self.strategy,
+      "root": self.root,
+      "num_segments": self.num_segments,
+      "checks": [dataclasses.asdict(c) for c in self.checks],
+      "segments": [dataclasses.asdict(s) for s in self.segments],
     }
 
   def summary(self) -> str:
     if self.accepted:
       return (
-          f"ACCEPTED: {len(self.segments)} of {self.num_segments} segments replayed bit for bit "
-          f"({self.mode} mode, {self.strategy})"
+        f"ACCEPTED: {len(self.segments)} of {self.num_segments} segments replayed bit for bit "
+        f"({self.mode} mode, {self.strategy})"
       )
     first = self.failed[0] if self.failed else Check("?", False, "")
     return f"REJECTED by the {first.name} check: {first.detail}"
@@ -81,12 +81,15 @@ class Verdict:
       result = {True: "pass", False: "FAIL", None: "-"}[c.passed]
       lines.append(f"{c.name:<12} {result:<8} {c.detail}")
     if self.segments:
-      lines += ["", f"{'segment':>7} {'steps':>13} {'match':>5} {'l2':>9} {'linf':>9} {'cosine':>9} "
-                f"{'update l2':>9} {'seconds':>7}"]
+      lines += [
+        "",
+        f"{'segment':>7} {'steps':>13} {'match':>5} {'l2':>9} {'linf':>9} {'cosine':>9} "
+        f"{'update l2':>9} {'seconds':>7}",
+      ]
       for s in self.segments:
         lines.append(
-            f"{s.index:>7} {f'{s.start}-{s.end}':>13} {'yes' if s.match else 'NO':>5} {s.distance['l2']:>9.2e} "
-            f"{s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} {s.update['l2']:>9.2e} {s.seconds:>7.2f}"
+          f"{s.index:>7} {f'{s.start}-{s.end}':>13} {'yes' if s.match else 'NO':>5} {s.distance['l2']:>9.2e} "
+          f"{s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} {s.update['l2']:>9.2e} {s.seconds:>7.2f}"
         )
     return "\n".join(lines)
 
@@ -106,15 +109,15 @@ def read_manifest(proof_dir: str) -> dict:
 
 
 def verify(
-    proof_dir: str,
-    program: training.Program,
-    dataset: data_lib.Dataset,
-    *,
-    strategy: str = "fiat-shamir",
-    num_segments: int = 8,
-    seed: int | None = None,
-    q: int = 1,
-    on_segment: Callable[[SegmentResult], None] | None = None,
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  *,
+  strategy: str = "fiat-shamir",
+  num_segments: int = 8,
+  seed: int | None = None,
+  q: int = 1,
+  on_segment: Callable[[SegmentResult], None] | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
 
@@ -156,9 +159,11 @@ def verify(
   Raises:
     proof.ProofError: unusable input (the CLI exits 2).
 
-  >>> verdict = verify("runs/digits/proof", program, dataset)  # doctest: +SKIP
-  >>> verdict.accepted  # doctest: +SKIP
-  True
+  Example (with ``program`` and ``dataset`` built as the prover built them)::
+
+    verdict = verify("runs/default/proof", program, dataset, strategy="all")
+    print(verdict.table())
+    assert verdict.accepted
   """
   if strategy not in challenge.STRATEGIES:
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
@@ -182,7 +187,7 @@ def verify(
   try:
     proof.validate_manifest(manifest)
     log = proof.read_npy(
-        proof.inside(proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), np.dtype("<i4")
+      proof.inside(proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), np.dtype("<i4")
     )
     if proof.leaf_digest("indices", log) != manifest["indices"]["sha256"]:
       raise proof.IntegrityError(f"{proof.INDICES}: digest does not match the manifest")
@@ -199,7 +204,7 @@ def verify(
     checks["integrity"] = Check("integrity", False, str(e))
     return done()
   checks["integrity"] = Check(
-      "integrity", True, f"root {verdict.root[:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests"
+    "integrity", True, f"root {verdict.root[:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests"
   )
 
   # 2. Environment: exact replay needs every bit-changing field to match.
@@ -207,7 +212,7 @@ def verify(
   if differ:
     detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
     checks["environment"] = Check(
-        "environment", False, f"exact replay needs a matching environment, these differ: {detail}"
+      "environment", False, f"exact replay needs a matching environment, these differ: {detail}"
     )
   else:
     checks["environment"] = Check("environment", True, "every field that changes bits matches the prover's")
@@ -217,10 +222,14 @@ def verify(
   ours = recorder.program_digests(segment, template, dataset, plan, keys.step)
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
   checks["program"] = (
-      Check("program", False, f"the verifier's {', '.join(bad)} program differs from the recorded one "
-            "(model, loss, optimizer, schedule or versions differ)")
-      if bad or set(ours) != set(manifest["programs"])
-      else Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
+    Check(
+      "program",
+      False,
+      f"the verifier's {', '.join(bad)} program differs from the recorded one "
+      "(model, loss, optimizer, schedule or versions differ)",
+    )
+    if bad or set(ours) != set(manifest["programs"])
+    else Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
   )
 
   # 4. Init: the recorded step 0 is the state the seed derives.
@@ -228,18 +237,18 @@ def verify(
   derived0 = proof.leaf_digests(template)
   bad = [p for p in derived0 if recorded0.get(p) != derived0[p]]
   checks["init"] = (
-      Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
-      if bad
-      else Check("init", True, f"step 0 equals init from seed {plan.seed}")
+    Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
+    if bad
+    else Check("init", True, f"step 0 equals init from seed {plan.seed}")
   )
 
   # 5. Data order: the index log is the seed-derived order.
   expected = sampling.index_log(keys.order, size, plan.batch_size, plan.steps)
   rows = np.flatnonzero((expected != log).any(axis=1))
   checks["data order"] = (
-      Check("data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}")
-      if len(rows)
-      else Check("data order", True, f"all {plan.steps} batches follow the seed's order")
+    Check("data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}")
+    if len(rows)
+    else Check("data order", True, f"all {plan.steps} batches follow the seed's order")
   )
 
   # Segment selection, then 6. data: the verifier's copy of what they use.
@@ -247,15 +256,17 @@ def verify(
   used = np.unique(np.concatenate([log[bounds[i][0] : bounds[i][1]].ravel() for i in chosen]))
   if dataset.name != manifest["dataset"]["name"] or len(dataset) != size:
     checks["data"] = Check(
-        "data", False, f"the verifier's dataset is {dataset.name!r} ({len(dataset)} examples), "
-        f"the proof's {manifest['dataset']['name']!r} ({size})"
+      "data",
+      False,
+      f"the verifier's dataset is {dataset.name!r} ({len(dataset)} examples), "
+      f"the proof's {manifest['dataset']['name']!r} ({size})",
     )
   else:
     differs = used[(dataset.digests(used) != leaves[used]).any(axis=1)]
     checks["data"] = (
-        Check("data", False, f"{len(differs)} examples differ from their recorded digest, first index {differs[0]}")
-        if len(differs)
-        else Check("data", True, f"{len(used)} examples used by the chosen segments match their digests")
+      Check("data", False, f"{len(differs)} examples differ from their recorded digest, first index {differs[0]}")
+      if len(differs)
+      else Check("data", True, f"{len(used)} examples used by the chosen segments match their digests")
     )
 
   # 7. Replay, only where it can be exact and the inputs are the recorded ones.
@@ -270,10 +281,14 @@ def verify(
       on_segment(result)
   bad = [s for s in verdict.segments if not s.match]
   checks["replay"] = (
-      Check("replay", False, f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) does not reproduce the "
-            f"recorded state: {bad[0].mismatch}" + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""))
-      if bad
-      else Check("replay", True, f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})")
+    Check(
+      "replay",
+      False,
+      f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) does not reproduce the "
+      f"recorded state: {bad[0].mismatch}" + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""),
+    )
+    if bad
+    else Check("replay", True, f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})")
   )
   return done()
 
@@ -314,13 +329,12 @@ def _replay(proof_dir, manifest, segment, template, dataset, log, step_root, ind
   ours = proof.leaf_digests(replayed)
   bad = [p for p in ours if ours[p] != meta["leaves"][p]]
   return SegmentResult(
-      index=index,
-      start=start,
-      end=end,
-      match=not bad,
-      mismatch=f"{len(bad)} leaves differ, first {bad[0]}" if bad else None,
-      distance=distances.distances(replayed.params, recorded.params),
-      update=distances.distances(begin.params, recorded.params),
-      seconds=seconds,
+    index=index,
+    start=start,
+    end=end,
+    match=not bad,
+    mismatch=f"{len(bad)} leaves differ, first {bad[0]}" if bad else None,
+    distance=distances.distances(replayed.params, recorded.params),
+    update=distances.distances(begin.params, recorded.params),
+    seconds=seconds,
   )
-

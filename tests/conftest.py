@@ -74,5 +74,5 @@ def reseal(proof_dir: str, edit) -> None:
 def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   """Runs ``python -m module args`` in a fresh process from the repository root."""
   return subprocess.run(
-      [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
   )

@@ -106,12 +106,12 @@ def test_train_cli_prints_steps_size_root_and_accuracy(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, words",
-    [
-        ("--config.model=resnet9000", "config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
-        ("--config.k=0", "config.k: Expected 1 <= k <= steps=12, got k=0."),
-        ("--config.runner=eager", "config.runner: unknown runner 'eager' (known: scan, loop)"),
-    ],
+  "flag, words",
+  [
+    ("--config.model=resnet9000", "config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+    ("--config.k=0", "config.k: Expected 1 <= k <= steps=12, got k=0."),
+    ("--config.runner=eager", "config.runner: unknown runner 'eager' (known: scan, loop)"),
+  ],
 )
 def test_train_cli_rejects_a_bad_config_before_training(tmp_path, flag, words):
   result = run_cli("experiments.train", "--config=experiments/configs/default.py:smoke", flag, f"--workdir={tmp_path}")

@@ -187,15 +187,15 @@ def test_partial_proof_is_never_accepted(honest, copy_of):
 
 
 @pytest.mark.parametrize(
-    "damage, words",
-    [
-        ("missing", "not found"),
-        ("unparseable", "manifest.json: json: does not parse"),
-        ("schema", "manifest.json: schema: proof schema 'pol-jax/proof/v0' is not supported"),
-        ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
-        ("steps", "manifest.json: steps: expected an integer"),
-        ("truncated", "indices.npy"),
-    ],
+  "damage, words",
+  [
+    ("missing", "not found"),
+    ("unparseable", "manifest.json: json: does not parse"),
+    ("schema", "manifest.json: schema: proof schema 'pol-jax/proof/v0' is not supported"),
+    ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+    ("steps", "manifest.json: steps: expected an integer"),
+    ("truncated", "indices.npy"),
+  ],
 )
 def test_bad_input_gives_one_line_and_exit_status(honest, copy_of, tmp_path, damage, words):
   p = copy_of(honest)

@@ -31,19 +31,19 @@ class CNN(nnx.Module):
     self.head = nnx.Linear(channels, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    for conv, norm in zip(self.convs, self.norms):
+    for conv, norm in zip(self.convs, self.norms, strict=True):
       x = nnx.relu(norm(conv(x)))
     x = x.mean(axis=(1, 2))
     return self.head(self.dropout(x, rngs=rngs))
 
 
 def build(
-    *,
-    in_channels: int = 1,
-    widths: Sequence[int] = (16, 32),
-    num_classes: int = 10,
-    dropout: float = 0.0,
-    input_scale: float = 1.0,
+  *,
+  in_channels: int = 1,
+  widths: Sequence[int] = (16, 32),
+  num_classes: int = 10,
+  dropout: float = 0.0,
+  input_scale: float = 1.0,
 ):
   """Returns ``(apply_fn, init_fn)`` for the small CNN (see ``pol_jax.models``)."""
   widths = tuple(widths)

@@ -15,7 +15,7 @@ class MLP(nnx.Module):
 
   def __init__(self, in_features: int, features: Sequence[int], num_classes: int, dropout: float, *, rngs: nnx.Rngs):
     sizes = [in_features, *features]
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
     self.dropout = nnx.Dropout(dropout)
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
@@ -27,12 +27,12 @@ class MLP(nnx.Module):
 
 
 def build(
-    *,
-    in_features: int = 64,
-    features: Sequence[int] = (128,),
-    num_classes: int = 10,
-    dropout: float = 0.1,
-    input_scale: float = 1.0,
+  *,
+  in_features: int = 64,
+  features: Sequence[int] = (128,),
+  num_classes: int = 10,
+  dropout: float = 0.1,
+  input_scale: float = 1.0,
 ):
   """Returns ``(apply_fn, init_fn)`` for an MLP (see ``pol_jax.models``)."""
   features = tuple(features)
