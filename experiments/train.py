@@ -22,10 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config f
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
 
 
-def proof_bytes(proof_dir: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(proof_dir) for f in files)
-
-
 def run(config, workdir: str, progress: bool = True) -> dict:
   """Records a proof of training ``config`` in ``workdir/proof``; returns a summary."""
   from tqdm import tqdm
@@ -54,7 +50,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
     "steps": plan.steps,
     "checkpoints": len(manifest["checkpoints"]),
     "seconds": seconds,
-    "proof_bytes": proof_bytes(proof_dir),
+    "proof_bytes": proof.size_bytes(proof_dir),
     "test_accuracy": build.evaluate(config, final, build.dataset(config, "test")),
   }
 

@@ -146,6 +146,11 @@ def inside(proof_dir: str, *parts: str) -> str:
   return path
 
 
+def size_bytes(proof_dir: str) -> int:
+  """Bytes on disk of every file under ``proof_dir``."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(proof_dir) for f in files)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON to a temporary name, fsyncs it, renames it into place."""
   tmp = f"{path}.tmp.{os.getpid()}"

@@ -213,12 +213,11 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
     return state0
   for step in done:
     checkpoints[str(step)] = proof.digest_json(proof.read_meta(proof_dir, step, None))
-  state, _ = proof.restore(proof_dir, done[-1], state0)
-  expected = proof.leaf_digests(state0)
-  if not done[0] == 0 or proof.digest_json(proof.read_meta(proof_dir, 0, None)["leaves"]) != proof.digest_json(
-    expected
-  ):
+  if done != sorted(wanted)[: len(done)]:
+    raise proof.ProofError(proof.RUN, "checkpoints", f"the partial proof in {proof_dir} has gaps: steps {done}")
+  if proof.read_meta(proof_dir, 0, None)["leaves"] != proof.leaf_digests(state0):
     raise proof.ProofError(
       proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init"
     )
+  state, _ = proof.restore(proof_dir, done[-1], state0)
   return jax.tree.map(np.asarray, state)

@@ -118,3 +118,15 @@ def test_train_cli_rejects_a_bad_config_before_training(tmp_path, flag, words):
   assert result.returncode == 2, result.stdout + result.stderr
   assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
   assert not os.path.exists(tmp_path / "proof")
+
+
+def test_a_short_last_segment_verifies_with_its_own_recorded_program(tmp_path):
+  config = smoke_config("mlp", steps=10, k=4)  # segments 0-4, 4-8, 8-10
+  path = str(tmp_path / "proof")
+  manifest = record(path, config)
+  assert sorted(manifest["checkpoints"], key=int) == ["0", "4", "8", "10"]
+  assert set(manifest["programs"]) == {"segment", "tail"}
+  train = build.dataset(config, "train")
+  verdict = verify_lib.verify(path, build.program(config, train), train, strategy="all")
+  assert verdict.accepted, verdict.table()
+  assert [(s.start, s.end) for s in verdict.segments] == [(0, 4), (4, 8), (8, 10)]
