@@ -21,7 +21,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def epoch_order(order_key: jax.Array, epoch: int, num_examples: int) -> np.ndarray:
   """The permutation of ``range(num_examples)`` for ``epoch``."""
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_examples)
   return np.asarray(perm, np.int32)
 

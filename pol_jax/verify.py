@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
-from pol_jax import challenge, distances, fingerprint, proof, recorder, sampling, training
+from pol_jax import challenge, distances, fingerprint, proof, recorder, replay, sampling, training
 from pol_jax import data as data_lib
 
 CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay")
@@ -25,20 +25,6 @@ class Check:
 
 
 @dataclasses.dataclass
-class SegmentResult:
-  """The replay of one segment against the recorded state at its end."""
-
-  index: int
-  start: int
-  end: int
-  match: bool
-  mismatch: str | None
-  distance: dict[str, float]
-  update: dict[str, float]
-  seconds: float
-
-
-@dataclasses.dataclass
 class Verdict:
   """The outcome of :func:`verify`: accepted only if every check passed."""
 
@@ -47,7 +33,7 @@ class Verdict:
   strategy: str
   root: str | None
   checks: list[Check]
-  segments: list[SegmentResult]
+  segments: list[replay.SegmentResult]
   num_segments: int
 
   @property
@@ -84,12 +70,12 @@ class Verdict:
       lines += [
         "",
         f"{'segment':>7} {'steps':>13} {'match':>5} {'l2':>9} {'linf':>9} {'cosine':>9} "
-        f"{'update l2':>9} {'seconds':>7}",
+        f"{'update l2':>9} {'seconds':>7}  device",
       ]
       for s in self.segments:
         lines.append(
           f"{s.index:>7} {f'{s.start}-{s.end}':>13} {'yes' if s.match else 'NO':>5} {s.distance['l2']:>9.2e} "
-          f"{s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} {s.update['l2']:>9.2e} {s.seconds:>7.2f}"
+          f"{s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} {s.update['l2']:>9.2e} {s.seconds:>7.2f}  {s.device}"
         )
     return "\n".join(lines)
 
@@ -117,7 +103,8 @@ def verify(
   num_segments: int = 8,
   seed: int | None = None,
   q: int = 1,
-  on_segment: Callable[[SegmentResult], None] | None = None,
+  devices: int | None = None,
+  on_segment: Callable[[replay.SegmentResult], None] | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
 
@@ -154,7 +141,12 @@ def verify(
     num_segments: n, for ``uniform`` and ``fiat-shamir``.
     seed: the verifier's seed, for ``uniform``.
     q: segments per epoch and metric, for ``top-q``.
-    on_segment: called with each :class:`SegmentResult` as it completes.
+    devices: replay on this many local devices, one segment per device at a
+      time (default: all local devices). Bit-identical to sequential replay. Under
+      ``jax.distributed`` every process replays its share of the segments on
+      its own devices and the results are gathered, so every process returns
+      the same verdict.
+    on_segment: called with each ``replay.SegmentResult`` of this process.
 
   Raises:
     proof.ProofError: unusable input (the CLI exits 2).
@@ -169,6 +161,7 @@ def verify(
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
   if strategy == "uniform" and seed is None:
     raise ValueError("Expected a verifier seed for strategy='uniform'.")
+  replay.local_devices(devices)  # Refuse an impossible device count before any work.
   manifest = read_manifest(proof_dir)
   plan = recorder.Plan.from_manifest(manifest)
   bounds = recorder.segments(plan)
@@ -274,11 +267,13 @@ def verify(
   if blockers:
     checks["replay"] = Check("replay", None, f"not run: the {', '.join(blockers)} check failed")
     return done()
-  for i in chosen:
-    result = _replay(proof_dir, manifest, segment, template, dataset, log, keys.step, i, *bounds[i])
-    verdict.segments.append(result)
-    if on_segment is not None:
-      on_segment(result)
+  job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step)
+  work = [(i, *bounds[i]) for i in chosen]
+  mine = work[jax.process_index() :: jax.process_count()]
+  results = replay.replay(job, mine, replay.local_devices(devices), on_segment)
+  if jax.process_count() > 1:
+    results = replay.gather(results, len(work), [proof.path_str(n) for n, _ in proof.flatten(template)])
+  verdict.segments = sorted(results, key=lambda r: r.index)
   bad = [s for s in verdict.segments if not s.match]
   checks["replay"] = (
     Check(
@@ -317,24 +312,3 @@ def _select(strategy, count, n, seed, root, sizes, bounds, plan, size, q) -> lis
     return challenge.fiat_shamir(count, n, root)
   per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
   return challenge.top_q(sizes, np.array([start // per_epoch for start, _ in bounds]), q)
-
-
-def _replay(proof_dir, manifest, segment, template, dataset, log, step_root, index, start, end) -> SegmentResult:
-  t0 = time.perf_counter()
-  begin, _ = proof.restore(proof_dir, start, template, manifest["checkpoints"][str(start)])
-  state, _ = segment.run(begin, dataset.batch(log[start:end]), step_root)
-  replayed = training.to_host(state)
-  seconds = time.perf_counter() - t0
-  recorded, meta = proof.restore(proof_dir, end, template, manifest["checkpoints"][str(end)])
-  ours = proof.leaf_digests(replayed)
-  bad = [p for p in ours if ours[p] != meta["leaves"][p]]
-  return SegmentResult(
-    index=index,
-    start=start,
-    end=end,
-    match=not bad,
-    mismatch=f"{len(bad)} leaves differ, first {bad[0]}" if bad else None,
-    distance=distances.distances(replayed.params, recorded.params),
-    update=distances.distances(begin.params, recorded.params),
-    seconds=seconds,
-  )
