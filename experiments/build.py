@@ -138,3 +138,27 @@ def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: i
     x, y = ds.batch(np.arange(i, min(i + batch_size, len(ds))))
     correct += int((np.asarray(predict(state.params, state.model_state, x)) == y).sum())
   return correct / len(ds)
+
+
+class UsageError(Exception):
+  """A request this machine cannot serve (CLI exit status 2)."""
+
+
+def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
+  """The program and training data a proof's recorded config describes.
+
+  Raises:
+    proof.ProofError: the manifest is unusable or its config cannot be rebuilt.
+  """
+  from ml_collections import ConfigDict
+
+  from pol_jax import proof
+  from pol_jax import verify as verify_lib
+
+  manifest = verify_lib.read_manifest(proof_dir)
+  try:
+    config = ConfigDict(manifest["config"])
+    train = dataset(config, "train")
+    return program(config, train), train
+  except ConfigError as e:
+    raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None

@@ -16,6 +16,7 @@ Only the segments in flight (one per device) are held in memory.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +46,15 @@ class SegmentResult:
   update: dict[str, float]
   seconds: float
   device: str = ""
+  within: bool | None = None
+  """Tolerance mode: every metric within its delta (None in exact mode)."""
+
+  @property
+  def normalised(self) -> dict[str, float]:
+    """l1, l2, linf over the recorded update's; cosine as it is."""
+    from pol_jax import tolerance
+
+    return tolerance.normalise(self.distance, self.update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,89 @@ def replay(
       if on_result is not None:
         on_result(result)
   return results
+
+
+def replay_batched(
+  job: Job,
+  batched: training.Segment,
+  segments: Sequence[tuple[int, int, int]],
+  chunk: int,
+  devices: Sequence | None = None,
+  on_result: Callable[[SegmentResult], None] | None = None,
+) -> list[SegmentResult]:
+  """Replays segments ``chunk`` at a time with ``jit(vmap(...))``, sharded over devices.
+
+  Segments of equal length go together; a last, short chunk is padded by
+  repeating its final segment, so one compiled program serves every chunk.
+  Tolerance mode only: the bits are in general not the prover's.
+
+  Raises:
+    ValueError: ``chunk`` does not divide over the devices, or does not fit
+      in memory (the message says what to pass instead).
+  """
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  devices = list(devices or local_devices())
+  if chunk < 1 or chunk % len(devices):
+    raise ValueError(
+      f"chunk={chunk} does not divide over {len(devices)} devices; pass --chunk as a multiple of {len(devices)}"
+    )
+  check_chunk_fits(job, chunk, devices)
+  mesh = Mesh(np.array(devices), ("segments",))
+  split, whole = NamedSharding(mesh, PartitionSpec("segments")), NamedSharding(mesh, PartitionSpec())
+  by_length: dict[int, list] = {}
+  for item in segments:
+    by_length.setdefault(item[2] - item[1], []).append(item)
+  results = []
+  for items in by_length.values():
+    for c in range(0, len(items), chunk):
+      part = items[c : c + chunk]
+      t0 = time.perf_counter()
+      starts = [
+        proof.restore(job.proof_dir, s, job.template, job.manifest["checkpoints"][str(s)])[0] for _, s, _ in part
+      ]
+      padded = list(range(len(part))) + [len(part) - 1] * (chunk - len(part))
+      states = jax.tree.map(lambda *xs: np.stack(xs), *(starts[j] for j in padded))
+      batches = jax.tree.map(
+        lambda *xs: np.stack(xs), *(job.dataset.batch(job.log[part[j][1] : part[j][2]]) for j in padded)
+      )
+      out, _ = batched.run(
+        jax.device_put(states, split), jax.device_put(batches, split), jax.device_put(job.step_root, whole)
+      )
+      out = training.to_host(out)
+      seconds = (time.perf_counter() - t0) / len(part)
+      for j, (index, start, end) in enumerate(part):
+        result = _compare(job, index, start, end, starts[j], jax.tree.map(lambda a, j=j: a[j], out), seconds)
+        result.device = f"vmap x{chunk} on {len(devices)} device{'s' if len(devices) > 1 else ''}"
+        results.append(result)
+        if on_result is not None:
+          on_result(result)
+  return results
+
+
+def check_chunk_fits(job: Job, chunk: int, devices: Sequence) -> None:
+  """Refuses a chunk whose segments would not fit in the devices' memory.
+
+  The estimate is conservative: per segment, four copies of the state (start,
+  result, gradients, optimizer temporaries) and the segment's batches.
+  """
+  state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(job.template))
+  k = int(job.manifest["k"])
+  x, y = job.dataset.batch(job.log[:1])
+  batch_bytes = k * (x.nbytes + y.nbytes)
+  need = chunk * (4 * state_bytes + batch_bytes)
+  stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    free = len(devices) * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  else:  # CPU devices share the host's memory.
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  if need > 0.8 * free:
+    per = 4 * state_bytes + batch_bytes
+    fits = max(len(devices), int(0.8 * free // per) // len(devices) * len(devices))
+    raise ValueError(
+      f"chunk={chunk} needs about {need / 2**30:.1f} GiB ({per / 2**20:.1f} MiB a segment), "
+      f"{free / 2**30:.1f} GiB is free; pass --chunk={fits} or less"
+    )
 
 
 def _compare(job: Job, index, start, end, begin, replayed, seconds) -> SegmentResult:

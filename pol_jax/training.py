@@ -152,26 +152,31 @@ class Segment:
   over one jitted step (the choice on CPU for convolutional models, which XLA:CPU
   runs far slower inside a loop body). The two give different bits, so a proof
   records its kind and the verifier builds the same one.
+
+  A batched segment (``make_batched_segment``) runs many segments at once over
+  a leading axis; its steps are on axis 1 and its bits are not the prover's.
   """
 
   kind: str
   compiled: Callable
   """The jitted function: the whole segment (scan) or one step (loop)."""
+  step_axis: int = 0
 
   def run(self, state: TrainState, batches: Batch, step_root: jax.Array) -> tuple[TrainState, dict]:
-    """Runs ``len(batches[0])`` steps from ``state``; returns (state, stacked metrics)."""
+    """Runs the steps of ``batches`` from ``state``; returns (state, stacked metrics)."""
     if self.kind == "scan":
       return self.compiled(state, batches, step_root)
     metrics = []
-    for i in range(len(batches[0])):
-      state, m = self.compiled(state, jax.tree.map(lambda a, i=i: a[i], batches), step_root)
+    axis = self.step_axis
+    for i in range(batches[0].shape[axis]):
+      state, m = self.compiled(state, jax.tree.map(lambda a, i=i: a[(slice(None),) * axis + (i,)], batches), step_root)
       metrics.append(m)
-    return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+    return state, jax.tree.map(lambda *ms: jnp.stack(ms, axis=axis), *metrics)
 
   def program_text(self, state: TrainState, batches: Batch, step_root: jax.Array) -> str:
     """The lowered StableHLO of the compiled function at these input shapes."""
     if self.kind == "loop":
-      batches = jax.tree.map(lambda a: a[0], batches)
+      batches = jax.tree.map(lambda a: a[(slice(None),) * self.step_axis + (0,)], batches)
     return self.compiled.lower(state, batches, step_root).as_text(debug_info=False)
 
 
@@ -190,6 +195,28 @@ def make_segment(step: StepFn, kind: str) -> Segment:
     return jax.lax.scan(lambda s, b: one(s, b, step_root), state, batches)
 
   return Segment(kind, jax.jit(scanned))
+
+
+def make_batched_segment(step: StepFn, kind: str) -> Segment:
+  """``jit(vmap(...))`` of the runner of ``kind`` over a leading axis of segments.
+
+  For the tolerance mode only: XLA folds the segment axis into the step's
+  matrix products, so the results are close to, but in general not bitwise
+  equal to, the prover's.
+  """
+  if kind not in RUNNERS:
+    raise ValueError(f"Expected runner in {RUNNERS}, got {kind!r}.")
+
+  def one(state, batch, step_root):
+    return step(state, batch, jax.random.fold_in(step_root, state.step))
+
+  if kind == "loop":
+    return Segment(kind, jax.jit(jax.vmap(one, in_axes=(0, 0, None))), step_axis=1)
+
+  def scanned(state, batches, step_root):
+    return jax.lax.scan(lambda s, b: one(s, b, step_root), state, batches)
+
+  return Segment(kind, jax.jit(jax.vmap(scanned, in_axes=(0, 0, None))), step_axis=1)
 
 
 def to_host(tree: PyTree) -> PyTree:

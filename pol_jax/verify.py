@@ -11,7 +11,9 @@ import numpy as np
 
 from pol_jax import challenge, distances, fingerprint, proof, recorder, replay, sampling, training
 from pol_jax import data as data_lib
+from pol_jax import tolerance as tolerance_lib
 
+MODES = ("exact", "tolerance")
 CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay")
 
 
@@ -35,6 +37,7 @@ class Verdict:
   checks: list[Check]
   segments: list[replay.SegmentResult]
   num_segments: int
+  tolerance: dict | None = None
 
   @property
   def failed(self) -> list[Check]:
@@ -47,17 +50,23 @@ class Verdict:
       "strategy": self.strategy,
       "root": self.root,
       "num_segments": self.num_segments,
+      "tolerance": self.tolerance,
       "checks": [dataclasses.asdict(c) for c in self.checks],
-      "segments": [dataclasses.asdict(s) for s in self.segments],
+      "segments": [{**dataclasses.asdict(s), "normalised": s.normalised} for s in self.segments],
     }
 
   def summary(self) -> str:
-    if self.accepted:
+    if self.accepted and self.mode == "exact":
       return (
         f"ACCEPTED: {len(self.segments)} of {self.num_segments} segments replayed bit for bit "
-        f"({self.mode} mode, {self.strategy})"
+        f"(exact mode, {self.strategy})"
       )
-    first = self.failed[0] if self.failed else Check("?", False, "")
+    if self.accepted:
+      return (
+        f"ACCEPTED in tolerance mode: {len(self.segments)} of {self.num_segments} segments within delta "
+        f"({self.strategy}); not a bit-exact verification"
+      )
+    first = self.failed[0] if self.failed else next((c for c in self.checks if c.passed is None), Check("?", None, ""))
     return f"REJECTED by the {first.name} check: {first.detail}"
 
   def table(self) -> str:
@@ -67,15 +76,22 @@ class Verdict:
       result = {True: "pass", False: "FAIL", None: "-"}[c.passed]
       lines.append(f"{c.name:<12} {result:<8} {c.detail}")
     if self.segments:
+      tol = self.mode == "tolerance"
       lines += [
         "",
-        f"{'segment':>7} {'steps':>13} {'match':>5} {'l2':>9} {'linf':>9} {'cosine':>9} "
-        f"{'update l2':>9} {'seconds':>7}  device",
+        f"{'segment':>7} {'steps':>13} {'bits':>4} "
+        + (f"{'within':>6} " if tol else "")
+        + f"{'l2':>9} {'linf':>9} {'cosine':>9} {'update l2':>9} "
+        + (f"{'l2/update':>9} " if tol else "")
+        + f"{'seconds':>7}  device",
       ]
       for s in self.segments:
+        within = f"{'yes' if s.within else 'NO':>6} " if tol else ""
+        ratio = f"{s.normalised['l2']:>9.2e} " if tol else ""
         lines.append(
-          f"{s.index:>7} {f'{s.start}-{s.end}':>13} {'yes' if s.match else 'NO':>5} {s.distance['l2']:>9.2e} "
-          f"{s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} {s.update['l2']:>9.2e} {s.seconds:>7.2f}  {s.device}"
+          f"{s.index:>7} {f'{s.start}-{s.end}':>13} {'same' if s.match else 'diff':>4} {within}"
+          f"{s.distance['l2']:>9.2e} {s.distance['linf']:>9.2e} {s.distance['cosine']:>9.2e} "
+          f"{s.update['l2']:>9.2e} {ratio}{s.seconds:>7.2f}  {s.device}"
         )
     return "\n".join(lines)
 
@@ -104,6 +120,9 @@ def verify(
   seed: int | None = None,
   q: int = 1,
   devices: int | None = None,
+  mode: str = "exact",
+  tolerance: tolerance_lib.Tolerance | None = None,
+  chunk: int = 64,
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
@@ -146,6 +165,13 @@ def verify(
       ``jax.distributed`` every process replays its share of the segments on
       its own devices and the results are gathered, so every process returns
       the same verdict.
+    mode: ``"exact"`` (digest equality; needs the prover's environment) or
+      ``"tolerance"``: ``jit(vmap(...))`` replay of ``chunk`` segments at a time,
+      sharded over the devices, accepted when every distance is within
+      ``tolerance``. Tolerance mode also serves a verifier whose environment
+      differs from the prover's; differences are reported, not blocking.
+    tolerance: the delta per metric and its source (tolerance mode).
+    chunk: segments per vmapped call (tolerance mode).
     on_segment: called with each ``replay.SegmentResult`` of this process.
 
   Raises:
@@ -161,16 +187,20 @@ def verify(
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
   if strategy == "uniform" and seed is None:
     raise ValueError("Expected a verifier seed for strategy='uniform'.")
+  if mode not in MODES:
+    raise ValueError(f"Expected mode in {MODES}, got {mode!r}.")
+  if mode == "tolerance" and tolerance is None:
+    raise ValueError("Tolerance mode needs a tolerance: calibrate one (experiments.calibrate) or give delta.")
   replay.local_devices(devices)  # Refuse an impossible device count before any work.
   manifest = read_manifest(proof_dir)
   plan = recorder.Plan.from_manifest(manifest)
   bounds = recorder.segments(plan)
   checks = {name: Check(name, None, "not run") for name in CHECKS}
-  verdict = Verdict(False, "exact", strategy, manifest.get("root"), list(checks.values()), [], len(bounds))
+  verdict = Verdict(False, mode, strategy, manifest.get("root"), list(checks.values()), [], len(bounds))
 
   def done() -> Verdict:
     verdict.checks = list(checks.values())
-    verdict.accepted = all(c.passed for c in verdict.checks)
+    verdict.accepted = checks["replay"].passed is True and not verdict.failed
     return verdict
 
   keys = training.derive_keys(plan.seed)
@@ -202,28 +232,35 @@ def verify(
 
   # 2. Environment: exact replay needs every bit-changing field to match.
   differ = fingerprint.mismatches(manifest["environment"], fingerprint.environment())
-  if differ:
-    detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
+  detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
+  if not differ:
+    checks["environment"] = Check("environment", True, "every field that changes bits matches the prover's")
+  elif mode == "exact":
     checks["environment"] = Check(
-      "environment", False, f"exact replay needs a matching environment, these differ: {detail}"
+      "environment",
+      False,
+      f"exact replay needs a matching environment, these differ: {detail}; verify on a matching machine, "
+      "or ask for --mode=tolerance",
     )
   else:
-    checks["environment"] = Check("environment", True, "every field that changes bits matches the prover's")
+    checks["environment"] = Check("environment", True, f"differs ({detail}); tolerance mode decides by distance")
 
   # 3. Program: the verifier's step lowers to the recorded program.
   segment = training.make_segment(program.step, plan.runner)
   ours = recorder.program_digests(segment, template, dataset, plan, keys.step)
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
-  checks["program"] = (
-    Check(
-      "program",
-      False,
-      f"the verifier's {', '.join(bad)} program differs from the recorded one "
-      "(model, loss, optimizer, schedule or versions differ)",
-    )
-    if bad or set(ours) != set(manifest["programs"])
-    else Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
-  )
+  if bad or set(ours) != set(manifest["programs"]):
+    if mode == "tolerance" and differ:
+      checks["program"] = Check("program", None, "not comparable across environments; the replay decides")
+    else:
+      checks["program"] = Check(
+        "program",
+        False,
+        f"the verifier's {', '.join(bad) or 'segment'} program differs from the recorded one "
+        "(model, loss, optimizer, schedule or versions differ)",
+      )
+  else:
+    checks["program"] = Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
 
   # 4. Init: the recorded step 0 is the state the seed derives.
   recorded0 = proof.read_meta(proof_dir, 0, manifest["checkpoints"]["0"])["leaves"]
@@ -262,28 +299,51 @@ def verify(
       else Check("data", True, f"{len(used)} examples used by the chosen segments match their digests")
     )
 
-  # 7. Replay, only where it can be exact and the inputs are the recorded ones.
-  blockers = [n for n in ("environment", "program", "data") if not checks[n].passed]
+  # 7. Replay, only where it can decide and the inputs are the recorded ones.
+  needed = ("environment", "program", "data") if mode == "exact" else ("program", "data")
+  blockers = [n for n in needed if checks[n].passed is False]
   if blockers:
     checks["replay"] = Check("replay", None, f"not run: the {', '.join(blockers)} check failed")
     return done()
   job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step)
   work = [(i, *bounds[i]) for i in chosen]
   mine = work[jax.process_index() :: jax.process_count()]
-  results = replay.replay(job, mine, replay.local_devices(devices), on_segment)
+  local = replay.local_devices(devices)
+  if mode == "exact":
+    results = replay.replay(job, mine, local, on_segment)
+  else:
+    batched = training.make_batched_segment(program.step, plan.runner)
+    results = replay.replay_batched(job, batched, mine, chunk, local, on_segment)
   if jax.process_count() > 1:
     results = replay.gather(results, len(work), [proof.path_str(n) for n, _ in proof.flatten(template)])
   verdict.segments = sorted(results, key=lambda r: r.index)
-  bad = [s for s in verdict.segments if not s.match]
+  if mode == "exact":
+    bad = [s for s in verdict.segments if not s.match]
+    why = lambda s: f"does not reproduce the recorded state: {s.mismatch}"  # noqa: E731
+    passed = f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})"
+  else:
+    verdict.tolerance = tolerance.to_json()
+    for s in verdict.segments:
+      s.within = tolerance.within(s.distance, s.update)
+    bad = [s for s in verdict.segments if not s.within]
+    worst = lambda s: max(  # noqa: E731
+      tolerance.delta, key=lambda m: tolerance.measure(s.distance, s.update)[m] / max(tolerance.delta[m], 1e-300)
+    )
+    why = lambda s: (  # noqa: E731
+      f"{worst(s)} distance {tolerance.measure(s.distance, s.update)[worst(s)]:.3g} exceeds delta "
+      f"{tolerance.delta[worst(s)]:.3g}"
+    )
+    exact = sum(s.match for s in verdict.segments)
+    passed = f"{len(chosen)} of {len(bounds)} segments within {tolerance.describe()}; {exact} reproduced bit for bit"
   checks["replay"] = (
     Check(
       "replay",
       False,
-      f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) does not reproduce the "
-      f"recorded state: {bad[0].mismatch}" + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""),
+      f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) {why(bad[0])}"
+      + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""),
     )
     if bad
-    else Check("replay", True, f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})")
+    else Check("replay", True, passed)
   )
   return done()
 
@@ -312,3 +372,61 @@ def _select(strategy, count, n, seed, root, sizes, bounds, plan, size, q) -> lis
     return challenge.fiat_shamir(count, n, root)
   per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
   return challenge.top_q(sizes, np.array([start // per_epoch for start, _ in bounds]), q)
+
+
+def calibrate(
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  *,
+  num_segments: int = 16,
+  margin: float = 10.0,
+  chunk: int = 16,
+  devices: int | None = None,
+  on_segment: Callable[[replay.SegmentResult], None] | None = None,
+) -> dict:
+  """Measures the tolerance mode's honest noise on a proof and proposes delta.
+
+  The proof must first verify exactly on ``num_segments`` Fiat-Shamir
+  segments, so its recorded states are what exact replay computes here; the
+  same segments are then replayed with ``jit(vmap(...))``, and the noise per
+  metric is the largest normalised distance to the recorded state. The
+  proposed delta is ``max(noise x margin, tolerance.FLOOR)``.
+
+  Returns:
+    A JSON-serialisable record: the proof root, the noise, the margin, the
+    proposed delta and every segment's distances.
+
+  Raises:
+    ValueError: the proof does not verify exactly here.
+  """
+  exact = verify(proof_dir, program, dataset, num_segments=num_segments, devices=devices)
+  if not exact.accepted:
+    raise ValueError(f"calibrate on a proof that verifies exactly here; this one: {exact.summary()}")
+  loose = tolerance_lib.Tolerance({m: 1e300 for m in distances.METRICS}, source="calibration")
+  noisy = verify(
+    proof_dir,
+    program,
+    dataset,
+    num_segments=num_segments,
+    devices=devices,
+    mode="tolerance",
+    tolerance=loose,
+    chunk=chunk,
+    on_segment=on_segment,
+  )
+  noise = {m: max(s.normalised[m] for s in noisy.segments) for m in distances.METRICS}
+  return {
+    "proof_root": exact.root,
+    "margin": margin,
+    "noise": noise,
+    "delta": tolerance_lib.propose(noise, margin),
+    "floor": tolerance_lib.FLOOR,
+    "normalised": True,
+    "chunk": chunk,
+    "environment": fingerprint.environment(),
+    "segments": [
+      {"index": s.index, "start": s.start, "end": s.end, "bitwise": s.match, "normalised": s.normalised}
+      for s in noisy.segments
+    ],
+  }

@@ -1,0 +1,120 @@
+"""The tolerance mode's acceptance rule: a delta per metric, and where it came from.
+
+Exact replay accepts on equal digests. The tolerance mode (a vmapped replay,
+or any replay on an environment other than the prover's) accepts a segment
+when, for every metric, its distance to the recorded state is at most delta.
+Distances are normalised as the paper's analysis does: l1, l2 and linf are
+divided by the same metric of the segment's recorded update (so 1.0 means
+"as far off as the whole claimed update"); cosine distance is used as it is.
+A delta is only as good as its calibration: :func:`calibrate` measures the
+honest reproduction noise of the vmapped replay against exact replay, and
+proposes delta as that noise times a stated margin, never below a floor.
+
+Any delta > 0 leaves slack that spoofing attacks live in (see DESIGN.md);
+the verdict always says which mode decided and which delta it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from pol_jax import distances
+
+# The smallest delta a calibration proposes: float32 rounding in one segment
+# can move a replay by this much relative to its update even where the
+# calibration sample happened to reproduce exactly.
+FLOOR = {"l1": 1e-5, "l2": 1e-5, "linf": 1e-5, "cosine": 1e-9}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+  """A delta per metric, whether it applies to normalised distances, and its source."""
+
+  delta: dict[str, float]
+  normalised: bool = True
+  source: str = "given"
+
+  def __post_init__(self):
+    unknown = set(self.delta) - set(distances.METRICS)
+    if unknown or not self.delta:
+      raise ValueError(f"Expected delta for metrics among {distances.METRICS}, got {sorted(self.delta)}.")
+    bad = {m: d for m, d in self.delta.items() if not (isinstance(d, int | float) and d >= 0 and math.isfinite(d))}
+    if bad:
+      raise ValueError(f"Expected finite delta >= 0, got {bad}.")
+
+  def measure(self, distance: dict[str, float], update: dict[str, float]) -> dict[str, float]:
+    """The distances this tolerance compares with delta."""
+    return normalise(distance, update) if self.normalised else dict(distance)
+
+  def within(self, distance: dict[str, float], update: dict[str, float]) -> bool:
+    measured = self.measure(distance, update)
+    return all(measured[m] <= d for m, d in self.delta.items())
+
+  def describe(self) -> str:
+    kind = "normalised" if self.normalised else "raw"
+    values = ", ".join(f"{m}<={d:.3g}" for m, d in self.delta.items())
+    return f"{kind} distances {values} ({self.source})"
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def normalise(distance: dict[str, float], update: dict[str, float]) -> dict[str, float]:
+  """l1, l2, linf divided by the recorded update's; cosine unchanged."""
+  out = {}
+  for m in distances.METRICS:
+    if m == "cosine":
+      out[m] = distance[m]
+    elif update[m] > 0:
+      out[m] = distance[m] / update[m]
+    else:
+      out[m] = 0.0 if distance[m] == 0 else math.inf
+  return out
+
+
+def parse(text: str) -> Tolerance:
+  """``"l2=1e-4,linf=1e-3"`` -> a normalised Tolerance given on the command line."""
+  delta = {}
+  for item in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = item.partition("=")
+    try:
+      delta[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"--delta: {item!r} is not METRIC=NUMBER") from None
+  return Tolerance(delta, normalised=True, source=f"--delta={text}")
+
+
+def propose(noise: dict[str, float], margin: float) -> dict[str, float]:
+  """delta = max(noise x margin, FLOOR) per metric."""
+  return {m: max(noise[m] * margin, FLOOR[m]) for m in distances.METRICS}
+
+
+def load(path: str) -> Tolerance:
+  """The Tolerance a calibration file proposes.
+
+  Raises:
+    ValueError: the file is unreadable or malformed, naming the field.
+  """
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    delta = record["delta"]
+    margin = record["margin"]
+    count = len(record["segments"])
+    root = record["proof_root"]
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable calibration ({e})") from None
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path}: field {e}: missing from the calibration") from None
+  if not isinstance(delta, dict):
+    raise ValueError(f"{path}: delta: expected an object")
+  try:
+    return Tolerance(
+      {m: float(v) for m, v in delta.items()},
+      normalised=True,
+      source=f"calibrated in {path}: {margin}x the honest noise of {count} segments of proof {str(root)[:16]}...",
+    )
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: delta: {e}") from None
