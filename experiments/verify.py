@@ -35,6 +35,9 @@ _CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta f
 _DELTA = flags.DEFINE_string("delta", None, "Tolerance mode: normalised delta, e.g. l2=1e-4,linf=1e-3.")
 _CHUNK = flags.DEFINE_integer("chunk", 64, "Tolerance mode: segments per vmapped call.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to replay on (default: all).")
+_INTEGRITY = flags.DEFINE_enum(
+  "integrity", "full", ["full", "sampled"], "full: check every checkpoint's arrays; sampled: those replay uses."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes joined by jax.distributed.", lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
@@ -66,6 +69,7 @@ def run(
   mode: str = "exact",
   tol: tolerance.Tolerance | None = None,
   chunk: int = 64,
+  integrity: str = "full",
   progress: bool = True,
 ) -> verify_lib.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes."""
@@ -97,6 +101,7 @@ def run(
         mode=mode,
         tolerance=tol,
         chunk=chunk,
+        integrity=integrity,
         on_segment=lambda _: bar.update(1),
       )
     except ValueError as e:  # a chunk that does not divide or fit
@@ -153,6 +158,7 @@ def main(argv) -> None:
       _MODE.value,
       tol,
       _CHUNK.value,
+      _INTEGRITY.value,
       sys.stderr.isatty(),
     )
   except (proof.ProofError, build.UsageError) as e:

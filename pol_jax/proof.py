@@ -22,6 +22,7 @@ allocated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -366,7 +367,8 @@ def read_meta(proof_dir: str, step: int, expected_digest: str | None) -> dict:
   return meta
 
 
-def _local_checkpointer():
+@functools.cache
+def _local_checkpointer(process_index: int):
   """An Orbax checkpointer that reads for this process alone.
 
   Orbax's default synchronises all ``jax.distributed`` processes around every
@@ -375,7 +377,7 @@ def _local_checkpointer():
   """
   import orbax.checkpoint as ocp
 
-  local = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+  local = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={process_index})
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local), multiprocessing_options=local)
 
 
@@ -405,7 +407,7 @@ def restore(proof_dir: str, step: int, template: Any, expected_digest: str | Non
     raise IntegrityError(f"{label}: state leaves differ from the verifier's: missing {missing}, unexpected {extra}")
   state_dir = inside(proof_dir, CHECKPOINTS, str(step), "state")
   try:
-    stored = _local_checkpointer().metadata(state_dir).item_metadata.tree
+    stored = _local_checkpointer(jax.process_index()).metadata(state_dir).item_metadata.tree
   except Exception as e:  # Orbax/TensorStore raise many kinds on a damaged directory.
     raise IntegrityError(f"{label}: unreadable state metadata ({type(e).__name__})") from None
   for names, leaf in entries:
@@ -420,7 +422,9 @@ def restore(proof_dir: str, step: int, template: Any, expected_digest: str | Non
       raise IntegrityError(f"{label}: {path_str(names)} is over the {MAX_LEAF_BYTES}-byte leaf limit")
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _nested(template))
   try:
-    nested = _local_checkpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    nested = _local_checkpointer(jax.process_index()).restore(
+      state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   except Exception as e:  # A damaged array surfaces as a TensorStore/ValueError/OSError.
     raise IntegrityError(f"{label}: unreadable state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
   leaves = []

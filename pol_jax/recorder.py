@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -149,18 +151,20 @@ def record(
   checkpoints: dict[str, str] = {}
   try:
     state = _resume(proof_dir, writer, state, checkpoints, plan)
-    pending = None
-    if not checkpoints:
-      checkpoints["0"] = writer.save(state)
-    for start, end in segments(plan):
-      if end <= int(state.step):
-        continue
-      state, metrics = segment.run(state, dataset.batch(log[start:end]), keys.step)
-      if pending is not None:  # Hash and save the previous state while this segment runs.
-        _save(writer, checkpoints, *pending, on_segment)
-      pending = (state, metrics)
-    if pending is not None:
-      _save(writer, checkpoints, *pending, on_segment)
+    saver = _Saver(writer, checkpoints, on_segment)
+    try:
+      if not checkpoints:
+        saver.put(state, {})
+      resumed = int(state.step)
+      for start, end in segments(plan):
+        if end <= resumed:
+          continue
+        # Dispatched asynchronously; the saver thread copies, hashes and
+        # writes each state while the next segments run.
+        state, metrics = segment.run(state, dataset.batch(log[start:end]), keys.step)
+        saver.put(state, metrics)
+    finally:
+      saver.close()
   finally:
     writer.close()
 
@@ -175,12 +179,45 @@ def record(
   return manifest
 
 
-def _save(writer, checkpoints, state, metrics, on_segment) -> None:
-  host = training.to_host(state)
-  summary = {name: float(np.mean(v)) for name, v in training.to_host(metrics).items()}
-  checkpoints[str(int(host.step))] = writer.save(host, summary)
-  if on_segment is not None:
-    on_segment(int(host.step), summary)
+class _Saver:
+  """Copies, hashes and saves recorded states in order, on a worker thread.
+
+  The queue is bounded, so a slow disk slows training down instead of
+  buffering states without limit; ``close`` waits for every queued state to
+  be saved and re-raises the worker's error, if any.
+  """
+
+  def __init__(self, writer: proof.Writer, checkpoints: dict, on_segment, depth: int = 2):
+    self._writer, self._checkpoints, self._on_segment = writer, checkpoints, on_segment
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(target=self._work, name="pol-jax-saver", daemon=True)
+    self._thread.start()
+
+  def put(self, state, metrics) -> None:
+    if self._error is not None:
+      raise self._error
+    self._queue.put((state, metrics))
+
+  def close(self) -> None:
+    self._queue.put(None)
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+
+  def _work(self) -> None:
+    while (item := self._queue.get()) is not None:
+      if self._error is not None:
+        continue  # Drain, so that put() never blocks forever.
+      try:
+        state, metrics = item
+        host = training.to_host(state)
+        summary = {name: float(np.mean(v)) for name, v in training.to_host(metrics).items()}
+        self._checkpoints[str(int(host.step))] = self._writer.save(host, summary)
+        if self._on_segment is not None and int(host.step) > 0:
+          self._on_segment(int(host.step), summary)
+      except BaseException as e:  # noqa: BLE001 - re-raised on the training thread.
+        self._error = e
 
 
 def _commit_start(proof_dir: str, body: dict) -> None:

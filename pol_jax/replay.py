@@ -16,6 +16,7 @@ Only the segments in flight (one per device) are held in memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,8 @@ class SegmentResult:
   device: str = ""
   within: bool | None = None
   """Tolerance mode: every metric within its delta (None in exact mode)."""
+  error: str | None = None
+  """A checkpoint this segment needs failed its integrity check (not replayed)."""
 
   @property
   def normalised(self) -> dict[str, float]:
@@ -105,21 +108,52 @@ def replay(
   """
   devices = list(devices or local_devices())
   results = []
+  cache: dict[int, tuple] = {}
   for w in range(0, len(segments), len(devices)):
+    group = segments[w : w + len(devices)]
+    cache = _restore_once(job, group, cache)
     wave = []
-    for device, (index, start, end) in zip(devices, segments[w : w + len(devices)], strict=False):
+    for device, (index, start, end) in zip(devices, group, strict=False):
       t0 = time.perf_counter()
-      begin, _ = proof.restore(job.proof_dir, start, job.template, job.manifest["checkpoints"][str(start)])
-      inputs = jax.device_put((begin, job.dataset.batch(job.log[start:end]), job.step_root), device)
+      if isinstance(cache[start], str):
+        wave.append((index, start, end, None, None, device, t0))
+        continue
+      inputs = jax.device_put((cache[start][0], job.dataset.batch(job.log[start:end]), job.step_root), device)
       state, _ = job.segment.run(*inputs)  # dispatched asynchronously: the wave runs in parallel
-      wave.append((index, start, end, begin, state, device, t0))
+      wave.append((index, start, end, cache[start][0], state, device, t0))
     for index, start, end, begin, state, device, t0 in wave:
-      result = _compare(job, index, start, end, begin, training.to_host(state), time.perf_counter() - t0)
+      if state is None or isinstance(cache[end], str):
+        result = _unusable(index, start, end, cache)
+      else:
+        result = _compare(index, start, end, begin, training.to_host(state), cache[end], time.perf_counter() - t0)
       result.device = str(device)
       results.append(result)
       if on_result is not None:
         on_result(result)
   return results
+
+
+def _restore_once(job: Job, group, cache: dict) -> dict:
+  """The recorded states ``group`` needs, each restored (and digest-checked) once.
+
+  Keeps from ``cache`` what is needed again; a checkpoint that fails its
+  integrity check is kept as its error message.
+  """
+  needed = sorted({s for _, s, _ in group} | {e for _, _, e in group})
+  kept = {step: cache[step] for step in needed if step in cache}
+  for step in needed:
+    if step not in kept:
+      try:
+        kept[step] = proof.restore(job.proof_dir, step, job.template, job.manifest["checkpoints"][str(step)])
+      except proof.IntegrityError as e:
+        kept[step] = str(e)
+  return kept
+
+
+def _unusable(index, start, end, cache) -> SegmentResult:
+  error = cache[start] if isinstance(cache[start], str) else cache[end]
+  nan = {m: math.nan for m in distances.METRICS}
+  return SegmentResult(index, start, end, False, None, dict(nan), dict(nan), 0.0, error=error)
 
 
 def replay_batched(
@@ -158,21 +192,25 @@ def replay_batched(
     for c in range(0, len(items), chunk):
       part = items[c : c + chunk]
       t0 = time.perf_counter()
-      starts = [
-        proof.restore(job.proof_dir, s, job.template, job.manifest["checkpoints"][str(s)])[0] for _, s, _ in part
-      ]
-      padded = list(range(len(part))) + [len(part) - 1] * (chunk - len(part))
-      states = jax.tree.map(lambda *xs: np.stack(xs), *(starts[j] for j in padded))
-      batches = jax.tree.map(
-        lambda *xs: np.stack(xs), *(job.dataset.batch(job.log[part[j][1] : part[j][2]]) for j in padded)
-      )
-      out, _ = batched.run(
-        jax.device_put(states, split), jax.device_put(batches, split), jax.device_put(job.step_root, whole)
-      )
-      out = training.to_host(out)
+      cache = _restore_once(job, part, {})
+      usable = [it for it in part if not isinstance(cache[it[1]], str) and not isinstance(cache[it[2]], str)]
+      out = None
+      if usable:
+        padded = usable + [usable[-1]] * (chunk - len(usable))
+        states = jax.tree.map(lambda *xs: np.stack(xs), *(cache[s][0] for _, s, _ in padded))
+        batches = jax.tree.map(lambda *xs: np.stack(xs), *(job.dataset.batch(job.log[s:e]) for _, s, e in padded))
+        out, _ = batched.run(
+          jax.device_put(states, split), jax.device_put(batches, split), jax.device_put(job.step_root, whole)
+        )
+        out = training.to_host(out)
       seconds = (time.perf_counter() - t0) / len(part)
-      for j, (index, start, end) in enumerate(part):
-        result = _compare(job, index, start, end, starts[j], jax.tree.map(lambda a, j=j: a[j], out), seconds)
+      for index, start, end in part:
+        if (index, start, end) not in usable:
+          result = _unusable(index, start, end, cache)
+        else:
+          j = usable.index((index, start, end))
+          replayed = jax.tree.map(lambda a, j=j: a[j], out)
+          result = _compare(index, start, end, cache[start][0], replayed, cache[end], seconds)
         result.device = f"vmap x{chunk} on {len(devices)} device{'s' if len(devices) > 1 else ''}"
         results.append(result)
         if on_result is not None:
@@ -205,8 +243,8 @@ def check_chunk_fits(job: Job, chunk: int, devices: Sequence) -> None:
     )
 
 
-def _compare(job: Job, index, start, end, begin, replayed, seconds) -> SegmentResult:
-  recorded, meta = proof.restore(job.proof_dir, end, job.template, job.manifest["checkpoints"][str(end)])
+def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -> SegmentResult:
+  recorded, meta = recorded_end
   ours = proof.leaf_digests(replayed)
   bad = [p for p in ours if ours[p] != meta["leaves"][p]]
   return SegmentResult(
@@ -237,7 +275,9 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
   table = np.full((rows, _FIELDS), np.nan)
   for r, res in enumerate(results):
     count, first = 0, -1
-    if res.mismatch:
+    if res.error:
+      count, first = -1, int(res.error.split(":")[0].split()[-1]) if res.error.startswith("checkpoint ") else -1
+    elif res.mismatch:
       count = int(res.mismatch.split()[0])
       first = leaf_paths.index(res.mismatch.rsplit("first ", 1)[1])
     table[r] = [
@@ -265,7 +305,8 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
           start=int(values[1]),
           end=int(values[2]),
           match=bool(values[3]),
-          mismatch=f"{count} leaves differ, first {leaf_paths[first]}" if count else None,
+          mismatch=f"{count} leaves differ, first {leaf_paths[first]}" if count > 0 else None,
+          error=(f"checkpoint {first}: fails its integrity check (found by process {process})" if count < 0 else None),
           distance=dict(zip(distances.METRICS, map(float, values[6 : 6 + n]), strict=True)),
           update=dict(zip(distances.METRICS, map(float, values[6 + n : 6 + 2 * n]), strict=True)),
           seconds=float(values[-1]),

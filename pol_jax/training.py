@@ -13,6 +13,7 @@ program, so a replay starting from a recorded state draws the same keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -180,8 +181,13 @@ class Segment:
     return self.compiled.lower(state, batches, step_root).as_text(debug_info=False)
 
 
+@functools.lru_cache(maxsize=16)
 def make_segment(step: StepFn, kind: str) -> Segment:
-  """Builds the segment runner of ``kind`` ("scan" or "loop") around ``step``."""
+  """Builds the segment runner of ``kind`` ("scan" or "loop") around ``step``.
+
+  Memoised on ``(step, kind)``: verifying several proofs of one program in a
+  process compiles its segment once.
+  """
   if kind not in RUNNERS:
     raise ValueError(f"Expected runner in {RUNNERS}, got {kind!r}.")
 
@@ -197,6 +203,7 @@ def make_segment(step: StepFn, kind: str) -> Segment:
   return Segment(kind, jax.jit(scanned))
 
 
+@functools.lru_cache(maxsize=16)
 def make_batched_segment(step: StepFn, kind: str) -> Segment:
   """``jit(vmap(...))`` of the runner of ``kind`` over a leading axis of segments.
 

@@ -123,6 +123,7 @@ def verify(
   mode: str = "exact",
   tolerance: tolerance_lib.Tolerance | None = None,
   chunk: int = 64,
+  integrity: str = "full",
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
@@ -172,6 +173,11 @@ def verify(
       differs from the prover's; differences are reported, not blocking.
     tolerance: the delta per metric and its source (tolerance mode).
     chunk: segments per vmapped call (tolerance mode).
+    integrity: ``"full"`` restores every checkpoint and checks every array
+      against its digest before replaying; ``"sampled"`` checks every
+      checkpoint's meta up front and the arrays of the checkpoints the chosen
+      segments use as they are restored (faster; a damaged checkpoint that no
+      chosen segment uses goes unnoticed, like any unsampled segment).
     on_segment: called with each ``replay.SegmentResult`` of this process.
 
   Raises:
@@ -187,6 +193,8 @@ def verify(
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
   if strategy == "uniform" and seed is None:
     raise ValueError("Expected a verifier seed for strategy='uniform'.")
+  if integrity not in ("full", "sampled"):
+    raise ValueError(f"Expected integrity 'full' or 'sampled', got {integrity!r}.")
   if mode not in MODES:
     raise ValueError(f"Expected mode in {MODES}, got {mode!r}.")
   if mode == "tolerance" and tolerance is None:
@@ -222,12 +230,15 @@ def verify(
       raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: Merkle root does not match dataset.merkle_root")
     if log.min(initial=0) < 0 or log.max(initial=0) >= size:
       raise proof.IntegrityError(f"{proof.INDICES}: an index is outside [0, {size})")
-    sizes = _check_checkpoints(proof_dir, manifest, template, bounds, need_sizes=strategy == "top-q")
+    sizes = _check_checkpoints(proof_dir, manifest, template, bounds, full=integrity == "full" or strategy == "top-q")
   except proof.IntegrityError as e:
     checks["integrity"] = Check("integrity", False, str(e))
     return done()
   checks["integrity"] = Check(
-    "integrity", True, f"root {verdict.root[:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests"
+    "integrity",
+    True,
+    f"root {verdict.root[:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests"
+    + ("" if sizes is not None else "; arrays of the checkpoints replay uses are checked as they are restored"),
   )
 
   # 2. Environment: exact replay needs every bit-changing field to match.
@@ -317,6 +328,11 @@ def verify(
   if jax.process_count() > 1:
     results = replay.gather(results, len(work), [proof.path_str(n) for n, _ in proof.flatten(template)])
   verdict.segments = sorted(results, key=lambda r: r.index)
+  broken = [r for r in verdict.segments if r.error]
+  if broken:
+    checks["integrity"] = Check("integrity", False, broken[0].error)
+    checks["replay"] = Check("replay", None, "not decided: a checkpoint it needs failed its integrity check")
+    return done()
   if mode == "exact":
     bad = [s for s in verdict.segments if not s.match]
     why = lambda s: f"does not reproduce the recorded state: {s.mismatch}"  # noqa: E731
@@ -348,15 +364,25 @@ def verify(
   return done()
 
 
-def _check_checkpoints(proof_dir, manifest, template, bounds, need_sizes: bool):
-  """Checks every checkpoint against its digests, two in memory at a time."""
-  sizes = {m: np.zeros(len(bounds)) for m in distances.METRICS} if need_sizes else None
+def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool):
+  """Checks every checkpoint's meta against the manifest, and with ``full``
+  every array against its digest (two checkpoints in memory at a time).
+
+  Returns the update size of every segment (``top-q`` needs them) when
+  ``full``, else None.
+  """
+  steps = proof.checkpoint_steps(manifest["k"], manifest["steps"])
+  if not full:
+    for step in steps:
+      proof.read_meta(proof_dir, step, manifest["checkpoints"][str(step)])
+    return None
+  sizes = {m: np.zeros(len(bounds)) for m in distances.METRICS}
   previous = None
-  for i, step in enumerate(proof.checkpoint_steps(manifest["k"], manifest["steps"])):
+  for i, step in enumerate(steps):
     state, _ = proof.restore(proof_dir, step, template, manifest["checkpoints"][str(step)])
     if int(state.step) != step:
       raise proof.IntegrityError(f"checkpoint {step}: holds the state of step {int(state.step)}")
-    if need_sizes and previous is not None:
+    if previous is not None:
       for metric, value in distances.distances(previous.params, state.params).items():
         sizes[metric][i - 1] = value
     previous = state

@@ -82,19 +82,25 @@ def test_step_is_compiled_once_for_every_segment(tmp_path, model):
   config = smoke_config(model, steps=20, k=4)
   train = build.dataset(config, "train")
   program = build.program(config, train)
-  traces = []
+  traces = {"prover": 0, "verifier": 0}
 
-  def counted(state, batch, key):
-    traces.append(1)
-    return program.step(state, batch, key)
+  def counting(who):
+    def counted(state, batch, key):
+      traces[who] += 1
+      return program.step(state, batch, key)
 
-  counted_program = training.Program(program.init, counted)
+    return training.Program(program.init, counted)
+
   path = str(tmp_path / "proof")
-  recorder.record(path, counted_program, train, build.plan(config), config=config.to_dict())
-  assert len(traces) == 1, f"the prover traced its step {len(traces)} times for 5 segments"
-  verdict = verify_lib.verify(path, counted_program, train, strategy="all")
+  recorder.record(path, counting("prover"), train, build.plan(config), config=config.to_dict())
+  assert traces["prover"] == 1, f"the prover traced its step {traces['prover']} times for 5 segments"
+  verdict = verify_lib.verify(path, counting("verifier"), train, strategy="all")
   assert verdict.accepted and len(verdict.segments) == 5
-  assert len(traces) == 2, f"the verifier traced its step {len(traces) - 1} times for 5 segments"
+  assert traces["verifier"] == 1, f"the verifier traced its step {traces['verifier']} times for 5 segments"
+  verifier = counting("verifier")
+  for _ in range(2):  # Verifying again in the same process reuses the compiled segment.
+    assert verify_lib.verify(path, verifier, train, strategy="all").accepted
+  assert traces["verifier"] == 2
 
 
 def test_train_cli_prints_steps_size_root_and_accuracy(tmp_path):

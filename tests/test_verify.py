@@ -244,3 +244,23 @@ def test_cnn_loop_runner_proof_verifies_with_batchnorm_statistics(tmp_path):
   assert verdict.accepted, verdict.table()
   leaves = proof.read_meta(p, 12, None)["leaves"]
   assert any(path.startswith("model_state/") and "mean" in path for path in leaves), sorted(leaves)
+
+
+def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
+  from ml_collections import ConfigDict
+
+  p = copy_of(honest)
+  _flip_array_byte(p, 8)
+  config = ConfigDict(load_manifest(p)["config"])
+  train = build.dataset(config, "train")
+  program = build.program(config, train)
+  full = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1)
+  assert [c.name for c in full.failed] == ["integrity"], full.table()
+  chosen = full.num_segments and verify_lib.challenge.fiat_shamir(3, 1, full.root)
+  sampled = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1, integrity="sampled")
+  if 8 in {4 * chosen[0], 4 * chosen[0] + 4}:
+    assert [c.name for c in sampled.failed] == ["integrity"], sampled.table()
+  else:  # The damaged checkpoint is not used by the sampled segment, as documented.
+    assert sampled.accepted, sampled.table()
+  every = verify_lib.verify(p, program, train, strategy="all", integrity="sampled")
+  _check_rejected_by(every, "integrity", "checkpoint 8")
