@@ -204,11 +204,13 @@ def table(result: dict) -> str:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
+  from experiments import build
+
+  build.set_deterministic_flags()  # before JAX starts a backend
   if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts a backend
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES.value}"
     ).strip()
-  from experiments import build
   from pol_jax import fingerprint
 
   try:

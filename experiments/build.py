@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 
-from pol_jax import data, recorder, training
+from pol_jax import data, fingerprint, recorder, training
 from pol_jax.models import cnn, mlp
 
 DATASETS = ("digits",)
@@ -162,3 +162,27 @@ def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
     return program(config, train), train
   except ConfigError as e:
     raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None
+
+
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")
+
+
+def deterministic_xla_flags(flags: str, has_cuda: bool) -> str:
+  """``flags`` plus XLA's deterministic GPU flags when CUDA is present (each once)."""
+  if not has_cuda:
+    return flags
+  add = [f for f in fingerprint.DETERMINISTIC_GPU_FLAGS if f.split("=")[0] not in flags]
+  return " ".join([flags, *add]).strip()
+
+
+def set_deterministic_flags() -> None:
+  """Sets XLA_FLAGS for deterministic GPU replay; call before JAX starts a backend.
+
+  Recorded in the proof's environment fingerprint, so a prover and a verifier
+  that both start through these CLIs agree on them.
+  """
+  import importlib.util
+  import os
+
+  has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
+  os.environ["XLA_FLAGS"] = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda)

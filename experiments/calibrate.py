@@ -36,6 +36,7 @@ def run(proof_dir: str, segments: int = 16, margin: float = 10.0, chunk: int = 1
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
+  build.set_deterministic_flags()  # before JAX starts a backend
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "calibration.json")
   try:
     record = run(_PROOF.value, _SEGMENTS.value, _MARGIN.value, _CHUNK.value, _DEVICES.value)

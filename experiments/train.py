@@ -58,6 +58,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every save at INFO.
+  build.set_deterministic_flags()  # before JAX starts a backend
   try:
     summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty())
   except (build.ConfigError, proof.ProofError, recorder.ProofExistsError) as e:

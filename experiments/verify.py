@@ -143,6 +143,7 @@ def exit_status(verdict: verify_lib.Verdict) -> int:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore at INFO.
+  build.set_deterministic_flags()  # before JAX starts a backend
   try:
     tol = tolerance_from(_CALIBRATION.value, _DELTA.value) if _MODE.value == "tolerance" else None
     if _MODE.value == "exact" and (_CALIBRATION.value or _DELTA.value):

@@ -180,3 +180,13 @@ def test_dropout_key_changes_every_step_and_replays(runner):
   assert len(set(losses.tolist())) == 3, losses
   _, again = segment.run(state, (x, y), training.derive_keys(0).step)
   np.testing.assert_array_equal(np.asarray(again["loss"]), losses)
+
+
+def test_deterministic_gpu_flags_are_added_once_and_only_with_cuda():
+  from experiments import build
+
+  assert build.deterministic_xla_flags("--xla_foo=1", has_cuda=False) == "--xla_foo=1"
+  flags = build.deterministic_xla_flags("--xla_foo=1", has_cuda=True)
+  assert flags == "--xla_foo=1 --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
+  assert build.deterministic_xla_flags(flags, has_cuda=True) == flags
+  assert "--xla_gpu_autotune_level=2" in build.deterministic_xla_flags("--xla_gpu_autotune_level=2", True)
