@@ -74,19 +74,22 @@ def test_flipped_byte_in_a_checkpoint_array(honest, copy_of):
   _check_rejected_by(_verify(p), "integrity", "checkpoint 8")
 
 
+def _swap_index_rows(p: str, a: int, b: int) -> np.ndarray:
+  log = np.load(os.path.join(p, proof.INDICES), allow_pickle=False).copy()
+  log[[a, b]] = log[[b, a]]
+  np.save(os.path.join(p, proof.INDICES), log, allow_pickle=False)
+  return log
+
+
 def test_swapped_index_rows_unsealed(honest, copy_of):
   p = copy_of(honest)
-  log = np.load(os.path.join(p, proof.INDICES), allow_pickle=False).copy()
-  log[[2, 5]] = log[[5, 2]]
-  np.save(os.path.join(p, proof.INDICES), log, allow_pickle=False)
+  _swap_index_rows(p, 2, 5)
   _check_rejected_by(_verify(p), "integrity", "indices.npy")
 
 
 def test_swapped_index_rows_resealed(honest, copy_of):
   p = copy_of(honest)
-  log = np.load(os.path.join(p, proof.INDICES), allow_pickle=False).copy()
-  log[[2, 5]] = log[[5, 2]]
-  np.save(os.path.join(p, proof.INDICES), log, allow_pickle=False)
+  log = _swap_index_rows(p, 2, 5)
   reseal(p, lambda b: b["indices"].update(sha256=proof.leaf_digest("indices", log)))
   _check_rejected_by(_verify(p), "data order", "first step 2")
 
