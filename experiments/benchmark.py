@@ -34,6 +34,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import build
+
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config to benchmark.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
@@ -204,8 +206,6 @@ def table(result: dict) -> str:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  from experiments import build
-
   build.set_deterministic_flags()  # before JAX starts a backend
   if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts a backend
     os.environ["XLA_FLAGS"] = (
@@ -231,4 +231,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=build.parse_flags)

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import optax
 
-from pol_jax import data, fingerprint, recorder, training
-from pol_jax.models import cnn, mlp
+from pol_jax import augment, data, fingerprint, recorder, training
+from pol_jax.models import cnn, mlp, resnet
 
-DATASETS = ("digits",)
-MODELS = ("mlp", "cnn")
+DATASETS = ("digits", *data.TFDS_DATASETS)
+MODELS = ("mlp", "cnn", *(n for n in resnet.VARIANTS))
+AUGMENTATIONS = ("none", "crop_flip")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 
@@ -56,8 +57,19 @@ def _positive_ints(config, field: str) -> tuple[int, ...]:
 
 
 def dataset(config, split: str = "train") -> data.Dataset:
-  _choice(config, "dataset", DATASETS)
-  return data.load_digits(split)
+  """The dataset a config names (``config.data_dir`` for TFDS data)."""
+  name = _choice(config, "dataset", DATASETS)
+  if name == "digits":
+    return data.load_digits(split)
+  data_dir = config.get("data_dir") or None
+  try:
+    return data.load_tfds(name, split, data_dir)
+  except data.DataUnavailable as e:
+    raise ConfigError("dataset", str(e)) from None
+
+
+def _num_classes(config) -> int:
+  return data.TFDS_DATASETS.get(config.dataset, 10)
 
 
 def plan(config) -> recorder.Plan:
@@ -78,8 +90,10 @@ def plan(config) -> recorder.Plan:
 
 def _model(config, ds: data.Dataset):
   name = _choice(config, "model", MODELS)
-  num_classes = int(ds.labels.max()) + 1
-  scale = 1.0 / 16.0  # digits: 17 grey levels
+  num_classes = _num_classes(config)
+  scale = 1.0 / 16.0 if config.dataset == "digits" else 1.0 / 255.0
+  if name in resnet.VARIANTS:
+    return resnet.build(name, in_channels=ds.inputs.shape[-1], num_classes=num_classes, input_scale=scale)
   dropout = _get(config, "dropout", float)
   if not 0.0 <= dropout < 1.0:
     raise ConfigError("dropout", f"expected 0 <= dropout < 1, got {dropout}")
@@ -126,7 +140,10 @@ def program(config, ds: data.Dataset) -> training.Program:
     params, model_state = init_fn(key)
     return training.init_state(params, tx, model_state)
 
-  return training.Program(init=init, step=training.make_step(apply_fn, training.cross_entropy, tx))
+  augmentation = _choice(config, "augment", AUGMENTATIONS) if "augment" in config else "none"
+  augment_fn = augment.crop_and_flip if augmentation == "crop_flip" else None
+  step = training.make_step(apply_fn, training.cross_entropy, tx, augment=augment_fn)
+  return training.Program(init=init, step=step)
 
 
 def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: int = 512) -> float:
@@ -186,3 +203,27 @@ def set_deterministic_flags() -> None:
 
   has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
   os.environ["XLA_FLAGS"] = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error and exit status 2 for a mistyped flag.
+
+  Used as ``app.run(main, flags_parser=build.parse_flags)``: a bad value
+  (``--config.learning_rate=abc``) or an unknown config field
+  (``--config.lr=0.1``) fails before anything runs, naming the flag.
+  """
+  import sys
+
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    field = str(e).strip("\"'")
+    culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + field)), f"--config.{field}")
+    message = f"{culprit}: the config has no field {field!r}"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

@@ -105,3 +105,41 @@ def load_digits(split: str = "train") -> Dataset:
   cut = 1437
   part = slice(0, cut) if split == "train" else slice(cut, None)
   return Dataset(f"sklearn/digits:{split}", inputs[part], labels[part])
+
+
+class DataUnavailable(Exception):
+  """A dataset is not installed or prepared here; the message says how to get it."""
+
+
+TFDS_DATASETS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+
+
+def load_tfds(name: str, split: str = "train", data_dir: str | None = None) -> Dataset:
+  """A TFDS dataset read by index through ``tfds.data_source`` (ArrayRecord, no TensorFlow).
+
+  The whole split is read into memory once (CIFAR-10's training split is 150 MB);
+  digests are then taken over each example's stored pixel bytes and label.
+  The name recorded in a proof is ``tfds/<name>:<version>:<split>``.
+
+  Raises:
+    DataUnavailable: tensorflow-datasets is not installed, or the dataset is
+      not prepared in ``data_dir``; nothing is downloaded.
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataUnavailable("tensorflow-datasets is not installed: pip install 'pol-jax[tfds]'") from None
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # TFDS raises several kinds for data that is not there.
+    where = data_dir or "~/tensorflow_datasets"
+    raise DataUnavailable(
+      f"TFDS dataset {name!r} (split {split!r}) is not prepared in {where} ({type(e).__name__}); on a machine with "
+      f"internet run: pip install tensorflow tensorflow-datasets && tfds build {name} --data_dir={where} "
+      "--file_format=array_record, then copy that directory here and pass --config.data_dir"
+    ) from None
+  version = tfds.builder(name, data_dir=data_dir).info.version
+  records = [source[i] for i in range(len(source))]
+  inputs = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+  labels = np.asarray([int(r["label"]) for r in records], np.int32)
+  return Dataset(f"tfds/{name}:{version}:{split}", inputs, labels)

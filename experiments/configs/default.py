@@ -16,8 +16,10 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.dataset = "digits"
-  c.model = "cnn"  # cnn | mlp
+  c.dataset = "digits"  # digits (offline) | cifar10 | cifar100 | mnist | fashion_mnist (TFDS)
+  c.data_dir = ""  # TFDS data directory ("" = TFDS's default)
+  c.model = "cnn"  # cnn | mlp | resnet20/32/44/56/110 | resnet18 | resnet50 | tiny_<resnet>
+  c.augment = "none"  # none | crop_flip (random 4-pixel crop and horizontal flip, in the step)
   c.widths = (16, 32)  # cnn: channels per block (stride 2 from the second)
   c.features = (128,)  # mlp: hidden layer sizes
   c.dropout = 0.1

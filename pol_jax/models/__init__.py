@@ -6,7 +6,7 @@ train, key)`` returns ``(outputs, new_model_state)``. No model uses max-pool:
 its GPU backward has no deterministic kernel.
 """
 
-from pol_jax.models import cnn, mlp
+from pol_jax.models import cnn, mlp, resnet
 from pol_jax.models._functional import functional
 
-__all__ = ["cnn", "functional", "mlp"]
+__all__ = ["cnn", "functional", "mlp", "resnet"]
