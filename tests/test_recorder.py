@@ -114,7 +114,7 @@ def test_train_cli_prints_steps_size_root_and_accuracy(tmp_path):
 @pytest.mark.parametrize(
   "flag, words",
   [
-    ("--config.model=resnet9000", "config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+    ("--config.model=resnet9000", "config.model: unknown model 'resnet9000' (known: mlp, cnn, resnet20"),
     ("--config.k=0", "config.k: Expected 1 <= k <= steps=12, got k=0."),
     ("--config.runner=eager", "config.runner: unknown runner 'eager' (known: scan, loop)"),
   ],

@@ -195,7 +195,7 @@ def test_partial_proof_is_never_accepted(honest, copy_of):
     ("missing", "not found"),
     ("unparseable", "manifest.json: json: does not parse"),
     ("schema", "manifest.json: schema: proof schema 'pol-jax/proof/v0' is not supported"),
-    ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn)"),
+    ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn, resnet20"),
     ("steps", "manifest.json: steps: expected an integer"),
     ("truncated", "indices.npy"),
   ],
