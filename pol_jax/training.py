@@ -227,5 +227,11 @@ def make_batched_segment(step: StepFn, kind: str) -> Segment:
 
 
 def to_host(tree: PyTree) -> PyTree:
-  """Copies a pytree of arrays to host NumPy arrays."""
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  """Copies a pytree of arrays to host NumPy arrays, with JAX's dtypes.
+
+  Python scalars become arrays of the dtype JAX gives them (``int32`` for a
+  step counter without x64), so a state built on the host (Flax's
+  ``TrainState.create`` starts at ``step=0``) has the same leaf dtypes as the
+  states the compiled step returns.
+  """
+  return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(jnp.asarray, tree)))
