@@ -344,9 +344,6 @@ class Writer:
     self._manager.save(step, args=args, force=True)
     return digest_json(meta)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
