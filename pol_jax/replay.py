@@ -42,7 +42,9 @@ class SegmentResult:
   start: int
   end: int
   match: bool
-  mismatch: str | None
+  differing: int
+  """How many state leaves differ from the recorded end (by digest)."""
+  first_differing: str | None
   distance: dict[str, float]
   update: dict[str, float]
   seconds: float
@@ -51,6 +53,12 @@ class SegmentResult:
   """Tolerance mode: every metric within its delta (None in exact mode)."""
   error: str | None = None
   """A checkpoint this segment needs failed its integrity check (not replayed)."""
+  error_step: int | None = None
+  """The step of that checkpoint."""
+
+  @property
+  def mismatch(self) -> str | None:
+    return f"{self.differing} leaves differ, first {self.first_differing}" if self.differing else None
 
   @property
   def normalised(self) -> dict[str, float]:
@@ -151,9 +159,9 @@ def _restore_once(job: Job, group, cache: dict) -> dict:
 
 
 def _unusable(index, start, end, cache) -> SegmentResult:
-  error = cache[start] if isinstance(cache[start], str) else cache[end]
+  step = start if isinstance(cache[start], str) else end
   nan = {m: math.nan for m in distances.METRICS}
-  return SegmentResult(index, start, end, False, None, dict(nan), dict(nan), 0.0, error=error)
+  return SegmentResult(index, start, end, False, 0, None, dict(nan), dict(nan), 0.0, error=cache[step], error_step=step)
 
 
 def replay_batched(
@@ -252,7 +260,8 @@ def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -
     start=start,
     end=end,
     match=not bad,
-    mismatch=f"{len(bad)} leaves differ, first {bad[0]}" if bad else None,
+    differing=len(bad),
+    first_differing=bad[0] if bad else None,
     distance=distances.distances(replayed.params, recorded.params),
     update=distances.distances(begin.params, recorded.params),
     seconds=seconds,
@@ -274,12 +283,10 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
   rows = -(-total // jax.process_count())
   table = np.full((rows, _FIELDS), np.nan)
   for r, res in enumerate(results):
-    count, first = 0, -1
     if res.error:
-      count, first = -1, int(res.error.split(":")[0].split()[-1]) if res.error.startswith("checkpoint ") else -1
-    elif res.mismatch:
-      count = int(res.mismatch.split()[0])
-      first = leaf_paths.index(res.mismatch.rsplit("first ", 1)[1])
+      count, first = -1, res.error_step
+    else:
+      count, first = res.differing, leaf_paths.index(res.first_differing) if res.differing else -1
     table[r] = [
       res.index,
       res.start,
@@ -305,8 +312,10 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
           start=int(values[1]),
           end=int(values[2]),
           match=bool(values[3]),
-          mismatch=f"{count} leaves differ, first {leaf_paths[first]}" if count > 0 else None,
+          differing=max(count, 0),
+          first_differing=leaf_paths[first] if count > 0 else None,
           error=(f"checkpoint {first}: fails its integrity check (found by process {process})" if count < 0 else None),
+          error_step=first if count < 0 else None,
           distance=dict(zip(distances.METRICS, map(float, values[6 : 6 + n]), strict=True)),
           update=dict(zip(distances.METRICS, map(float, values[6 + n : 6 + 2 * n]), strict=True)),
           seconds=float(values[-1]),

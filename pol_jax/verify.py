@@ -52,7 +52,9 @@ class Verdict:
       "num_segments": self.num_segments,
       "tolerance": self.tolerance,
       "checks": [dataclasses.asdict(c) for c in self.checks],
-      "segments": [{**dataclasses.asdict(s), "normalised": s.normalised} for s in self.segments],
+      "segments": [
+        {**dataclasses.asdict(s), "mismatch": s.mismatch, "normalised": s.normalised} for s in self.segments
+      ],
     }
 
   def summary(self) -> str:

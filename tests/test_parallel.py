@@ -87,7 +87,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _verify_on_two_processes(path: str, report_dir) -> list[subprocess.CompletedProcess]:
+def _verify_on_two_processes(path: str, report_dir, *extra: str) -> list[subprocess.CompletedProcess]:
   port = _free_port()
   procs = [
     subprocess.Popen(
@@ -130,3 +130,18 @@ def test_two_process_distributed_verification(eight_segments, tmp_path):
   for r in tampered:
     assert r.returncode == 1, r.stdout + r.stderr[-2000:]
     assert "REJECTED by the replay check: segment 3 (steps 12-16)" in r.stdout, r.stdout
+
+
+def test_two_process_verification_reports_a_damaged_checkpoint_found_by_one_process(eight_segments, tmp_path):
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(eight_segments["mlp"], damaged)
+  data_dir = os.path.join(damaged, proof.CHECKPOINTS, "20", "state", "ocdbt.process_0", "d")
+  name = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
+  raw = bytearray(open(os.path.join(data_dir, name), "rb").read())
+  raw[len(raw) // 2] ^= 0x01
+  open(os.path.join(data_dir, name), "wb").write(bytes(raw))
+  # Sampled integrity: only the process replaying segments 4 (16-20, on process 0) and 5 (20-24,
+  # on process 1) reads checkpoint 20; the gathered verdict names it on both.
+  for r in _verify_on_two_processes(damaged, tmp_path, "--integrity=sampled"):
+    assert r.returncode == 1, r.stdout + r.stderr[-2000:]
+    assert "REJECTED by the integrity check: checkpoint 20" in r.stdout, r.stdout
