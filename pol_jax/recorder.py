@@ -248,11 +248,12 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
   done = [s for s in writer.completed_steps() if s in wanted]
   if not done:
     return state0
-  for step in done:
-    checkpoints[str(step)] = proof.digest_json(proof.read_meta(proof_dir, step, None))
+  metas = {step: proof.read_meta(proof_dir, step, None) for step in done}
+  for step, meta in metas.items():
+    checkpoints[str(step)] = proof.digest_json(meta)
   if done != sorted(wanted)[: len(done)]:
     raise proof.ProofError(proof.RUN, "checkpoints", f"the partial proof in {proof_dir} has gaps: steps {done}")
-  if proof.read_meta(proof_dir, 0, None)["leaves"] != proof.leaf_digests(state0):
+  if metas[0]["leaves"] != proof.leaf_digests(state0):
     raise proof.ProofError(
       proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init"
     )

@@ -132,6 +132,13 @@ def _splice(p: str, source: str, step: int) -> None:
   shutil.copytree(os.path.join(source, proof.CHECKPOINTS, str(step)), os.path.join(p, proof.CHECKPOINTS, str(step)))
 
 
+def _splice_resealed(p: str, source: str, step: int) -> None:
+  """Splices ``source``'s checkpoint in and records its digest, as a forger would."""
+  _splice(p, source, step)
+  spliced = load_manifest(source)["checkpoints"][str(step)]
+  reseal(p, lambda b: b["checkpoints"].update({str(step): spliced}))
+
+
 def test_spliced_checkpoint_unsealed(honest, other_seed, copy_of):
   p = copy_of(honest)
   _splice(p, other_seed, 8)
@@ -140,17 +147,13 @@ def test_spliced_checkpoint_unsealed(honest, other_seed, copy_of):
 
 def test_spliced_checkpoint_resealed(honest, other_seed, copy_of):
   p = copy_of(honest)
-  _splice(p, other_seed, 8)
-  spliced = load_manifest(other_seed)["checkpoints"]["8"]
-  reseal(p, lambda b: b["checkpoints"].update({"8": spliced}))
+  _splice_resealed(p, other_seed, 8)
   _check_rejected_by(_verify(p), "replay", "segment 1 (steps 4-8)")
 
 
 def test_initial_state_not_derived_from_the_seed(honest, other_seed, copy_of):
   p = copy_of(honest)
-  _splice(p, other_seed, 0)
-  spliced = load_manifest(other_seed)["checkpoints"]["0"]
-  reseal(p, lambda b: b["checkpoints"].update({"0": spliced}))
+  _splice_resealed(p, other_seed, 0)
   _check_rejected_by(_verify(p), "init", "not the seed's initialisation")
 
 
