@@ -10,12 +10,11 @@ import os
 import sys
 import time
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import build
-from pol_jax import proof, recorder, training
+from pol_jax import proof, recorder
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (and :arg).")
@@ -42,8 +41,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   with bar:
     manifest = recorder.record(proof_dir, program, train, plan, config=config.to_dict(), on_segment=on_segment)
   seconds = time.perf_counter() - t0
-  template = jax.eval_shape(program.init, training.derive_keys(plan.seed).init)
-  final, _ = proof.restore(proof_dir, plan.steps, template, manifest["checkpoints"][str(plan.steps)])
+  final = recorder.final_state(proof_dir, program, manifest)
   return {
     "proof": proof_dir,
     "root": manifest["root"],

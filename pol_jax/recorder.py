@@ -179,6 +179,18 @@ def record(
   return manifest
 
 
+def final_state(proof_dir: str, program: training.Program, manifest: dict) -> training.PyTree:
+  """The final state of a recorded run, restored from its proof and checked.
+
+  ``manifest`` is what :func:`record` returned (or the proof's manifest); the
+  state's leaves are checked against the digests it lists.
+  """
+  template = jax.eval_shape(program.init, training.derive_keys(manifest["seed"]).init)
+  steps = manifest["steps"]
+  state, _ = proof.restore(proof_dir, steps, template, manifest["checkpoints"][str(steps)])
+  return state
+
+
 class _Saver:
   """Copies, hashes and saves recorded states in order, on a worker thread.
 

@@ -6,9 +6,9 @@ import importlib.util
 import os
 
 import optax
-from conftest import ROOT
+from conftest import ROOT, load_manifest
 
-from pol_jax import data, training, verify
+from pol_jax import data, integrations, proof, recorder, training, verify
 
 
 def _example(name: str):
@@ -28,3 +28,35 @@ def test_linen_train_state_example_records_and_verifies(tmp_path):
   other = training.Program(example.init, example.train_step)
   rejected = verify.verify(str(tmp_path / "proof"), other, data.load_digits("train"), strategy="all")
   assert [c.name for c in rejected.failed] == ["program"], rejected.table()
+
+
+def test_nnx_optimizer_example_records_and_verifies(tmp_path):
+  example = _example("nnx_optimizer")
+  verdict = example.main(str(tmp_path))
+  assert verdict.accepted, verdict.table()
+  assert len(verdict.segments) == 6 and all(s.match for s in verdict.segments)
+  # The proof holds the whole NNX state: BatchNorm statistics and the optimizer's moments and step.
+  manifest = load_manifest(tmp_path / "proof")
+  meta = proof.read_meta(str(tmp_path / "proof"), 120, manifest["checkpoints"]["120"])
+  leaves = set(meta["leaves"])
+  assert {"rest/0/bn/mean", "rest/0/bn/var", "rest/1/step"} <= leaves, sorted(leaves)
+  assert any(p.startswith("rest/1/opt_state/") for p in leaves), sorted(leaves)
+  # The trained model comes back as an NNX module holding the recorded final state.
+  program = integrations.nnx_program(example.create, example.train_step)
+  model, optimizer = program.objects(recorder.final_state(str(tmp_path / "proof"), program, manifest))
+  assert int(optimizer.step[...]) == 120
+  # A verifier whose optimizer uses another learning rate is caught before any replay.
+  example.optax = _OtherLearningRate()
+  other = integrations.nnx_program(example.create, example.train_step)
+  rejected = verify.verify(str(tmp_path / "proof"), other, data.load_digits("train"), strategy="all")
+  assert [c.name for c in rejected.failed] == ["program"], rejected.table()
+
+
+class _OtherLearningRate:
+  """Stands in for ``optax`` in the example module: ``adamw`` with another learning rate."""
+
+  def __getattr__(self, name):
+    return getattr(optax, name)
+
+  def adamw(self, learning_rate, **kwargs):
+    return optax.adamw(learning_rate * 1.5, **kwargs)
