@@ -15,6 +15,9 @@ of each repeat run back to back, so machine noise hits all of them alike):
 * proof bytes per training step, and the verifier's peak resident memory
   (``experiments.verify --strategy=all`` in a child process).
 
+``--step_time=N`` only times N training steps of the config (for the paper's
+ResNets on a machine without CIFAR: random images of the same shape).
+
 On CPU, ``--devices=N`` (default 2) makes XLA expose N host devices; it is set
 before JAX starts, for the prover and the verifiers alike.
 """
@@ -37,12 +40,6 @@ from ml_collections import config_flags
 from experiments import build
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config to benchmark.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
-_DEVICES = flags.DEFINE_integer("devices", 2, "Devices for parallel replay (CPU: forced host devices).", lower_bound=1)
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
-_SEGMENTS = flags.DEFINE_integer("segments", 8, "n for the uniform and fiat-shamir strategies.", lower_bound=1)
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 
 
 def _plain_training(config, train, plan) -> float:
@@ -176,6 +173,77 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
   }
 
 
+SHAPES = {
+  "digits": (8, 8, 1),
+  "mnist": (28, 28, 1),
+  "fashion_mnist": (28, 28, 1),
+  "cifar10": (32, 32, 3),
+  "cifar100": (32, 32, 3),
+}
+
+
+def step_time(config, steps: int = 10) -> dict:
+  """Median seconds per training step of a config, on its data or on random images of its shape.
+
+  Times ``steps`` steps after two warm-up steps (compilation), each synced
+  with ``block_until_ready``: one jitted step for the ``loop`` runner, one
+  ``lax.scan`` over ``steps`` batches for ``scan`` (its time divided by
+  ``steps``). When the config's TFDS data is not prepared here, random
+  uint8 images of the dataset's shape stand in: a step's time does not
+  depend on the pixel values. No proof is written.
+  """
+  import jax
+  import numpy as np
+
+  from pol_jax import data, sampling, training
+
+  try:
+    train = build.dataset(config, "train")
+    source = train.name
+  except build.ConfigError:
+    shape = SHAPES[config.dataset]
+    rng = np.random.default_rng(0)
+    n = max(config.batch_size * 4, 512)
+    classes = data.TFDS_DATASETS.get(config.dataset, 10)
+    train = data.Dataset(
+      "synthetic", rng.integers(0, 256, (n, *shape), np.uint8), rng.integers(0, classes, n).astype(np.int64)
+    )
+    source = f"random uint8 images {shape} ({config.dataset} is not prepared here)"
+  plan = build.plan(config)
+  program = build.program(config, train)
+  keys = training.derive_keys(plan.seed)
+  state = program.init(keys.init)
+  log = sampling.index_log(keys.order, len(train), plan.batch_size, steps + 2)
+  segment = training.make_segment(program.step, plan.runner)
+  times = []
+  if plan.runner == "loop":
+    for i in range(steps + 2):
+      batch = train.batch(log[i])
+      t0 = time.perf_counter()
+      state, _ = segment.compiled(state, batch, keys.step)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t0)
+    times = times[2:]
+  else:
+    batches = train.batch(log[:steps])
+    for _ in range(3):
+      t0 = time.perf_counter()
+      out, _ = segment.run(state, batches, keys.step)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / steps)
+    times = times[1:]
+  return {
+    "model": config.model,
+    "runner": plan.runner,
+    "batch_size": plan.batch_size,
+    "augment": config.get("augment", "none"),
+    "data": source,
+    "steps_timed": steps,
+    "median_step_seconds": statistics.median(times),
+    "step_seconds": times,
+  }
+
+
 def table(result: dict) -> str:
   c = result["config"]
   width = f"widths {tuple(c['widths'])}" if c["model"] == "cnn" else f"features {tuple(c['features'])}"
@@ -214,6 +282,16 @@ def main(argv) -> None:
   from pol_jax import fingerprint
 
   try:
+    if _STEP_TIME.value:
+      result = step_time(_CONFIG.value, _STEP_TIME.value)
+      print(
+        f"{result['model']}, {result['runner']} runner, batch {result['batch_size']}, augment {result['augment']}, "
+        f"on {result['data']}: {result['median_step_seconds']:.3f} s per step (median of {result['steps_timed']})"
+      )
+      if _OUT.value:
+        with open(_OUT.value, "w") as f:
+          json.dump(result, f, indent=1)
+      return
     result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value)
   except build.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -231,4 +309,20 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module runs as a program, so the experiments modules can be
+  # imported together as libraries (the notebook does).
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config to benchmark.")
+  _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
+  _DEVICES = flags.DEFINE_integer(
+    "devices", 2, "Devices for parallel replay (CPU: forced host devices).", lower_bound=1
+  )
+  _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
+  _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for the uniform and fiat-shamir strategies.", lower_bound=1)
+  _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+  _STEP_TIME = flags.DEFINE_integer(
+    "step_time",
+    0,
+    "Only time this many training steps of the config (random images if its data is absent).",
+    lower_bound=0,
+  )
   app.run(main, flags_parser=build.parse_flags)

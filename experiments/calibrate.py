@@ -18,13 +18,6 @@ from experiments import build
 from pol_jax import distances, proof
 from pol_jax import verify as verify_lib
 
-_PROOF = flags.DEFINE_string("proof", None, "Proof directory (an honest proof).", required=True)
-_SEGMENTS = flags.DEFINE_integer("segments", 16, "Segments to measure.", lower_bound=1)
-_MARGIN = flags.DEFINE_float("margin", 10.0, "delta = noise x margin (at least the floor).", lower_bound=1.0)
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
-_DEVICES = flags.DEFINE_integer("devices", None, "Local devices to use (default: all).")
-_OUT = flags.DEFINE_string("out", None, "Where to write the calibration (default: beside the proof).")
-
 
 def run(proof_dir: str, segments: int = 16, margin: float = 10.0, chunk: int = 16, devices: int | None = None) -> dict:
   program, train = build.rebuild(proof_dir)
@@ -57,4 +50,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module runs as a program, so the experiments modules can be
+  # imported together as libraries (the notebook does).
+  _PROOF = flags.DEFINE_string("proof", None, "Proof directory (an honest proof).", required=True)
+  _SEGMENTS = flags.DEFINE_integer("segments", 16, "Segments to measure.", lower_bound=1)
+  _MARGIN = flags.DEFINE_float("margin", 10.0, "delta = noise x margin (at least the floor).", lower_bound=1.0)
+  _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
+  _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to use (default: all).")
+  _OUT = flags.DEFINE_string("out", None, "Where to write the calibration (default: beside the proof).")
   app.run(main, flags_parser=build.parse_flags)

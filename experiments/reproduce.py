@@ -33,12 +33,6 @@ from ml_collections import config_flags
 from experiments import build
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Where the proofs, the JSON and the PNG go.")
-_KS = flags.DEFINE_list("ks", None, "Checkpoint intervals k to record (default: k/2, k, 2k of the config).")
-_COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8", "16"], "Segments replayed, for the cost curve.")
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def _ints(values, field: str) -> list[int]:
@@ -51,7 +45,25 @@ def _ints(values, field: str) -> list[int]:
   return out
 
 
-def _segment_rows(exact, vmapped) -> list[dict]:
+def measure(proof_dir: str, program, train, chunk: int = 16) -> list[dict]:
+  """Replays every segment of an honest proof exactly and vmapped; one row per segment.
+
+  Each row has the segment's ``start`` and ``end``, the recorded ``update``,
+  and the ``exact_error`` and ``vmapped_error`` (l1, l2, linf, cosine over the
+  parameters) with whether each replay was bit for bit.
+
+  Raises:
+    RuntimeError: the proof does not verify exactly here (a bug to report:
+      an honest proof replayed in the prover's environment must).
+  """
+  from pol_jax import tolerance
+  from pol_jax import verify as verify_lib
+
+  exact = verify_lib.verify(proof_dir, program, train, strategy="all")
+  if not exact.accepted:
+    raise RuntimeError(f"the honest proof {proof_dir} did not verify exactly: {exact.summary()}")
+  loose = tolerance.Tolerance({"l2": 1e300}, source="reproduce: measurement only")
+  vmapped = verify_lib.verify(proof_dir, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=chunk)
   rows = []
   for e, v in zip(exact.segments, vmapped.segments, strict=True):
     rows.append(
@@ -89,15 +101,13 @@ def run(config, workdir: str, ks: list[int] | None = None, counts=(1, 2, 4, 8, 1
   """Records a proof per k and measures the reproduction analysis; returns the result dict."""
   from tqdm import tqdm
 
-  from pol_jax import fingerprint, proof, recorder, tolerance
-  from pol_jax import verify as verify_lib
+  from pol_jax import fingerprint, proof, recorder
 
   base_k = int(config.k)
   ks = sorted(set(ks or [max(1, base_k // 2), base_k, 2 * base_k]))
   if base_k not in ks:
     ks.append(base_k)
   train = build.dataset(config, "train")
-  loose = tolerance.Tolerance({"l2": 1e300}, source="reproduce: measurement only")
   result = {"config": config.to_dict(), "ks": ks, "per_k": {}, "environment": fingerprint.environment()}
   for k in tqdm(ks, desc="k", disable=not progress, leave=False):
     c = config.copy_and_resolve_references()
@@ -108,13 +118,7 @@ def run(config, workdir: str, ks: list[int] | None = None, counts=(1, 2, 4, 8, 1
     t0 = time.perf_counter()
     manifest = recorder.record(proof_dir, program, train, plan, config=c.to_dict())
     record_seconds = time.perf_counter() - t0
-    exact = verify_lib.verify(proof_dir, program, train, strategy="all")
-    if not exact.accepted:  # An honest proof replayed here must verify; anything else is a bug to report.
-      raise RuntimeError(f"the honest proof {proof_dir} did not verify exactly: {exact.summary()}")
-    vmapped = verify_lib.verify(
-      proof_dir, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=chunk
-    )
-    rows = _segment_rows(exact, vmapped)
+    rows = measure(proof_dir, program, train, chunk)
     result["per_k"][str(k)] = {
       "proof": proof_dir,
       "root": manifest["root"],
@@ -269,4 +273,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module runs as a program, so the experiments modules can be
+  # imported together as libraries (the notebook does).
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config.")
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Where the proofs, the JSON and the PNG go.")
+  _KS = flags.DEFINE_list("ks", None, "Checkpoint intervals k to record (default: k/2, k, 2k of the config).")
+  _COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8", "16"], "Segments replayed, for the cost curve.")
+  _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
+  _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
   app.run(main, flags_parser=build.parse_flags)

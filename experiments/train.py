@@ -17,8 +17,6 @@ from experiments import build
 from pol_jax import proof, recorder
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (and :arg).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
 
 
 def run(config, workdir: str, progress: bool = True) -> dict:
@@ -71,4 +69,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module runs as a program, so the experiments modules can be
+  # imported together as libraries (the notebook does).
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (and :arg).")
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
   app.run(main, flags_parser=build.parse_flags)

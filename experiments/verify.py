@@ -24,24 +24,6 @@ from experiments import build
 from pol_jax import challenge, proof, replay, tolerance
 from pol_jax import verify as verify_lib
 
-_PROOF = flags.DEFINE_string("proof", None, "Proof directory.", required=True)
-_STRATEGY = flags.DEFINE_enum("strategy", "fiat-shamir", challenge.STRATEGIES, "Which segments to replay.")
-_SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments to replay (uniform, fiat-shamir).", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform; default: drawn from the OS).")
-_Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q).", lower_bound=1)
-_REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
-_MODE = flags.DEFINE_enum("mode", "exact", verify_lib.MODES, "exact: digest equality; tolerance: within delta.")
-_CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta from experiments.calibrate.")
-_DELTA = flags.DEFINE_string("delta", None, "Tolerance mode: normalised delta, e.g. l2=1e-4,linf=1e-3.")
-_CHUNK = flags.DEFINE_integer("chunk", 64, "Tolerance mode: segments per vmapped call.")
-_DEVICES = flags.DEFINE_integer("devices", None, "Local devices to replay on (default: all).")
-_INTEGRITY = flags.DEFINE_enum(
-  "integrity", "full", ["full", "sampled"], "full: check every checkpoint's arrays; sampled: those replay uses."
-)
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes joined by jax.distributed.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
-
 
 def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Tolerance:
   if calibration and delta:
@@ -177,4 +159,23 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module runs as a program, so the experiments modules can be
+  # imported together as libraries (the notebook does).
+  _PROOF = flags.DEFINE_string("proof", None, "Proof directory.", required=True)
+  _STRATEGY = flags.DEFINE_enum("strategy", "fiat-shamir", challenge.STRATEGIES, "Which segments to replay.")
+  _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments to replay (uniform, fiat-shamir).", lower_bound=1)
+  _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform; default: drawn from the OS).")
+  _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q).", lower_bound=1)
+  _REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
+  _MODE = flags.DEFINE_enum("mode", "exact", verify_lib.MODES, "exact: digest equality; tolerance: within delta.")
+  _CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta from experiments.calibrate.")
+  _DELTA = flags.DEFINE_string("delta", None, "Tolerance mode: normalised delta, e.g. l2=1e-4,linf=1e-3.")
+  _CHUNK = flags.DEFINE_integer("chunk", 64, "Tolerance mode: segments per vmapped call.")
+  _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to replay on (default: all).")
+  _INTEGRITY = flags.DEFINE_enum(
+    "integrity", "full", ["full", "sampled"], "full: check every checkpoint's arrays; sampled: those replay uses."
+  )
+  _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")
+  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes joined by jax.distributed.", lower_bound=1)
+  _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
   app.run(main, flags_parser=build.parse_flags)

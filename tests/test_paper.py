@@ -115,3 +115,16 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, args, words):
   assert result.returncode == 2, result.stderr
   assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert not os.path.exists(tmp_path / "proof")
+
+
+def test_step_time_uses_random_images_of_the_shape_when_the_data_is_absent(tmp_path):
+  from experiments import benchmark
+
+  config = cifar10_resnet20.get_config("smoke")
+  config.model = "tiny_resnet20"
+  config.batch_size = 8
+  config.data_dir = str(tmp_path)  # holds no prepared cifar10
+  result = benchmark.step_time(config, steps=2)
+  assert "random uint8 images (32, 32, 3)" in result["data"] and "cifar10 is not prepared" in result["data"]
+  assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
+  assert result["runner"] == "loop" and result["augment"] == "crop_flip"
