@@ -7,6 +7,11 @@ honest segments where the verifier will look). ``top-q`` is the paper's: per
 epoch and per metric, the Q segments with the largest recorded update, united
 over the metrics; a prover knows in advance which segments it selects, which is
 what the blindfold attack exploits, so it is never our only check.
+
+``uniform`` and ``fiat-shamir`` always include the last segment
+(:func:`including_last`): it ends on the model the proof is about, so a proof
+whose last checkpoint was swapped for another model (a stolen one) is caught
+whatever the draw; the other n - 1 segments are drawn from the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ def fiat_shamir(num_segments: int, n: int, root: str) -> list[int]:
     if value < limit:
       chosen.add(value % num_segments)
   return sorted(chosen)
+
+
+def including_last(num_segments: int, n: int, draw) -> list[int]:
+  """The last segment and ``n - 1`` others chosen by ``draw(num_others, n - 1)``.
+
+  >>> including_last(10, 3, lambda count, m: list(range(m)))
+  [0, 1, 9]
+  >>> including_last(1, 8, lambda count, m: list(range(m)))
+  [0]
+  """
+  if n < 1:
+    return []
+  others = draw(num_segments - 1, n - 1) if num_segments > 1 and n > 1 else []
+  return sorted({*others, num_segments - 1})
 
 
 def top_q(update_sizes: dict[str, np.ndarray], epochs: np.ndarray, q: int) -> list[int]:

@@ -45,6 +45,7 @@ MAX_JSON_BYTES = 64 << 20
 MAX_STEPS = 1 << 31
 MAX_INDEX_ENTRIES = 1 << 31
 MAX_EXAMPLES = 1 << 31
+MAX_CHECKPOINTS = 1 << 20
 MAX_LEAF_BYTES = 16 << 30
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -271,7 +272,9 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
   _field(body, "config", dict, label)
   _bounded(body, "seed", 0, 2**63 - 1, label)
   steps = _bounded(body, "steps", 1, MAX_STEPS, label)
-  _bounded(body, "k", 1, steps, label)
+  k = _bounded(body, "k", 1, steps, label)
+  if -(-steps // k) + 1 > MAX_CHECKPOINTS:
+    raise ProofError(label, "k", f"steps / k = {-(-steps // k)} segments is over the {MAX_CHECKPOINTS} limit")
   batch = _bounded(body, "batch_size", 1, MAX_INDEX_ENTRIES, label)
   if steps * batch > MAX_INDEX_ENTRIES:
     raise ProofError(label, "steps", f"steps x batch_size = {steps * batch} is over the {MAX_INDEX_ENTRIES} limit")

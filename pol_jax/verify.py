@@ -126,6 +126,8 @@ def verify(
   tolerance: tolerance_lib.Tolerance | None = None,
   chunk: int = 64,
   integrity: str = "full",
+  init_check: str = "seed",
+  order_check: bool = True,
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
@@ -180,6 +182,12 @@ def verify(
       checkpoint's meta up front and the arrays of the checkpoints the chosen
       segments use as they are restored (faster; a damaged checkpoint that no
       chosen segment uses goes unnoticed, like any unsampled segment).
+    init_check: ``"seed"``: step 0 must equal the seed's initialisation, bit
+      for bit; ``"ks"``: the paper's statistical check (see :func:`ks_init`),
+      for the paper's verifier only: it accepts any init drawn from the right
+      distribution, which is what the infinitesimal-update attack exploits.
+    order_check: check that the index log is the seed's order (the paper's
+      verifier does not: its prover chooses the batches).
     on_segment: called with each ``replay.SegmentResult`` of this process.
 
   Raises:
@@ -199,6 +207,8 @@ def verify(
     raise ValueError(f"Expected integrity 'full' or 'sampled', got {integrity!r}.")
   if mode not in MODES:
     raise ValueError(f"Expected mode in {MODES}, got {mode!r}.")
+  if init_check not in ("seed", "ks"):
+    raise ValueError(f"Expected init_check 'seed' or 'ks', got {init_check!r}.")
   if mode == "tolerance" and tolerance is None:
     raise ValueError("Tolerance mode needs a tolerance: calibrate one (experiments.calibrate) or give delta.")
   replay.local_devices(devices)  # Refuse an impossible device count before any work.
@@ -276,23 +286,40 @@ def verify(
     checks["program"] = Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
 
   # 4. Init: the recorded step 0 is the state the seed derives.
-  recorded0 = proof.read_meta(proof_dir, 0, manifest["checkpoints"]["0"])["leaves"]
-  derived0 = proof.leaf_digests(template)
-  bad = [p for p in derived0 if recorded0.get(p) != derived0[p]]
-  checks["init"] = (
-    Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
-    if bad
-    else Check("init", True, f"step 0 equals init from seed {plan.seed}")
-  )
+  if init_check == "ks":
+    try:
+      state0, _ = proof.restore(proof_dir, 0, template, manifest["checkpoints"]["0"])
+    except proof.IntegrityError as e:
+      checks["integrity"] = Check("integrity", False, str(e))
+      return done()
+    p_min, leaf, tests = ks_init(state0.params, program.init(jax.random.key(KS_SEED)).params)
+    checks["init"] = Check(
+      "init",
+      p_min * tests >= KS_ALPHA,
+      f"KS test of step 0 against a fresh init, {tests} parameter leaves: smallest p = {p_min:.3g} ({leaf}); "
+      f"Holm-Bonferroni at alpha {KS_ALPHA} needs >= {KS_ALPHA / tests:.3g}",
+    )
+  else:
+    recorded0 = proof.read_meta(proof_dir, 0, manifest["checkpoints"]["0"])["leaves"]
+    derived0 = proof.leaf_digests(template)
+    bad = [p for p in derived0 if recorded0.get(p) != derived0[p]]
+    checks["init"] = (
+      Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
+      if bad
+      else Check("init", True, f"step 0 equals init from seed {plan.seed}")
+    )
 
   # 5. Data order: the index log is the seed-derived order.
-  expected = sampling.index_log(keys.order, size, plan.batch_size, plan.steps)
-  rows = np.flatnonzero((expected != log).any(axis=1))
-  checks["data order"] = (
-    Check("data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}")
-    if len(rows)
-    else Check("data order", True, f"all {plan.steps} batches follow the seed's order")
-  )
+  if order_check:
+    expected = sampling.index_log(keys.order, size, plan.batch_size, plan.steps)
+    rows = np.flatnonzero((expected != log).any(axis=1))
+    checks["data order"] = (
+      Check("data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}")
+      if len(rows)
+      else Check("data order", True, f"all {plan.steps} batches follow the seed's order")
+    )
+  else:
+    checks["data order"] = Check("data order", None, "not checked: the prover chose the batches (paper's verifier)")
 
   # Segment selection, then 6. data: the verifier's copy of what they use.
   chosen = _select(strategy, len(bounds), num_segments, seed, verdict.root, sizes, bounds, plan, size, q)
@@ -391,13 +418,74 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool):
   return sizes
 
 
+KS_SEED = 20210524
+"""The key of the fresh initialisation the KS init check compares with."""
+KS_ALPHA = 0.01
+"""The paper code's threshold on the KS p-values (here family-wise, Holm-Bonferroni)."""
+
+PAPER_TOLERANCE = tolerance_lib.Tolerance(
+  {"l1": 1000.0, "l2": 10.0, "linf": 0.1, "cosine": 0.001},
+  normalised=False,
+  source="the paper code's default deltas, raw distances",
+)
+
+
+def ks_init(params, fresh) -> tuple[float, str, int]:
+  """The paper's initialisation check: a two-sample KS test per parameter leaf.
+
+  Compares each leaf of ``params`` (a recorded step 0) with the same leaf of
+  ``fresh`` (an initialisation the verifier draws itself). A leaf the
+  initialiser sets to a constant (biases: zeros) must equal it.
+
+  Returns:
+    ``(smallest p-value, its leaf, number of leaves tested)``; the family is
+    rejected at level alpha when ``p * tests < alpha`` (Holm-Bonferroni).
+  """
+  from scipy import stats
+
+  results = []
+  fresh_leaves = dict(proof.flatten(fresh))
+  for names, leaf in proof.flatten(params):
+    a, b = np.ravel(np.asarray(leaf, np.float64)), np.ravel(np.asarray(fresh_leaves[names], np.float64))
+    if b.min() == b.max():
+      p = 1.0 if (a == b[0]).all() else 0.0
+    else:
+      p = float(stats.ks_2samp(a, b, method="asymp").pvalue)
+    results.append((p, proof.path_str(names)))
+  p, leaf = min(results)
+  return p, leaf, len(results)
+
+
+def paper(proof_dir: str, program: training.Program, dataset: data_lib.Dataset, *, q: int = 2, **kwargs) -> Verdict:
+  """The paper's verifier, for comparison: what the published attacks were built against.
+
+  Top-Q segments per epoch (``q``, the paper code's default 2), replayed with
+  the tolerance mode and the paper code's default raw deltas
+  (:data:`PAPER_TOLERANCE`), the KS initialisation check instead of the
+  seed's, and no check of the data order. Integrity, program and data
+  digests are still ours. Do not use it to accept proofs.
+  """
+  return verify(
+    proof_dir,
+    program,
+    dataset,
+    strategy="top-q",
+    q=q,
+    mode="tolerance",
+    tolerance=PAPER_TOLERANCE,
+    init_check="ks",
+    order_check=False,
+    **kwargs,
+  )
+
+
 def _select(strategy, count, n, seed, root, sizes, bounds, plan, size, q) -> list[int]:
   if strategy == "all":
     return challenge.all_segments(count)
   if strategy == "uniform":
-    return challenge.uniform(count, n, seed)
+    return challenge.including_last(count, n, lambda c, m: challenge.uniform(c, m, seed))
   if strategy == "fiat-shamir":
-    return challenge.fiat_shamir(count, n, root)
+    return challenge.including_last(count, n, lambda c, m: challenge.fiat_shamir(c, m, root))
   per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
   return challenge.top_q(sizes, np.array([start // per_epoch for start, _ in bounds]), q)
 

@@ -262,7 +262,7 @@ def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
   program = build.program(config, train)
   full = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1)
   assert [c.name for c in full.failed] == ["integrity"], full.table()
-  chosen = full.num_segments and verify_lib.challenge.fiat_shamir(3, 1, full.root)
+  chosen = verify_lib.challenge.including_last(3, 1, lambda c, m: verify_lib.challenge.fiat_shamir(c, m, full.root))
   sampled = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1, integrity="sampled")
   if 8 in {4 * chosen[0], 4 * chosen[0] + 4}:
     assert [c.name for c in sampled.failed] == ["integrity"], sampled.table()

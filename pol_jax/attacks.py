@@ -1,0 +1,114 @@
+"""Building blocks of the published spoofing attacks on Proof-of-Learning.
+
+These are the forger's tools, used by ``experiments.attack`` to show which
+verifier rejects which spoof. They write proofs in pol-jax's own layout, sealed
+with a self-computed root, as a forger who knows the format would: the point
+is that integrity alone proves nothing, and replay must decide.
+
+* :func:`write_proof` writes any sequence of states as a sealed proof.
+* :func:`rank_match` builds the infinitesimal-update attack's fake
+  initialisation: a genuine initialisation sample rearranged into the rank
+  order of the stolen weights, so a KS test sees a genuine sample.
+* :func:`interpolate` moves a pytree of floats part of the way to another.
+* :func:`reseal` edits a proof's manifest and recomputes its root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from pol_jax import data as data_lib
+from pol_jax import proof, recorder, training
+
+PyTree = Any
+
+
+def write_proof(
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  plan: recorder.Plan,
+  states: Iterable[PyTree],
+  log: np.ndarray,
+  config: dict,
+) -> dict:
+  """Writes ``states`` (step 0, every k steps, the end) as a sealed proof.
+
+  The manifest carries the environment and program digests of ``program``
+  (the declared one), the real data digests, and ``log`` as the index log.
+  Returns the manifest.
+  """
+  os.makedirs(proof_dir, exist_ok=True)
+  body, _ = recorder.start_body(program, dataset, plan, config)
+  digests = dataset.digests()
+  body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
+  writer = proof.Writer(proof_dir)
+  checkpoints = {}
+  try:
+    for state in states:
+      host = training.to_host(state)
+      checkpoints[str(int(host.step))] = writer.save(host, {})
+  finally:
+    writer.close()
+  expected = [str(s) for s in proof.checkpoint_steps(plan.k, plan.steps)]
+  if sorted(checkpoints, key=int) != expected:
+    raise ValueError(f"Expected states at steps {expected}, got {sorted(checkpoints, key=int)}.")
+  log = np.asarray(log, np.int32)
+  proof.write_npy_atomic(os.path.join(proof_dir, proof.INDICES), log)
+  proof.write_npy_atomic(os.path.join(proof_dir, proof.DATA_DIGESTS), digests)
+  body["checkpoints"] = checkpoints
+  body["indices"] = {"sha256": proof.leaf_digest("indices", log)}
+  body["data_digests"] = {"sha256": proof.leaf_digest("data_digests", digests)}
+  manifest = proof.seal(body)
+  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), manifest)
+  return manifest
+
+
+def rank_match(genuine: PyTree, target: PyTree) -> PyTree:
+  """``genuine``'s values per leaf, placed in the rank order of ``target``'s.
+
+  Each leaf of the result holds exactly the multiset of values of a genuine
+  initialisation (so a KS test against the initialiser cannot tell), while
+  its smallest value sits where ``target`` has its smallest, and so on: the
+  result is as close to ``target`` as such a sample can be.
+
+  >>> rank_match(np.array([1.0, 2.0, 3.0]), np.array([0.5, -1.0, 9.0]))
+  array([2., 1., 3.])
+  """
+
+  def one(g, t):
+    g, t = np.asarray(g), np.asarray(t)
+    out = np.empty(g.size, g.dtype)
+    out[np.argsort(t, axis=None, kind="stable")] = np.sort(g, axis=None)
+    return out.reshape(g.shape)
+
+  return jax.tree.map(one, genuine, target)
+
+
+def interpolate(a: PyTree, b: PyTree, fraction: float) -> PyTree:
+  """``a + fraction (b - a)`` for floating leaves; other leaves from ``b`` at 1, else ``a``."""
+
+  def one(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    if fraction >= 1.0:
+      return y
+    if not np.issubdtype(x.dtype, np.floating):
+      return x
+    return (x.astype(np.float64) + fraction * (y.astype(np.float64) - x.astype(np.float64))).astype(x.dtype)
+
+  return jax.tree.map(one, a, b)
+
+
+def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
+  """Edits the manifest body with ``edit(body)`` and recomputes the root."""
+  manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
+  body = {k: v for k, v in manifest.items() if k != "root"}
+  edit(body)
+  sealed = proof.seal(body)
+  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), sealed)
+  return sealed
