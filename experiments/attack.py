@@ -135,20 +135,20 @@ def blindfold_top_q(v: Victim, out: str, q: int = 2) -> dict:
   segment = training.make_segment(program.step, plan.runner)
   state = training.to_host(program.init(keys.init))
   bounds = [(s, min(s + k, plan.steps)) for s in range(0, plan.steps, k)]
-  honest = [i for i, (s, _) in enumerate(bounds) if (s % per_epoch) // k < q]
-  states, honest_steps = [state], 0
+  honest = {i for i, (s, _) in enumerate(bounds) if (s % per_epoch) // k < q}
+  states, honest_steps, left = [state], 0, len(bounds) - len(honest)
   for i, (s, e) in enumerate(bounds):
     if i in honest:
       state, _ = segment.run(state, v.train.batch(log[s:e]), keys.step)
       state = training.to_host(state)
       honest_steps += e - s
     else:
-      left = sum(1 for j in range(i, len(bounds)) if j not in honest)
       state = state.replace(
         step=np.int32(e),
         params=attacks.interpolate(state.params, v.stolen.params, 1.0 / left),
         model_state=attacks.interpolate(state.model_state, v.stolen.model_state, 1.0 / left),
       )
+      left -= 1
     states.append(state)
   attacks.write_proof(out, program, v.train, plan, states, log, config.to_dict())
   return {"segments": len(bounds), "honest_segments": len(honest), "honest_steps": honest_steps}
@@ -261,37 +261,18 @@ def tamper_splice(v: Victim, out: str) -> dict:
   steps = proof.checkpoint_steps(plan.k, plan.steps)
   step = steps[len(steps) // 2]
   state, _ = proof.restore(v.proof_dir, step, v.stolen, v.manifest["checkpoints"][str(step)])
-  state = state.replace(params=attacks.interpolate(state.params, v.stolen.params, 0.01))
-  scratch = out + ".splice"
-  writer = proof.Writer(scratch)
-  digest = writer.save(state, {})
-  writer.close()
-  target = os.path.join(out, proof.CHECKPOINTS, str(step))
-  shutil.rmtree(target)
-  shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, str(step)), target)
-  shutil.rmtree(scratch)
-  attacks.reseal(out, lambda b: b["checkpoints"].update({str(step): digest}))
+  attacks.replace_checkpoint(out, state.replace(params=attacks.interpolate(state.params, v.stolen.params, 0.01)))
   return {"spliced_step": step}
 
 
 def tamper_final(v: Victim, out: str) -> dict:
   """An honest proof of the attacker's own (other seed) run, its last checkpoint swapped for the stolen model."""
-  from pol_jax import attacks, proof, recorder
+  from pol_jax import attacks, recorder
 
   config = _declared(v, seed=v.config.seed + 3)
-  train = v.train
-  program = build.program(config, train)
-  manifest = recorder.record(out, program, train, build.plan(config), config=config.to_dict())
-  steps = manifest["steps"]
-  scratch = out + ".final"
-  writer = proof.Writer(scratch)
-  digest = writer.save(v.stolen, {})
-  writer.close()
-  target = os.path.join(out, proof.CHECKPOINTS, str(steps))
-  shutil.rmtree(target)
-  shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, str(steps)), target)
-  shutil.rmtree(scratch)
-  attacks.reseal(out, lambda b: b["checkpoints"].update({str(steps): digest}))
+  program = build.program(config, v.train)
+  manifest = recorder.record(out, program, v.train, build.plan(config), config=config.to_dict())
+  attacks.replace_checkpoint(out, v.stolen.replace(step=np.int32(manifest["steps"])))
   return {}
 
 

@@ -11,11 +11,13 @@ is that integrity alone proves nothing, and replay must decide.
   order of the stolen weights, so a KS test sees a genuine sample.
 * :func:`interpolate` moves a pytree of floats part of the way to another.
 * :func:`reseal` edits a proof's manifest and recomputes its root.
+* :func:`replace_checkpoint` swaps one recorded state for another and reseals.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -58,15 +60,7 @@ def write_proof(
   expected = [str(s) for s in proof.checkpoint_steps(plan.k, plan.steps)]
   if sorted(checkpoints, key=int) != expected:
     raise ValueError(f"Expected states at steps {expected}, got {sorted(checkpoints, key=int)}.")
-  log = np.asarray(log, np.int32)
-  proof.write_npy_atomic(os.path.join(proof_dir, proof.INDICES), log)
-  proof.write_npy_atomic(os.path.join(proof_dir, proof.DATA_DIGESTS), digests)
-  body["checkpoints"] = checkpoints
-  body["indices"] = {"sha256": proof.leaf_digest("indices", log)}
-  body["data_digests"] = {"sha256": proof.leaf_digest("data_digests", digests)}
-  manifest = proof.seal(body)
-  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), manifest)
-  return manifest
+  return recorder.finish(proof_dir, body, checkpoints, np.asarray(log, np.int32), digests)
 
 
 def rank_match(genuine: PyTree, target: PyTree) -> PyTree:
@@ -112,3 +106,19 @@ def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
   sealed = proof.seal(body)
   proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), sealed)
   return sealed
+
+
+def replace_checkpoint(proof_dir: str, state: PyTree) -> dict:
+  """Replaces the checkpoint at ``state.step`` by ``state`` (host arrays) and reseals."""
+  step = str(int(np.asarray(state.step)))
+  scratch = os.path.abspath(proof_dir) + ".replace"
+  writer = proof.Writer(scratch)
+  try:
+    digest = writer.save(state, {})
+  finally:
+    writer.close()
+  target = os.path.join(proof_dir, proof.CHECKPOINTS, step)
+  shutil.rmtree(target)
+  shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, step), target)
+  shutil.rmtree(scratch)
+  return reseal(proof_dir, lambda body: body["checkpoints"].update({step: digest}))

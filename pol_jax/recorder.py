@@ -168,14 +168,20 @@ def record(
   finally:
     writer.close()
 
+  manifest = finish(proof_dir, body, checkpoints, log, digests)
+  os.remove(os.path.join(proof_dir, proof.RUN))
+  return manifest
+
+
+def finish(proof_dir: str, body: dict, checkpoints: dict, log: np.ndarray, digests: np.ndarray) -> dict:
+  """Writes the index log and data digests, then the sealed manifest (last, atomically); returns it."""
   proof.write_npy_atomic(os.path.join(proof_dir, proof.INDICES), log)
   proof.write_npy_atomic(os.path.join(proof_dir, proof.DATA_DIGESTS), digests)
   body["checkpoints"] = checkpoints
   body["indices"] = {"sha256": proof.leaf_digest("indices", log)}
   body["data_digests"] = {"sha256": proof.leaf_digest("data_digests", digests)}
   manifest = proof.seal(body)
-  proof.write_json_atomic(manifest_path, manifest)
-  os.remove(os.path.join(proof_dir, proof.RUN))
+  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), manifest)
   return manifest
 
 

@@ -13,6 +13,7 @@ import pytest
 from experiments import build
 from experiments.configs import default
 from pol_jax import proof, recorder
+from pol_jax.attacks import reseal  # noqa: F401  (tests edit manifests as a forger would)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,14 +62,6 @@ def copy_of(tmp_path):
 def load_manifest(proof_dir: str) -> dict:
   with open(os.path.join(proof_dir, proof.MANIFEST)) as f:
     return json.load(f)
-
-
-def reseal(proof_dir: str, edit) -> None:
-  """Edits the manifest body with ``edit(body)`` and recomputes the root, as a forger would."""
-  manifest = load_manifest(proof_dir)
-  body = {k: v for k, v in manifest.items() if k != "root"}
-  edit(body)
-  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), proof.seal(body))
 
 
 def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
