@@ -7,13 +7,18 @@ Each attack starts from a victim: an honest run of ``--config`` recorded in
 ``WORKDIR/victim``, whose final model the attacker has "stolen". It writes a
 spoofed proof claiming that model (or, for tampering, an edited copy of the
 victim's proof) to ``WORKDIR/<attack>/proof``, and records its cost relative
-to the victim's honest training. Every spoof is then verified twice:
+to the victim's honest training. Every spoof is then verified by:
 
-* ours (the default): exact replay, seed-derived init and data order,
-  ``fiat-shamir`` sampling of ``--segments`` segments (always with the last),
-  and the same with every segment replayed (``all``);
+* ours (the default): exact replay, seed-derived init and data order, a
+  ``uniform`` draw of ``--segments`` segments (always with the last) from a
+  fresh verifier seed; since one draw is luck, the table shows the
+  probability that a draw catches the spoof, computed from which segments
+  fail to replay;
+* ours with a ``fiat-shamir`` draw from the proof's root (non-interactive,
+  and re-rollable: ``tamper-splice`` grinds it), and with ``all`` segments;
 * the paper's: tolerance replay with the paper code's default raw deltas,
-  top-Q (Q=2) per epoch, the KS initialisation check, no order check.
+  top-Q (Q=2) per epoch, the KS initialisation check, no order check, and
+  the prover's own data where it forged some.
 
 ``--all`` prints attack x verifier -> accepted / rejected, with the check that
 caught it and the attack's cost, and writes the table as JSON to ``--out``.
@@ -36,6 +41,8 @@ from ml_collections import config_flags
 from experiments import build
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+FORGED_DATA = "forged_data.npz"
+"""Beside a spoof's proof: the data an attacker presents as its own (adversarial-examples)."""
 
 
 @dataclasses.dataclass
@@ -192,6 +199,86 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
   return {"candidates_per_step": candidates, "steps_forged": plan.steps}
 
 
+def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: float = 0.5) -> dict:
+  """Zhang et al. (S&P 2022), their third attack: fabricated checkpoints, data perturbed to replay onto them.
+
+  The checkpoints are the seed's genuine initialisation linearly interpolated
+  to the stolen model over twice the victim's number of segments (at most 16)
+  of at most 10 steps: close enough together that the paper's deltas can
+  hold. Every step
+  gets its own batch: the real examples the seed's order gives that step,
+  perturbed by gradient matching (Adam on the inputs, minimising the squared
+  distance between the state the step lands on and the interpolated target).
+  The proof commits to the perturbed batches as its data (float32, one row
+  per step and batch position, under the real dataset's name), which is what
+  the paper's verifier, taking the prover's data, checks digests against. Our
+  verifier uses its own copy of the data.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from pol_jax import attacks, sampling, training
+  from pol_jax import data as data_lib
+
+  segments = min(16, 2 * (v.config.steps // v.config.k))
+  k = min(10, v.config.k)
+  config = _declared(v, k=k, steps=segments * k, schedule="constant")
+  plan = build.plan(config)
+  keys = training.derive_keys(config.seed)
+  source = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
+  inputs = v.train.inputs[source.ravel()].astype(np.float32)
+  labels = v.train.labels[source.ravel()]
+  log = np.arange(inputs.shape[0], dtype=np.int32).reshape(source.shape)
+  program = build.program(config, data_lib.Dataset(v.train.name, inputs, labels))
+  one = training.make_segment(program.step, "loop").compiled
+  start = training.to_host(program.init(keys.init))
+
+  def mismatch(x, state, y, target):
+    landed, _ = one(state, (x, y), keys.step)
+    sq = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), (landed.params, landed.model_state), target)
+    return sum(jax.tree.leaves(sq))
+
+  grad = jax.jit(jax.value_and_grad(mismatch))
+  adam = optax.adam(step_size)
+  state, states, before, after = start, [start], [], []
+  for i in range(segments):
+    fraction = (i + 1) / segments
+    goal = (
+      attacks.interpolate(start.params, v.stolen.params, fraction),
+      attacks.interpolate(start.model_state, v.stolen.model_state, fraction),
+    )
+    begin = (state.params, state.model_state)
+    for j in range(k):
+      rows = log[i * k + j]
+      target = jax.tree.map(lambda a, b, f=(j + 1) / k: a + f * (b - a), begin, goal)
+      x, y = jnp.asarray(inputs[rows]), labels[rows]
+      opt = adam.init(x)
+      for n in range(iterations + 1):
+        loss, g = grad(x, state, y, target)
+        if n == 0:
+          before.append(float(loss) ** 0.5)
+        if n == iterations:
+          after.append(float(loss) ** 0.5)
+          break
+        u, opt = adam.update(g, opt)
+        x = optax.apply_updates(x, u)
+      inputs[rows] = np.asarray(x)
+      state = training.to_host(one(state, (x, y), keys.step)[0])
+    state = state.replace(params=goal[0], model_state=goal[1])
+    states.append(state)
+  forged = data_lib.Dataset(v.train.name, inputs, labels)
+  attacks.write_proof(out, program, forged, plan, states, log, config.to_dict())
+  np.savez(os.path.join(os.path.dirname(out), FORGED_DATA), inputs=inputs, labels=labels)
+  return {
+    "segments": segments,
+    "steps": plan.steps,
+    "median_step_l2_before": float(np.median(before)),
+    "median_step_l2_after": float(np.median(after)),
+    "largest_input_change": float(np.abs(inputs - v.train.inputs[source.ravel()]).max()),
+  }
+
+
 def retrain_stolen(v: Victim, out: str) -> dict:
   """Fine-tunes the stolen model for two segments and presents an honest proof of that only."""
   from pol_jax import recorder, training
@@ -252,17 +339,34 @@ def tamper_substitute(v: Victim, out: str) -> dict:
   return {}
 
 
-def tamper_splice(v: Victim, out: str) -> dict:
-  """A middle checkpoint replaced by a perturbed copy (resealed); caught only if sampled."""
-  from pol_jax import attacks, proof, recorder
+def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
+  """A middle checkpoint replaced by a perturbed copy and resealed, re-rolled until Fiat-Shamir misses it.
+
+  The two segments around the spliced checkpoint no longer replay. The root,
+  and so a Fiat-Shamir draw of ``n`` segments, changes with every perturbation,
+  so the forger perturbs again until the draw misses both: this is the
+  grinding a non-interactive draw allows. A uniform draw from a verifier
+  seed chosen after the proof is handed over catches the splice with
+  probability ``1 - challenge.pass_probability``; ``all`` always does.
+  """
+  from pol_jax import attacks, challenge, proof, recorder
 
   _tampered_copy(v, out)
   plan = recorder.Plan.from_manifest(v.manifest)
   steps = proof.checkpoint_steps(plan.k, plan.steps)
-  step = steps[len(steps) // 2]
-  state, _ = proof.restore(v.proof_dir, step, v.stolen, v.manifest["checkpoints"][str(step)])
-  attacks.replace_checkpoint(out, state.replace(params=attacks.interpolate(state.params, v.stolen.params, 0.01)))
-  return {"spliced_step": step}
+  i = (len(steps) - 1) // 2
+  faked = {i - 1, i}
+  state, _ = proof.restore(v.proof_dir, steps[i], v.stolen, v.manifest["checkpoints"][str(steps[i])])
+  hopeless = challenge.pass_probability(len(steps) - 1, n, faked) == 0.0  # every draw includes a faked segment
+  for tries in range(1, 2 if hopeless else 201):
+    fraction = 0.01 * (1 + tries / 1000)
+    sealed = attacks.replace_checkpoint(
+      out, state.replace(params=attacks.interpolate(state.params, v.stolen.params, fraction))
+    )
+    drawn = challenge.including_last(len(steps) - 1, n, lambda c, m, r=sealed["root"]: challenge.fiat_shamir(c, m, r))
+    if not faked & set(drawn):
+      break
+  return {"spliced_step": steps[i], "faked_segments": sorted(faked), "reseals": tries, "ground": not faked & set(drawn)}
 
 
 def tamper_final(v: Victim, out: str) -> dict:
@@ -279,6 +383,7 @@ def tamper_final(v: Victim, out: str) -> dict:
 ATTACKS = {
   "infinitesimal-update": infinitesimal_update,
   "blindfold-top-q": blindfold_top_q,
+  "adversarial-examples": adversarial_examples,
   "forging": forging,
   "retrain-stolen": retrain_stolen,
   "tamper-hyperparameters": tamper_hyperparameters,
@@ -289,35 +394,82 @@ ATTACKS = {
 }
 
 
-def spoof(name: str, v: Victim, workdir: str) -> dict:
+TUNED_TO_N = {"tamper-splice"}
+"""Attacks that tune themselves to the verifier's published sample size n."""
+
+
+def spoof(name: str, v: Victim, workdir: str, segments: int = 8) -> dict:
   """Runs attack ``name`` against ``v``; returns where the spoof is and what it cost."""
   out = os.path.join(workdir, name, "proof")
   shutil.rmtree(os.path.dirname(out), ignore_errors=True)
   os.makedirs(os.path.dirname(out))
   t0 = time.perf_counter()
-  details = ATTACKS[name](v, out)
+  details = ATTACKS[name](v, out, **({"n": segments} if name in TUNED_TO_N else {}))
   seconds = time.perf_counter() - t0
   return {"attack": name, "proof": out, "seconds": seconds, "cost": seconds / v.seconds, "details": details}
 
 
+def _forged_data(proof_dir: str, manifest: dict):
+  """The data the prover presents (beside the proof, if it forged its own), else None."""
+  from pol_jax import data as data_lib
+
+  path = os.path.join(os.path.dirname(proof_dir), FORGED_DATA)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    return data_lib.Dataset(manifest["dataset"]["name"], z["inputs"], z["labels"])
+
+
+def _outcome(verdict) -> dict:
+  failed = verdict.failed
+  return {
+    "accepted": verdict.accepted,
+    "check": failed[0].name if failed else None,
+    "detail": failed[0].detail if failed else verdict.summary(),
+    "segments": [r.index for r in verdict.segments],
+    "false_segments": [r.index for r in verdict.segments if not (r.match or r.within)],
+  }
+
+
 def judge(proof_dir: str, segments: int = 8) -> dict:
-  """Both verifiers' verdicts on a proof, each verifier rebuilding the program from the proof."""
+  """Every verifier's verdict on a proof, each rebuilding the program from the proof.
+
+  ``ours``: the default, a uniform draw of ``segments`` from a fresh verifier
+  seed; its ``catch_probability`` is the chance that such a draw rejects the
+  proof, from the segments that ``ours-all`` found false (1 when a check
+  other than replay rejects it). ``ours-fiat-shamir``: the draw from the
+  proof's root. ``paper``: :func:`pol_jax.verify.paper`, given the prover's own
+  data when the prover forged some (the paper's threat model: digests are
+  checked against what the prover hands over); ours use the verifier's copy.
+  """
+  import ml_collections
+
+  from pol_jax import challenge
   from pol_jax import verify as verify_lib
 
   program, train = build.rebuild(proof_dir)
-  out = {}
-  for name, verdict in (
-    ("ours", verify_lib.verify(proof_dir, program, train, strategy="fiat-shamir", num_segments=segments)),
-    ("ours-all", verify_lib.verify(proof_dir, program, train, strategy="all")),
-    ("paper", verify_lib.paper(proof_dir, program, train)),
-  ):
-    failed = verdict.failed
-    out[name] = {
-      "accepted": verdict.accepted,
-      "check": failed[0].name if failed else None,
-      "detail": failed[0].detail if failed else verdict.summary(),
-      "segments_replayed": len(verdict.segments),
-    }
+  everything = verify_lib.verify(proof_dir, program, train, strategy="all")
+  drawn = verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=segments)
+  out = {"ours": {**_outcome(drawn), "seed": drawn.seed}}
+  if drawn.accepted or [c.name for c in drawn.failed] == ["replay"]:
+    false = {r.index for r in everything.segments if not r.match}
+    out["ours"]["catch_probability"] = 1.0 - challenge.pass_probability(everything.num_segments, segments, false)
+  else:
+    out["ours"]["catch_probability"] = 1.0
+  out["ours-fiat-shamir"] = _outcome(
+    verify_lib.verify(proof_dir, program, train, strategy="fiat-shamir", num_segments=segments)
+  )
+  out["ours-all"] = _outcome(everything)
+  manifest = verify_lib.read_manifest(proof_dir)
+  forged = _forged_data(proof_dir, manifest)
+  if forged is not None:
+    program = build.program(ml_collections.ConfigDict(manifest["config"]), forged)
+    # What exact replay alone says of the prover's own data (the data order check would reject it first:
+    # its batches are not the seed's order of any dataset the verifier knows).
+    out["ours-all"]["given_prover_data"] = _outcome(
+      verify_lib.verify(proof_dir, program, forged, strategy="all", order_check=False)
+    )
+  out["paper"] = _outcome(verify_lib.paper(proof_dir, program, forged or train))
   return out
 
 
@@ -327,22 +479,36 @@ def run(config, workdir: str, names: list[str], segments: int = 8, progress: boo
   v = victim(config, workdir)
   rows = []
   for name in tqdm(names, desc="attacks", disable=not progress, leave=False):
-    row = spoof(name, v, workdir)
+    row = spoof(name, v, workdir, segments)
     row["verdicts"] = judge(row["proof"], segments)
     rows.append(row)
   honest = judge(v.proof_dir, segments)
-  return {"config": config.to_dict(), "honest_seconds": v.seconds, "honest": honest, "attacks": rows}
+  return {
+    "config": config.to_dict(),
+    "segments": segments,
+    "honest_seconds": v.seconds,
+    "honest": honest,
+    "attacks": rows,
+  }
 
 
 def table(result: dict) -> str:
   def cell(verdict):
-    return "accepted" if verdict["accepted"] else f"rejected: {verdict['check']}"
+    if verdict["accepted"] and not verdict.get("catch_probability"):
+      return "accepted"
+    p = verdict.get("catch_probability", 1.0)
+    return f"rejected: {verdict['check']}" if p == 1.0 else f"caught w.p. {p:.2f} (replay)"
 
   def line(name, cost, v):
-    return f"{name:<24} {cost:>7}  {cell(v['ours']):<24} {cell(v['ours-all']):<24} {cell(v['paper']):<24}"
+    return (
+      f"{name:<22} {cost:>6}  {cell(v['ours']):<26} {cell(v['ours-fiat-shamir']):<22} "
+      f"{cell(v['ours-all']):<22} {cell(v['paper']):<22}"
+    )
 
+  n = result.get("segments", 8)
   lines = [
-    f"{'attack':<24} {'cost':>7}  {'ours (fiat-shamir n)':<24} {'ours (all segments)':<24} {'paper (top-Q, delta, KS)':<24}",
+    f"{'attack':<22} {'cost':>6}  {f'ours: uniform n={n}':<26} {f'fiat-shamir n={n}':<22} "
+    f"{'ours: all segments':<22} {'paper: top-Q, delta, KS':<22}",
     line("(honest proof)", "1.00x", result["honest"]),
   ]
   for row in result["attacks"]:
@@ -381,6 +547,6 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", "runs/attack", "Where the victim and the spoofs go.")
   _ATTACK = flags.DEFINE_string("attack", None, "One attack: " + ", ".join(ATTACKS) + ".")
   _ALL = flags.DEFINE_bool("all", False, "Run every attack and print the table.")
-  _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for our verifier's fiat-shamir sampling.", lower_bound=1)
+  _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for our verifier's sampled draws.", lower_bound=1)
   _OUT = flags.DEFINE_string("out", None, "Write the table as JSON to this file.")
   app.run(main, flags_parser=build.parse_flags)

@@ -5,6 +5,11 @@ everything, replays the chosen segments, prints a table and exits 0
 (accepted), 1 (rejected: a check failed) or 2 (unusable input, or this
 machine cannot replay exactly).
 
+  --strategy=uniform (default): the last segment and --segments - 1 others,
+                           drawn from --seed or, by default, a fresh seed from
+                           the OS (printed in the verdict); fiat-shamir draws
+                           from the proof's root (non-interactive, but a forger
+                           can re-roll it by resealing); all replays everything
   --mode=exact (default)   bit-exact replay, one segment per local device
   --mode=tolerance         jit(vmap) replay of --chunk segments at a time,
                            accepted within --calibration=FILE or --delta=...
@@ -43,7 +48,7 @@ def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Tole
 
 def run(
   proof_dir: str,
-  strategy: str = "fiat-shamir",
+  strategy: str = "uniform",
   segments: int = 8,
   seed: int | None = None,
   q: int = 1,
@@ -59,12 +64,8 @@ def run(
   from tqdm import tqdm
 
   program, train = build.rebuild(proof_dir)
-  if strategy == "uniform" and seed is None:
-    if jax.process_count() > 1:
-      raise build.UsageError("--strategy=uniform across processes needs --seed, so that every process draws alike")
-    import secrets
-
-    seed = secrets.randbits(63)
+  if strategy == "uniform" and seed is None and jax.process_count() > 1:
+    raise build.UsageError("--strategy=uniform across processes needs --seed, so that every process draws alike")
   try:
     replay.local_devices(devices)
   except ValueError as e:
@@ -162,7 +163,7 @@ if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
   _PROOF = flags.DEFINE_string("proof", None, "Proof directory.", required=True)
-  _STRATEGY = flags.DEFINE_enum("strategy", "fiat-shamir", challenge.STRATEGIES, "Which segments to replay.")
+  _STRATEGY = flags.DEFINE_enum("strategy", "uniform", challenge.STRATEGIES, "Which segments to replay.")
   _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments to replay (uniform, fiat-shamir).", lower_bound=1)
   _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform; default: drawn from the OS).")
   _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q).", lower_bound=1)

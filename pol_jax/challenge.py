@@ -1,9 +1,15 @@
 """Which segments a verifier replays.
 
 ``all`` replays every segment. ``uniform`` draws n segments from a verifier's
-seed, ``fiat-shamir`` draws them from the proof's root digest (the prover
-commits to every checkpoint before the draw is known, so it cannot place its
-honest segments where the verifier will look). ``top-q`` is the paper's: per
+seed, drawn after the prover handed the proof over (interactive): the prover
+cannot know where the verifier will look. ``fiat-shamir`` draws them from the
+proof's root digest, so anyone can repeat the check without the verifier
+(non-interactive), but a forger can re-roll the draw at the cost of resealing:
+change any recorded byte of a faked proof, get a new root and a new draw, until
+the draw misses the faked segments. With m faked segments of S, each try
+passes with :func:`pass_probability`; Fiat-Shamir therefore needs n large
+enough that ``tries * pass_probability`` is small, whereas for ``uniform`` one
+try is all the forger gets. ``top-q`` is the paper's: per
 epoch and per metric, the Q segments with the largest recorded update, united
 over the metrics; a prover knows in advance which segments it selects, which is
 what the blindfold attack exploits, so it is never our only check.
@@ -66,6 +72,32 @@ def including_last(num_segments: int, n: int, draw) -> list[int]:
     return []
   others = draw(num_segments - 1, n - 1) if num_segments > 1 and n > 1 else []
   return sorted({*others, num_segments - 1})
+
+
+def pass_probability(num_segments: int, n: int, false_segments) -> float:
+  """The probability that an :func:`including_last` draw of n misses every false segment.
+
+  That is, that a proof whose ``false_segments`` do not replay is accepted by
+  a draw of ``n`` of ``num_segments`` segments that always includes the last:
+  0 if the last is false, else ``C(S-1-m, n-1) / C(S-1, n-1)`` for the m false
+  others.
+
+  >>> pass_probability(30, 8, {29})
+  0.0
+  >>> round(pass_probability(30, 8, {14, 15}), 3)
+  0.569
+  >>> pass_probability(30, 8, set())
+  1.0
+  """
+  import math
+
+  false_segments = set(false_segments)
+  if not false_segments:
+    return 1.0
+  if num_segments - 1 in false_segments or n >= num_segments:
+    return 0.0
+  others, draws, m = num_segments - 1, max(0, n - 1), len(false_segments)
+  return math.comb(others - m, draws) / math.comb(others, draws)
 
 
 def top_q(update_sizes: dict[str, np.ndarray], epochs: np.ndarray, q: int) -> list[int]:

@@ -347,6 +347,10 @@ class Writer:
     self._manager.save(step, args=args, force=True)
     return digest_json(meta)
 
+  def wait(self) -> None:
+    """Blocks until every started save is finalised."""
+    self._manager.wait_until_finished()
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 from collections.abc import Callable
 
 import jax
@@ -38,6 +39,8 @@ class Verdict:
   segments: list[replay.SegmentResult]
   num_segments: int
   tolerance: dict | None = None
+  seed: int | None = None
+  """The verifier's seed that drew the segments (``uniform``), so the draw can be repeated."""
 
   @property
   def failed(self) -> list[Check]:
@@ -50,6 +53,8 @@ class Verdict:
       "strategy": self.strategy,
       "root": self.root,
       "num_segments": self.num_segments,
+      "seed": self.seed,
+      "one_false_segment_passes": self.one_false_segment_passes,
       "tolerance": self.tolerance,
       "checks": [dataclasses.asdict(c) for c in self.checks],
       "segments": [
@@ -57,16 +62,36 @@ class Verdict:
       ],
     }
 
+  @property
+  def one_false_segment_passes(self) -> float | None:
+    """For a sampled strategy, the chance that a draw like this one misses one false segment (not the last)."""
+    if self.strategy not in ("uniform", "fiat-shamir") or self.num_segments < 2:
+      return None
+    return challenge.pass_probability(self.num_segments, len(self.segments), {0})
+
+  def _drawn(self) -> str:
+    if self.strategy == "uniform" and self.seed is not None:
+      return f"uniform, verifier seed {self.seed}"
+    return self.strategy
+
   def summary(self) -> str:
     if self.accepted and self.mode == "exact":
-      return (
+      line = (
         f"ACCEPTED: {len(self.segments)} of {self.num_segments} segments replayed bit for bit "
-        f"(exact mode, {self.strategy})"
+        f"(exact mode, {self._drawn()})"
       )
+      p = self.one_false_segment_passes
+      if p:
+        line += (
+          f"; a proof with one false segment passes such a draw with probability {p:.2f}"
+          + (", and a forger can re-roll a Fiat-Shamir draw" if self.strategy == "fiat-shamir" else "")
+          + " (--strategy=all replays every segment)"
+        )
+      return line
     if self.accepted:
       return (
         f"ACCEPTED in tolerance mode: {len(self.segments)} of {self.num_segments} segments within delta "
-        f"({self.strategy}); not a bit-exact verification"
+        f"({self._drawn()}); not a bit-exact verification"
       )
     first = self.failed[0] if self.failed else next((c for c in self.checks if c.passed is None), Check("?", None, ""))
     return f"REJECTED by the {first.name} check: {first.detail}"
@@ -117,7 +142,7 @@ def verify(
   program: training.Program,
   dataset: data_lib.Dataset,
   *,
-  strategy: str = "fiat-shamir",
+  strategy: str = "uniform",
   num_segments: int = 8,
   seed: int | None = None,
   q: int = 1,
@@ -146,11 +171,14 @@ def verify(
     An accepted proof shows that the recorded states follow one another by
     running ``program.step`` on the committed data in the seed's order, from
     the seed's initialisation, for every replayed segment; with ``all``, for
-    the whole run. With a sample of n of S segments, a proof in which m
-    segments are not honest is accepted with probability at most
-    ``C(S - m, n) / C(S, n)``; ``fiat-shamir`` draws from the root, which the
-    prover fixed before it could know the draw, so it cannot steer it except
-    by recomputing whole proofs.
+    the whole run. With a sample of n of S segments that always includes the
+    last, a proof in which m other segments are not honest is accepted with
+    probability ``challenge.pass_probability`` = ``C(S-1-m, n-1) / C(S-1, n-1)``
+    per draw. ``uniform`` (the default) draws once, from a seed the prover
+    cannot know; ``fiat-shamir`` draws from the proof's root, and a forger can
+    reseal a faked proof (any byte changes the root) until the draw misses its
+    faked segments, so it bounds only the fraction of faked work, and n must
+    be sized for the number of re-rolls a forger can afford.
 
     It does not show who ran the training, when, or that the data were
     obtained lawfully; that the final model is a given file (compare digests);
@@ -163,7 +191,8 @@ def verify(
     dataset: the verifier's own copy of the training data.
     strategy: one of ``challenge.STRATEGIES``.
     num_segments: n, for ``uniform`` and ``fiat-shamir``.
-    seed: the verifier's seed, for ``uniform``.
+    seed: the verifier's seed, for ``uniform`` (default: drawn from the OS,
+      and reported in the verdict so the draw can be repeated).
     q: segments per epoch and metric, for ``top-q``.
     devices: replay on this many local devices, one segment per device at a
       time (default: all local devices). Bit-identical to sequential replay. Under
@@ -202,7 +231,9 @@ def verify(
   if strategy not in challenge.STRATEGIES:
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
   if strategy == "uniform" and seed is None:
-    raise ValueError("Expected a verifier seed for strategy='uniform'.")
+    if jax.process_count() > 1:
+      raise ValueError("strategy='uniform' across processes needs a seed that every process shares.")
+    seed = secrets.randbits(63)
   if integrity not in ("full", "sampled"):
     raise ValueError(f"Expected integrity 'full' or 'sampled', got {integrity!r}.")
   if mode not in MODES:
@@ -216,7 +247,16 @@ def verify(
   plan = recorder.Plan.from_manifest(manifest)
   bounds = recorder.segments(plan)
   checks = {name: Check(name, None, "not run") for name in CHECKS}
-  verdict = Verdict(False, mode, strategy, manifest.get("root"), list(checks.values()), [], len(bounds))
+  verdict = Verdict(
+    False,
+    mode,
+    strategy,
+    manifest.get("root"),
+    list(checks.values()),
+    [],
+    len(bounds),
+    seed=seed if strategy == "uniform" else None,
+  )
 
   def done() -> Verdict:
     verdict.checks = list(checks.values())

@@ -25,7 +25,8 @@ for p in sys.argv[1:]:
   loose = tolerance.Tolerance({"l2": 1e-3, "linf": 1e-3}, source="test: honest vmapped noise is far below")
   out[p] = {
     "exact, all": verify.verify(p, program, train, strategy="all").accepted,
-    "exact, fiat-shamir": verify.verify(p, program, train, num_segments=2).accepted,
+    "exact, fiat-shamir": verify.verify(p, program, train, strategy="fiat-shamir", num_segments=2).accepted,
+    "exact, uniform (default, OS seed)": verify.verify(p, program, train, num_segments=2).accepted,
     "exact, uniform": verify.verify(p, program, train, strategy="uniform", num_segments=2, seed=7).accepted,
     "exact, top-q": verify.verify(p, program, train, strategy="top-q").accepted,
     "tolerance, all": verify.verify(p, program, train, strategy="all", mode="tolerance", tolerance=loose).accepted,

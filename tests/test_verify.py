@@ -58,6 +58,25 @@ def test_every_strategy_accepts_the_honest_proof(honest, strategy):
     assert len(chosen) == {"fiat-shamir": 2, "uniform": 2, "all": 3}[strategy]
 
 
+def test_the_default_draw_is_uniform_from_a_fresh_verifier_seed_that_the_verdict_reports(honest):
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(load_manifest(honest)["config"])
+  train = build.dataset(config, "train")
+  program = build.program(config, train)
+  first = verify_lib.verify(honest, program, train, num_segments=2)
+  assert first.strategy == "uniform" and first.seed is not None and first.accepted
+  seeds = {first.seed} | {verify_lib.verify(honest, program, train, num_segments=2).seed for _ in range(2)}
+  assert len(seeds) == 3, "the default seed must be fresh for every verification"
+  again = verify_lib.verify(honest, program, train, num_segments=2, seed=first.seed)
+  assert [s.index for s in again.segments] == [s.index for s in first.segments]
+  assert 2 in [s.index for s in first.segments]  # the last of 3 segments is always drawn
+  # One false segment among the 2 others: a draw of 2 (the last and one more) misses it half the time.
+  assert first.one_false_segment_passes == 0.5
+  assert f"verifier seed {first.seed}" in first.summary() and "probability 0.50" in first.summary()
+  assert first.to_json()["seed"] == first.seed
+
+
 def _flip_array_byte(proof_dir: str, step: int) -> None:
   """Flips one byte inside the stored data of a checkpoint's arrays."""
   data_dir = os.path.join(proof_dir, proof.CHECKPOINTS, str(step), "state", "ocdbt.process_0", "d")
