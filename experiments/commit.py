@@ -1,0 +1,46 @@
+"""Commits to a finished proof: ``python -m experiments.commit --proof=DIR --key=KEYFILE [--new-key]``.
+
+Writes a small signed record (``--out``, default ``DIR/../commitment.json``):
+the proof's root digest, the digest of its final model, the time and an
+Ed25519 signature by the prover's key, to publish where a later dispute can
+point to it (a transparency log, a git tag, an email). ``--new-key`` first
+creates the key pair (``KEYFILE``, mode 0600, and ``KEYFILE.pub``).
+Exit status 0, or 2 with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+
+def main(argv) -> None:
+  del argv
+  from pol_jax import ownership, proof
+
+  out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "commitment.json")
+  try:
+    if _NEW_KEY.value:
+      public = ownership.new_key(_KEY.value)
+      print(f"new key:    {_KEY.value} (public {public}, also in {_KEY.value}.pub)")
+    record = ownership.commit(_PROOF.value, ownership.load_key(_KEY.value))
+    if os.path.exists(out):
+      raise ownership.DisputeError(f"{out}: a commitment is already there; it is never overwritten (pass --out)")
+    proof.write_json_atomic(out, record)
+  except (ownership.DisputeError, proof.ProofError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"commitment: {out}")
+  print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+  _PROOF = flags.DEFINE_string("proof", None, "The finished proof directory.", required=True)
+  _KEY = flags.DEFINE_string("key", None, "The prover's Ed25519 private key (PEM).", required=True)
+  _NEW_KEY = flags.DEFINE_bool("new_key", False, "Create the key pair at --key first.")
+  _OUT = flags.DEFINE_string("out", None, "Where to write the record (default: commitment.json beside the proof).")
+  flags.DEFINE_alias("new-key", "new_key")
+  app.run(main)

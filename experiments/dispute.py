@@ -1,0 +1,92 @@
+"""Settles who trained a model: ``python -m experiments.dispute --model=PATH --claim=NAME:PROOF_DIR[:COMMITMENT] ...``.
+
+``--model`` is the disputed model: an Orbax checkpoint directory, a
+safetensors file or a Flax msgpack file (the parameters, and optionally the
+BatchNorm statistics). For every claim it reports whether the proof verifies
+(``--strategy``, default ``all``: a dispute is worth a full replay), whether
+its final state is the model (bit for bit, or after a cast to the file's
+lower precision, stated as such), where its initial state comes from (its
+seed, another claimant's final state, the disputed model) and what its
+commitment shows; a claim that cannot be used is reported with the reason.
+It ends with a verdict and exits 0 when one claimant is established, 1 when
+none is, 2 when the model or the arguments are unusable. ``--report``
+writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from absl import app, flags, logging
+
+from experiments import build
+
+
+def parse_claim(text: str):
+  from pol_jax import ownership
+
+  parts = text.split(":")
+  if len(parts) not in (2, 3) or not all(parts[:2]):
+    raise build.UsageError(f"--claim={text!r}: expected NAME:PROOF_DIR or NAME:PROOF_DIR:COMMITMENT")
+  return ownership.Claim(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+
+
+def table(findings) -> str:
+  lines = []
+  for f in findings:
+    lines.append(f"claimant {f.name}" + ("   <- ESTABLISHED" if f.established else ""))
+    if not f.usable:
+      lines.append(f"  unusable claim: {f.reason}")
+      continue
+    proof_line = "verifies" if f.verified else f"fails ({', '.join(f.failed_checks)})"
+    lines += [
+      f"  proof:       {proof_line}: {f.verdict}",
+      f"  model:       {f.model}: {f.model_detail}",
+      f"  init:        {f.origin}",
+      f"  commitment:  {f.commitment}" + (f", signed {f.committed_at}" if f.committed_at else ""),
+    ]
+    if f.note:
+      lines.append(f"  note:        {f.note}")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.ERROR)
+  build.set_deterministic_flags()
+  from pol_jax import ownership
+
+  try:
+    claims = [parse_claim(c) for c in _CLAIM.value]
+    names = [c.name for c in claims]
+    if len(set(names)) != len(names):
+      raise build.UsageError("--claim: every claimant needs its own NAME")
+  except build.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  findings, verdict, status = ownership.settle(
+    _MODEL.value, claims, build.rebuild, strategy=_STRATEGY.value, num_segments=_SEGMENTS.value
+  )
+  if status == 2:
+    print(f"error: {verdict}", file=sys.stderr)
+    sys.exit(2)
+  print(table(findings))
+  print()
+  print(verdict)
+  if _REPORT.value:
+    with open(_REPORT.value, "w") as f:
+      json.dump(
+        {"verdict": verdict, "status": status, "claimants": [dataclasses.asdict(x) for x in findings]}, f, indent=1
+      )
+  sys.exit(status)
+
+
+if __name__ == "__main__":
+  _MODEL = flags.DEFINE_string("model", None, "The disputed model (Orbax dir, .safetensors, .msgpack).", required=True)
+  _CLAIM = flags.DEFINE_multi_string("claim", None, "NAME:PROOF_DIR[:COMMITMENT], once per claimant.", required=True)
+  _STRATEGY = flags.DEFINE_enum("strategy", "all", ["all", "uniform", "fiat-shamir"], "Which segments to replay.")
+  _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments for uniform and fiat-shamir.", lower_bound=1)
+  _REPORT = flags.DEFINE_string("report", None, "Write the findings and the verdict as JSON.")
+  app.run(main, flags_parser=build.parse_flags)
