@@ -579,3 +579,44 @@ class RayEngine:
 
     for a in self.actors:
       ray.kill(a, no_restart=True)
+
+
+def audit(workdir: str, setup: Setup, program: training.Program) -> list[str]:
+  """Re-checks a coordinator's record: each round's state is the aggregate of the proofs it names.
+
+  For every recorded round: each aggregated worker proof is still there with
+  the recorded root, and aggregating their final states (restored and
+  checked against their digests) from the previous recorded state gives,
+  bit for bit, the recorded state of the round. It does not re-verify the
+  worker proofs (:func:`judge` does, given the same start). Returns the
+  problems found, none for a faithful record.
+  """
+  own = os.path.join(workdir, COORDINATOR)
+  rounds = proof.read_json(os.path.join(own, ROUNDS), ROUNDS)
+  state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
+  how = "median" if setup.defence == "median" else "mean"
+  problems = []
+  for record in rounds:
+    r = record["round"]
+    start = state.replace(step=np.zeros_like(np.asarray(state.step)))
+    replayed = training.Program(starting_at(start), program.step)
+    finals = []
+    for w in record["aggregated"]:
+      d = worker_dir(os.path.join(workdir, "rounds"), r, w)
+      try:
+        manifest = verify_lib.read_manifest(d)
+        if manifest.get("root") != record["roots"].get(str(w)):
+          problems.append(f"round {r}: worker {w}'s proof root is not the recorded one")
+          continue
+        finals.append(recorder.final_state(d, replayed, manifest))
+      except (proof.ProofError, proof.IntegrityError) as e:
+        problems.append(f"round {r}: worker {w}'s proof is unusable: {e}")
+    expected = aggregate(start, finals, how).replace(step=np.asarray((r + 1) * setup.steps, np.int32))
+    try:
+      state, _ = proof.restore(own, (r + 1) * setup.steps, expected, record["state_digest"])
+    except proof.IntegrityError as e:
+      problems.append(f"round {r}: the recorded state is unusable: {e}")
+      break
+    if proof.leaf_digests(state) != proof.leaf_digests(expected):
+      problems.append(f"round {r}: the recorded state is not the aggregate of the proofs the round names")
+  return problems

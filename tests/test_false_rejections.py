@@ -1,7 +1,7 @@
 """No false rejections: honest proofs over several seeds and both small models are accepted
 in a fresh process by every verification mode that applies.
 
-``POL_HONEST_SEEDS`` sets the number of seeds per model (default 2; more for a long run).
+``POL_HONEST_SEEDS`` sets the number of seeds per model (default 1; more for a long run).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from conftest import ROOT, record, smoke_config
 
-SEEDS = int(os.environ.get("POL_HONEST_SEEDS", "2"))
+SEEDS = int(os.environ.get("POL_HONEST_SEEDS", "1"))
 
 _VERIFY_ALL = """
 import json, sys

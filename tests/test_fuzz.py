@@ -1,6 +1,6 @@
 """Fuzzing: mutated proofs are rejected with a one-line reason, never accepted, never crash.
 
-``POL_FUZZ_EXAMPLES`` sets the number of mutations (default 60, for CI; use
+``POL_FUZZ_EXAMPLES`` sets the number of mutations (default 40, for CI; use
 thousands for a long run).
 """
 
@@ -21,7 +21,7 @@ from experiments import build
 from pol_jax import proof
 from pol_jax import verify as verify_lib
 
-EXAMPLES = int(os.environ.get("POL_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("POL_FUZZ_EXAMPLES", "40"))
 VALUES = st.one_of(
   st.none(),
   st.booleans(),
