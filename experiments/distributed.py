@@ -49,7 +49,17 @@ def build_worker(config: dict):
   return build.program(config, train), train
 
 
-def setup_for(config, workers: int, rounds: int, steps: int, k: int, defence: str, strategy: str, segments: int):
+def setup_for(
+  config,
+  workers: int,
+  rounds: int,
+  steps: int,
+  k: int,
+  defence: str,
+  strategy: str,
+  segments: int,
+  exclude: bool = False,
+):
   from pol_jax import distributed
 
   try:
@@ -64,6 +74,7 @@ def setup_for(config, workers: int, rounds: int, steps: int, k: int, defence: st
       defence=defence,
       strategy=strategy,
       segments=segments,
+      exclude=exclude,
     )
   except ValueError as e:
     raise build.UsageError(str(e)) from None
@@ -82,6 +93,7 @@ def run(
   strategy: str = "uniform",
   segments: int = 8,
   defences=("none", "pol", "median"),
+  exclude: bool = False,
   address: str | None = None,
   timeout: float = 300.0,
   local: bool = False,
@@ -112,7 +124,7 @@ def run(
   out = {"config": config.to_dict(), "behaviours": behaviours, "coordinators": {}}
   try:
     for defence in defences:
-      setup = setup_for(config, workers, rounds, steps, k, defence, strategy, segments)
+      setup = setup_for(config, workers, rounds, steps, k, defence, strategy, segments, exclude and defence == "pol")
       engine.reset()
       directory = os.path.join(workdir, defence)
       with tqdm(total=rounds, desc=f"coordinator {defence}", disable=not progress, leave=False) as bar:
@@ -239,6 +251,7 @@ def main(argv) -> None:
       strategy=_STRATEGY.value,
       segments=_SEGMENTS.value,
       defences=defences,
+      exclude=_EXCLUDE.value,
       address=_ADDRESS.value,
       timeout=_TIMEOUT.value,
       local=_LOCAL.value,
@@ -275,6 +288,7 @@ if __name__ == "__main__":
   _STRATEGY = flags.DEFINE_enum("strategy", "uniform", ["uniform", "fiat-shamir", "all"], "Which segments to replay.")
   _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments replayed per proof (uniform, fiat-shamir).", lower_bound=1)
   _DEFENCES = flags.DEFINE_string("defences", "none,pol,median", "Coordinators to run, comma-separated.")
+  _EXCLUDE = flags.DEFINE_bool("exclude", False, "PoL coordinator: exclude a worker from later rounds once rejected.")
   _ADDRESS = flags.DEFINE_string("address", None, "HOST:PORT of a Ray cluster to join (default: start a local one).")
   _LOCAL = flags.DEFINE_bool("local", False, "Run the workers one after another in this process instead of Ray.")
   _TIMEOUT = flags.DEFINE_float("timeout", 300.0, "Seconds a round waits for a worker before dropping it.")

@@ -186,3 +186,11 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
     for d in (whole, killed)
   ]
   assert digests[0] == digests[1]
+
+
+def test_a_rejected_worker_can_be_excluded_from_later_rounds(cluster, honest_only, tmp_path):
+  result = coordinate(cluster, tmp_path, "sign-flip", exclude=True)
+  first, second = result["rounds"]
+  assert first["judgements"][0]["status"] == "rejected" and first["excluded"] == [0]
+  assert [j["worker"] for j in second["judgements"]] == [1, 2, 3]
+  assert same(result["state"], honest_only)
