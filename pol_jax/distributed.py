@@ -167,9 +167,7 @@ def final_state_unchecked(proof_dir: str, start: PyTree) -> PyTree | None:
   """The proof's final state as a coordinator without a defence takes it (integrity of that file only)."""
   try:
     manifest = verify_lib.read_manifest(proof_dir)
-    step = int(manifest["steps"])
-    state, _ = proof.restore(proof_dir, step, starting_at(start)(None), manifest["checkpoints"].get(str(step)))
-    return state
+    return recorder.final_state(proof_dir, training.Program(starting_at(start), None), manifest)
   except (proof.ProofError, proof.IntegrityError, KeyError, ValueError, OSError):
     return None
 
@@ -226,7 +224,7 @@ class Worker:
       raise ValueError(f"Expected behaviour in {BEHAVIOURS + FAULTS}, got {behaviour!r}.")
     t0 = time.perf_counter()
     shutil.rmtree(proof_dir, ignore_errors=True)
-    self.behaviour = b = behaviour
+    b = behaviour
     if b == "crash":
       os._exit(17)
     if b == "slow":
@@ -236,12 +234,12 @@ class Worker:
     elif b == "stale":
       submitted = self._stale(state, assignment, proof_dir)
     elif b in ("lazy", "wrong-data", "spoof"):
-      self._fabricate(state, assignment, proof_dir)
+      self._fabricate(b, state, assignment, proof_dir)
       submitted = True
     else:
       self._honest(state, assignment, proof_dir)
       if b in ("random", "sign-flip", "scale"):
-        self._tamper_final(state, assignment, proof_dir)
+        self._tamper_final(b, state, assignment, proof_dir)
       submitted = True
     return {"proof": proof_dir, "seconds": time.perf_counter() - t0} if submitted else None
 
@@ -252,7 +250,7 @@ class Worker:
     program = training.Program(starting_at(state), self.program.step)
     recorder.record(proof_dir, program, self.dataset, assignment.plan, config=self._config(assignment))
 
-  def _tamper_final(self, state, assignment, proof_dir):
+  def _tamper_final(self, behaviour, state, assignment, proof_dir):
     program = training.Program(starting_at(state), self.program.step)
     manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
     honest = recorder.final_state(proof_dir, program, manifest)
@@ -263,14 +261,14 @@ class Worker:
       s, h = np.asarray(s), np.asarray(h)
       if not np.issubdtype(s.dtype, np.floating):
         return h
-      if self.behaviour == "random":
+      if behaviour == "random":
         return (s + rng.normal(0.0, 1.0, s.shape)).astype(s.dtype)
-      factor = -1.0 if self.behaviour == "sign-flip" else 10.0
+      factor = -1.0 if behaviour == "sign-flip" else 10.0
       return (s + factor * (h.astype(np.float64) - s)).astype(s.dtype)
 
     attacks.replace_checkpoint(proof_dir, jax.tree.map(leaf, start, honest).replace(step=honest.step))
 
-  def _fabricate(self, state, assignment, proof_dir):
+  def _fabricate(self, behaviour, state, assignment, proof_dir):
     """lazy, wrong-data and spoof: states and an index log written as a sealed proof."""
     plan = assignment.plan
     keys = training.derive_keys(plan.seed)
@@ -279,7 +277,7 @@ class Worker:
     start = training.to_host(program.init(keys.init))
     bounds = recorder.segments(plan)
     config = self._config(assignment)
-    if self.behaviour == "spoof":
+    if behaviour == "spoof":
       # Fang et al.'s infinitesimal update: checkpoints interpolated to a poisoned target (the start pushed
       # along a random direction), nothing trained. (Declaring a tiny learning rate, as against a model
       # owner, gains nothing here: the coordinator replays with its own program.)
@@ -297,12 +295,12 @@ class Worker:
         for i, (_, e) in enumerate(bounds)
       ]
     else:
-      if self.behaviour == "wrong-data":  # its own choice of examples, under the assigned seed
+      if behaviour == "wrong-data":  # its own choice of examples, under the assigned seed
         log = sampling.index_log(
           training.derive_keys(plan.seed ^ 1).order, len(self.dataset), plan.batch_size, plan.steps
         )
       segment = training.make_segment(self.program.step, plan.runner)
-      honest_segments = len(bounds) // 2 if self.behaviour == "lazy" else len(bounds)
+      honest_segments = len(bounds) // 2 if behaviour == "lazy" else len(bounds)
       states, current = [start], start
       for i, (s, e) in enumerate(bounds):
         if i < honest_segments:
@@ -434,7 +432,7 @@ def coordinate(
     for r in range(len(done), setup.rounds):
       assignments = {w: setup.assignment(r, w) for w in range(setup.workers) if w not in excluded}
       dirs = {w: worker_dir(os.path.join(workdir, "rounds"), r, w) for w in assignments}
-      start = state.replace(step=np.zeros_like(np.asarray(state.step)))
+      start = starting_at(state)(None)
       results = dispatch(r, start, assignments, dirs)
       judgements, finals, roots = [], [], {}
       for w in sorted(assignments):
@@ -598,7 +596,7 @@ def audit(workdir: str, setup: Setup, program: training.Program) -> list[str]:
   problems = []
   for record in rounds:
     r = record["round"]
-    start = state.replace(step=np.zeros_like(np.asarray(state.step)))
+    start = starting_at(state)(None)
     replayed = training.Program(starting_at(start), program.step)
     finals = []
     for w in record["aggregated"]:
