@@ -244,6 +244,111 @@ def step_time(config, steps: int = 10) -> dict:
   }
 
 
+def fingerprint_cost(config, steps: int = 20, repeats: int = 5) -> dict:
+  """Median step time with the per-step state fingerprint over without it, interleaved in one process.
+
+  Both are the loop runner's jitted step on the config's data; only the
+  fingerprint (``training.state_fingerprint`` of the new state, returned with
+  the metrics) differs.
+  """
+  import jax
+
+  from pol_jax import sampling, training
+
+  train = build.dataset(config, "train")
+  plan = build.plan(config)
+  program = build.program(config, train)
+  keys = training.derive_keys(plan.seed)
+  log = sampling.index_log(keys.order, len(train), plan.batch_size, steps)
+  batches = [train.batch(log[i]) for i in range(steps)]
+  with_fp = training.make_segment(program.step, "loop").compiled
+  without = jax.jit(lambda s, b, r: program.step(s, b, jax.random.fold_in(r, s.step)))
+  times = {"with": [], "without": []}
+  for r in range(repeats + 1):
+    for name, fn in (("with", with_fp), ("without", without)) if r % 2 else (("without", without), ("with", with_fp)):
+      state = program.init(keys.init)
+      jax.block_until_ready(fn(state, batches[0], keys.step))  # compiled once, then cached
+      t0 = time.perf_counter()
+      for b in batches:
+        state, _ = fn(state, b, keys.step)
+      jax.block_until_ready(state)
+      if r:
+        times[name].append((time.perf_counter() - t0) / steps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"step_seconds": med, "ratio": med["with"] / med["without"], "repeats": repeats, "steps": steps}
+
+
+def _child(args: list[str], env: dict | None = None, cores: set[int] | None = None) -> subprocess.CompletedProcess:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  launch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+  if cores is not None:
+    launch = f"import os; os.sched_setaffinity(0, {sorted(cores)!r}); " + launch
+  return subprocess.run(
+    [sys.executable, "-c", launch, *args], cwd=root, env=env, capture_output=True, text=True, check=False
+  )
+
+
+def isa_cost(config_arg: list[str], steps: int = 10, repeats: int = 5) -> dict:
+  """Median step time under the CPU ISA pin over without it: alternating fresh processes.
+
+  The pin (``--xla_cpu_max_isa``) is fixed when JAX starts, so each timing is
+  its own ``--step_time`` process; the two kinds alternate, so machine noise
+  hits both alike.
+  """
+  from pol_jax import fingerprint
+
+  pin = fingerprint.cpu_isa_flag()
+  times: dict[str, list[float]] = {"pinned": [], "unpinned": []}
+  for r in range(repeats):
+    for name in ("pinned", "unpinned") if r % 2 else ("unpinned", "pinned"):
+      flags = pin if name == "pinned" else ""
+      env = {**os.environ, "XLA_FLAGS": flags, "POL_JAX_NO_ISA_PIN": "" if name == "pinned" else "1"}
+      with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = _child(
+          ["experiments.benchmark", *config_arg, f"--step_time={steps}", f"--out={out.name}"], env
+        )
+        if done.returncode:
+          raise RuntimeError(f"step_time child failed: {done.stderr.strip().splitlines()[-1:]}")
+        times[name].append(json.load(open(out.name))["median_step_seconds"])
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"flag": pin, "step_seconds": med, "ratio": med["pinned"] / med["unpinned"], "all": times}
+
+
+def worker_rate(config_arg: list[str], repeats: int = 3) -> dict:
+  """Exact replay of every segment of a 1-thread proof: 1 pinned worker against ``cores`` workers.
+
+  The proof is recorded by ``experiments.train`` pinned to one core; each
+  verification is ``experiments.verify --strategy=all`` (``--workers=1``, then
+  the default ``floor(cores / 1)``), alternating. Wall time includes each
+  worker's start (import, build, compile), which a longer proof amortises.
+  """
+  cores = sorted(os.sched_getaffinity(0))
+  times: dict[str, list[float]] = {"1 worker": [], f"{len(cores)} workers": []}
+  with tempfile.TemporaryDirectory() as tmp:
+    done = _child(["experiments.train", *config_arg, f"--workdir={tmp}"], cores={cores[0]})
+    if done.returncode:
+      raise RuntimeError(f"recording the 1-thread proof failed: {done.stderr.strip().splitlines()[-1:]}")
+    proof_dir = os.path.join(tmp, "proof")
+    segments = len(json.load(open(os.path.join(proof_dir, "manifest.json")))["checkpoints"]) - 1
+    for r in range(repeats):
+      for name in list(times) if r % 2 == 0 else list(times)[::-1]:
+        extra = ["--workers=1"] if name == "1 worker" else []
+        t0 = time.perf_counter()
+        done = _child(["experiments.verify", f"--proof={proof_dir}", "--strategy=all", *extra])
+        seconds = time.perf_counter() - t0
+        if done.returncode:
+          raise RuntimeError(f"verifying the 1-thread proof failed ({name}): {done.stderr.strip()[-300:]}")
+        times[name].append(seconds)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {
+    "segments": segments,
+    "seconds": med,
+    "segments_per_second": {k: segments / v for k, v in med.items()},
+    "speedup": med["1 worker"] / med[f"{len(cores)} workers"],
+    "all": times,
+  }
+
+
 def table(result: dict) -> str:
   c = result["config"]
   width = f"widths {tuple(c['widths'])}" if c["model"] == "cnn" else f"features {tuple(c['features'])}"
@@ -274,14 +379,35 @@ def table(result: dict) -> str:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()  # before JAX starts a backend
-  if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts a backend
+  if not os.environ.get("POL_JAX_NO_ISA_PIN"):  # isa_cost's unpinned children
+    build.set_deterministic_flags()  # before JAX starts a backend
+  if not _STEP_TIME.value and "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES.value}"
     ).strip()
   from pol_jax import fingerprint
 
   try:
+    if _ENVIRONMENT.value:
+      config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]  # the config and its overrides
+      fp = fingerprint_cost(_CONFIG.value, repeats=_REPEATS.value)
+      isa = isa_cost(config_arg, repeats=_REPEATS.value)
+      rate = worker_rate(config_arg, repeats=_REPEATS.value)
+      result = {"fingerprint": fp, "isa": isa, "workers": rate, "environment": fingerprint.environment()}
+      w = list(rate["seconds"])
+      print(
+        f"per-step state fingerprint: {fp['step_seconds']['with'] * 1e3:.3f} ms vs "
+        f"{fp['step_seconds']['without'] * 1e3:.3f} ms per step: {fp['ratio']:.3f}x\n"
+        f"CPU ISA pin {isa['flag']}: {isa['step_seconds']['pinned'] * 1e3:.3f} ms vs "
+        f"{isa['step_seconds']['unpinned'] * 1e3:.3f} ms per step: {isa['ratio']:.3f}x\n"
+        f"exact replay of a 1-thread proof ({rate['segments']} segments, all): "
+        + ", ".join(f"{k} {rate['seconds'][k]:.1f} s ({rate['segments_per_second'][k]:.2f} segments/s)" for k in w)
+        + f"; speed-up {rate['speedup']:.2f}x (medians of {_REPEATS.value})"
+      )
+      if _OUT.value:
+        with open(_OUT.value, "w") as f:
+          json.dump(result, f, indent=1)
+      return
     if _STEP_TIME.value:
       result = step_time(_CONFIG.value, _STEP_TIME.value)
       print(
@@ -324,5 +450,11 @@ if __name__ == "__main__":
     0,
     "Only time this many training steps of the config (random images if its data is absent).",
     lower_bound=0,
+  )
+  _ENVIRONMENT = flags.DEFINE_bool(
+    "environment",
+    False,
+    "Only measure what reproducing environments costs: the per-step fingerprint, the CPU ISA pin, and exact "
+    "replay of a 1-thread proof in 1 vs cores pinned workers.",
   )
   app.run(main, flags_parser=build.parse_flags)

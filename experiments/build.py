@@ -161,22 +161,35 @@ class UsageError(Exception):
   """A request this machine cannot serve (CLI exit status 2)."""
 
 
+BUILDER = "experiments.build:from_config"
+"""This module's builder, as the verifier names it to its worker processes (``pol_jax.workers``)."""
+
+
+def from_config(config: dict) -> tuple[training.Program, data.Dataset]:
+  """The program and training data a recorded config describes.
+
+  Raises:
+    ConfigError: a field the builder cannot use.
+  """
+  from ml_collections import ConfigDict
+
+  config = ConfigDict(config)
+  train = dataset(config, "train")
+  return program(config, train), train
+
+
 def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
   """The program and training data a proof's recorded config describes.
 
   Raises:
     proof.ProofError: the manifest is unusable or its config cannot be rebuilt.
   """
-  from ml_collections import ConfigDict
-
   from pol_jax import proof
   from pol_jax import verify as verify_lib
 
   manifest = verify_lib.read_manifest(proof_dir)
   try:
-    config = ConfigDict(manifest["config"])
-    train = dataset(config, "train")
-    return program(config, train), train
+    return from_config(manifest["config"])
   except ConfigError as e:
     raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None
 
@@ -184,25 +197,62 @@ def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")
 
 
-def deterministic_xla_flags(flags: str, has_cuda: bool) -> str:
-  """``flags`` plus XLA's deterministic GPU flags when CUDA is present (each once)."""
-  if not has_cuda:
-    return flags
-  add = [f for f in fingerprint.DETERMINISTIC_GPU_FLAGS if f.split("=")[0] not in flags]
+def deterministic_xla_flags(flags: str, has_cuda: bool, isa: str | None = None) -> str:
+  """``flags`` plus XLA's deterministic GPU flags when CUDA is present, and the
+  CPU ISA pin ``isa`` (``--xla_cpu_max_isa=...``), each unless already set."""
+  add = list(fingerprint.DETERMINISTIC_GPU_FLAGS) if has_cuda else []
+  if isa:
+    add.append(isa)
+  add = [f for f in add if f.split("=")[0] not in flags]
   return " ".join([flags, *add]).strip()
 
 
 def set_deterministic_flags() -> None:
-  """Sets XLA_FLAGS for deterministic GPU replay; call before JAX starts a backend.
+  """Sets XLA_FLAGS for deterministic replay; call before JAX starts a backend.
 
-  Recorded in the proof's environment fingerprint, so a prover and a verifier
-  that both start through these CLIs agree on them.
+  Deterministic GPU flags where CUDA is present, and the portable CPU vector
+  ISA (``fingerprint.CPU_ISA``: AVX2 on x86, NEON on ARM), so a proof made on
+  an AVX-512 machine replays on an AVX2 one. Recorded in the proof's
+  environment fingerprint; the verifier sets the proof's own flags instead
+  (:func:`set_flags_of_proof`).
   """
   import importlib.util
   import os
 
   has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
-  os.environ["XLA_FLAGS"] = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda)
+  flags = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda, fingerprint.cpu_isa_flag())
+  os.environ["XLA_FLAGS"] = flags
+
+
+def set_flags_of_proof(proof_dir: str) -> None:
+  """Starts this process with the XLA flags and x64 setting a proof recorded.
+
+  Call before JAX starts a backend. Keeps the caller's flags that cannot
+  change numerics (and a forced host device count given by the caller);
+  replaces the rest by the proof's, if every recorded flag is one a verifier
+  sets (``fingerprint.REPRODUCIBLE_FLAGS``). Otherwise changes nothing: the
+  environment check then reports what differs. An unreadable proof is left
+  to the verifier to report.
+  """
+  import os
+  import shlex
+
+  from pol_jax import proof
+
+  try:
+    manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
+    settings = fingerprint.process_settings(manifest["environment"])
+  except (proof.ProofError, ValueError, KeyError, TypeError):
+    return
+  mine = os.environ.get("XLA_FLAGS", "")
+  kept = [f for f in shlex.split(mine) if f not in fingerprint.numeric_xla_flags(mine).split()]
+  theirs = shlex.split(settings["XLA_FLAGS"])
+  if fingerprint.host_devices(mine) is not None:
+    theirs = [f for f in theirs if not f.startswith(fingerprint.HOST_DEVICES_FLAG)]
+  else:
+    kept = [f for f in kept if not f.startswith(fingerprint.HOST_DEVICES_FLAG)]
+  os.environ["XLA_FLAGS"] = " ".join(kept + theirs)
+  os.environ["JAX_ENABLE_X64"] = settings["JAX_ENABLE_X64"]
 
 
 def parse_flags(argv: list[str]) -> list[str]:

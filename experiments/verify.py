@@ -10,7 +10,13 @@ machine cannot replay exactly).
                            the OS (printed in the verdict); fiat-shamir draws
                            from the proof's root (non-interactive, but a forger
                            can re-roll it by resealing); all replays everything
-  --mode=exact (default)   bit-exact replay, one segment per local device
+  --mode=exact (default)   bit-exact replay, one segment per local device; a proof
+                           recorded with another CPU thread count, XLA flags or
+                           x64 is replayed in worker processes pinned to its
+                           thread count (floor(cores / threads) at once)
+  --env=match              if the proof's jax/jaxlib differ from this Python's,
+                           build (once, cached) a virtual environment with them
+                           and verify there (needs the package index)
   --mode=tolerance         jit(vmap) replay of --chunk segments at a time,
                            accepted within --calibration=FILE or --delta=...
   --coordinator=HOST:PORT --num_processes=N --process_id=I
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -58,6 +65,8 @@ def run(
   chunk: int = 64,
   integrity: str = "full",
   progress: bool = True,
+  workers: int | None = None,
+  versions_matched: str | None = None,
 ) -> verify_lib.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes."""
   import jax
@@ -86,6 +95,9 @@ def run(
         chunk=chunk,
         integrity=integrity,
         on_segment=lambda _: bar.update(1),
+        builder=build.BUILDER,
+        max_workers=workers,
+        versions_matched=versions_matched,
       )
     except ValueError as e:  # a chunk that does not divide or fit
       raise build.UsageError(str(e)) from None
@@ -117,16 +129,45 @@ def _join(coordinator: str | None, num_processes: int, process_id: int) -> None:
 
 
 def exit_status(verdict: verify_lib.Verdict) -> int:
-  """0 accepted; 1 a check showed the proof false; 2 undecided here (environment)."""
-  if verdict.accepted:
-    return 0
-  return 2 if [c.name for c in verdict.failed] == ["environment"] else 1
+  """0 accepted; 1 a check showed the proof false; 2 undecided here (e.g. the environment)."""
+  return {"accepted": 0, "rejected": 1, "undecided": 2}[verdict.status]
+
+
+def _in_matched_versions(proof_dir: str, argv: list[str]) -> int | None:
+  """``--env=match``: re-runs this verification in a venv of the proof's versions, if they differ.
+
+  Returns the child's exit status, or None when this interpreter already has
+  the recorded jax and jaxlib (the verification then runs here).
+  """
+  from pol_jax import venv
+
+  recorded = proof.validate_body(proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST))[
+    "environment"
+  ]
+  if not [f for f, _, _ in venv.matches(recorded) if f in ("jax", "jaxlib")]:
+    return None
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    python = venv.ensure(recorded, root, log=lambda line: print(line, file=sys.stderr))
+  except (venv.MatchError, ValueError) as e:
+    raise build.UsageError(f"--env=match: {e}") from None
+  matched = f"a venv of Python {venv.python_version(recorded)}, jax {recorded['jax']}, jaxlib {recorded['jaxlib']}"
+  args = [a for a in argv[1:] if not a.startswith("--env")] + [f"--versions_matched={matched}"]
+  return subprocess.run([python, "-m", "experiments.verify", *args], env=venv.clean_environ(), check=False).returncode
 
 
 def main(argv) -> None:
-  del argv
+  del argv  # absl's leftovers; --env=match re-runs sys.argv's flags
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore at INFO.
-  build.set_deterministic_flags()  # before JAX starts a backend
+  if _ENV.value == "match":
+    try:
+      status = _in_matched_versions(_PROOF.value, sys.argv)
+    except (proof.ProofError, build.UsageError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    if status is not None:
+      sys.exit(status)
+  build.set_flags_of_proof(_PROOF.value)  # before JAX starts a backend
   try:
     tol = tolerance_from(_CALIBRATION.value, _DELTA.value) if _MODE.value == "tolerance" else None
     if _MODE.value == "exact" and (_CALIBRATION.value or _DELTA.value):
@@ -144,6 +185,8 @@ def main(argv) -> None:
       _CHUNK.value,
       _INTEGRITY.value,
       sys.stderr.isatty(),
+      _WORKERS.value,
+      _VERSIONS_MATCHED.value,
     )
   except (proof.ProofError, build.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -152,10 +195,9 @@ def main(argv) -> None:
     with open(_REPORT.value, "w") as f:
       json.dump(verdict.to_json(), f, indent=1)
   status = exit_status(verdict)
+  print(verdict.table())
   if status == 2:
-    print(f"error: {verdict.failed[0].detail}", file=sys.stderr)
-  else:
-    print(verdict.table())
+    print(f"error: {verdict.summary()}", file=sys.stderr)
   sys.exit(status)
 
 
@@ -176,6 +218,17 @@ if __name__ == "__main__":
   _INTEGRITY = flags.DEFINE_enum(
     "integrity", "full", ["full", "sampled"], "full: check every checkpoint's arrays; sampled: those replay uses."
   )
+  _WORKERS = flags.DEFINE_integer(
+    "workers", None, "At most this many pinned worker processes (default: cores // the proof's threads).", lower_bound=1
+  )
+  _ENV = flags.DEFINE_enum(
+    "env",
+    "here",
+    ["here", "match"],
+    "here: verify with this Python's packages; match: if the proof's jax/jaxlib differ, build once (cached under "
+    "~/.cache/pol-jax, needs the package index) and verify in a virtual environment with the recorded versions.",
+  )
+  _VERSIONS_MATCHED = flags.DEFINE_string("versions_matched", None, "Set by --env=match in the child it starts.")
   _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")
   _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes joined by jax.distributed.", lower_bound=1)
   _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)

@@ -108,13 +108,17 @@ def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
   return sealed
 
 
-def replace_checkpoint(proof_dir: str, state: PyTree) -> dict:
-  """Replaces the checkpoint at ``state.step`` by ``state`` (host arrays) and reseals."""
+def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray | None = None) -> dict:
+  """Replaces the checkpoint at ``state.step`` by ``state`` (host arrays) and reseals.
+
+  ``fingerprints``: the per-step state fingerprints to record for the segment
+  that ends there (none by default, as a forger that omits them).
+  """
   step = str(int(np.asarray(state.step)))
   scratch = os.path.abspath(proof_dir) + ".replace"
   writer = proof.Writer(scratch)
   try:
-    digest = writer.save(state, {})
+    digest = writer.save(state, {}, fingerprints)
   finally:
     writer.close()
   target = os.path.join(proof_dir, proof.CHECKPOINTS, step)

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-SCHEMA = "pol-jax/proof/v1"
+SCHEMA = "pol-jax/proof/v2"
 MANIFEST = "manifest.json"
 RUN = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -336,10 +336,16 @@ class Writer:
     """Steps whose checkpoint Orbax finalised (a killed save leaves none)."""
     return sorted(self._manager.all_steps())
 
-  def save(self, state: Any, metrics: dict | None = None) -> str:
-    """Starts saving ``state`` (host arrays); returns its checkpoint digest."""
+  def save(self, state: Any, metrics: dict | None = None, fingerprints: np.ndarray | None = None) -> str:
+    """Starts saving ``state`` (host arrays); returns its checkpoint digest.
+
+    ``fingerprints`` (uint32 ``[steps, leaves]``) are the per-step state
+    fingerprints of the segment that ended here (``training.state_fingerprint``).
+    """
     step = int(np.asarray(state.step))
     meta = {"step": step, "leaves": leaf_digests(state), "metrics": metrics or {}}
+    if fingerprints is not None:
+      meta["fingerprints"] = np.asarray(fingerprints, np.uint32).tolist()
     args = self._ocp.args.Composite(
       state=self._ocp.args.StandardSave(_nested(state)),
       meta=self._ocp.args.JsonSave(meta),

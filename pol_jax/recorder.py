@@ -230,8 +230,10 @@ class _Saver:
       try:
         state, metrics = item
         host = training.to_host(state)
-        summary = {name: float(np.mean(v)) for name, v in training.to_host(metrics).items()}
-        self._checkpoints[str(int(host.step))] = self._writer.save(host, summary)
+        metrics = training.to_host(metrics)
+        fingerprints = metrics.pop(training.STATE_FINGERPRINT, np.zeros((0, len(jax.tree.leaves(host))), np.uint32))
+        summary = {name: float(np.mean(v)) for name, v in metrics.items()}
+        self._checkpoints[str(int(host.step))] = self._writer.save(host, summary, fingerprints)
         if self._on_segment is not None and int(host.step) > 0:
           self._on_segment(int(host.step), summary)
       except BaseException as e:  # noqa: BLE001 - re-raised on the training thread.

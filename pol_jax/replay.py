@@ -55,10 +55,19 @@ class SegmentResult:
   """A checkpoint this segment needs failed its integrity check (not replayed)."""
   error_step: int | None = None
   """The step of that checkpoint."""
+  diverged_step: int | None = None
+  """Exact mode: the first step after which the replayed state's fingerprint differs from the recorded one."""
+  diverged_leaf: str | None = None
+  """The first leaf whose fingerprint differs at ``diverged_step``."""
 
   @property
   def mismatch(self) -> str | None:
-    return f"{self.differing} leaves differ, first {self.first_differing}" if self.differing else None
+    if not self.differing:
+      return None
+    where = (
+      f"; first diverged at step {self.diverged_step} in {self.diverged_leaf}" if self.diverged_step is not None else ""
+    )
+    return f"{self.differing} leaves differ at step {self.end}, first {self.first_differing}{where}"
 
   @property
   def normalised(self) -> dict[str, float]:
@@ -127,13 +136,15 @@ def replay(
         wave.append((index, start, end, None, None, device, t0))
         continue
       inputs = jax.device_put((cache[start][0], job.dataset.batch(job.log[start:end]), job.step_root), device)
-      state, _ = job.segment.run(*inputs)  # dispatched asynchronously: the wave runs in parallel
-      wave.append((index, start, end, cache[start][0], state, device, t0))
-    for index, start, end, begin, state, device, t0 in wave:
-      if state is None or isinstance(cache[end], str):
+      state, metrics = job.segment.run(*inputs)  # dispatched asynchronously: the wave runs in parallel
+      wave.append((index, start, end, cache[start][0], (state, metrics), device, t0))
+    for index, start, end, begin, out, device, t0 in wave:
+      if out is None or isinstance(cache[end], str):
         result = _unusable(index, start, end, cache)
       else:
-        result = _compare(index, start, end, begin, training.to_host(state), cache[end], time.perf_counter() - t0)
+        state, metrics = training.to_host(out)
+        result = _compare(index, start, end, begin, state, cache[end], time.perf_counter() - t0)
+        _locate(result, metrics.get(training.STATE_FINGERPRINT), cache[end][1], job.template)
       result.device = str(device)
       results.append(result)
       if on_result is not None:
@@ -268,7 +279,30 @@ def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -
   )
 
 
-_FIELDS = 6 + 2 * len(distances.METRICS) + 1
+def _locate(result: SegmentResult, replayed, meta: dict, template) -> None:
+  """Names the first step and leaf at which a mismatched replay diverged.
+
+  Compares the replay's per-step state fingerprints with those recorded in
+  the end checkpoint's meta (absent in proofs written by other tools). They
+  locate a divergence; whether the segment matches is decided by the digests.
+  """
+  recorded = meta.get("fingerprints")
+  if not result.differing or replayed is None or not isinstance(recorded, list):
+    return
+  replayed = np.asarray(replayed, np.uint64)
+  try:
+    recorded = np.asarray(recorded, np.uint64)
+  except (TypeError, ValueError, OverflowError):
+    return
+  if recorded.shape != replayed.shape:
+    return
+  steps, leaves = np.nonzero(recorded != replayed)
+  if len(steps):
+    result.diverged_step = result.start + int(steps[0]) + 1
+    result.diverged_leaf = proof.path_str(proof.flatten(template)[int(leaves[0])][0])
+
+
+_FIELDS = 6 + 2 * len(distances.METRICS) + 3
 
 
 def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> list[SegmentResult]:
@@ -297,6 +331,8 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
       *(res.distance[m] for m in distances.METRICS),
       *(res.update[m] for m in distances.METRICS),
       res.seconds,
+      -1 if res.diverged_step is None else res.diverged_step,
+      -1 if res.diverged_leaf is None else leaf_paths.index(res.diverged_leaf),
     ]
   everything = np.asarray(multihost_utils.process_allgather(table)).reshape(-1, _FIELDS)
   out = []
@@ -318,7 +354,9 @@ def gather(results: list[SegmentResult], total: int, leaf_paths: list[str]) -> l
           error_step=first if count < 0 else None,
           distance=dict(zip(distances.METRICS, map(float, values[6 : 6 + n]), strict=True)),
           update=dict(zip(distances.METRICS, map(float, values[6 + n : 6 + 2 * n]), strict=True)),
-          seconds=float(values[-1]),
+          seconds=float(values[-3]),
+          diverged_step=int(values[-2]) if values[-2] >= 0 else None,
+          diverged_leaf=leaf_paths[int(values[-1])] if values[-1] >= 0 else None,
           device=f"process {process}",
         )
       )

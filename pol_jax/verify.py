@@ -10,7 +10,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from pol_jax import challenge, distances, fingerprint, proof, recorder, replay, sampling, training
+from pol_jax import challenge, distances, fingerprint, proof, recorder, replay, sampling, training, workers
 from pol_jax import data as data_lib
 from pol_jax import tolerance as tolerance_lib
 
@@ -42,13 +42,26 @@ class Verdict:
   seed: int | None = None
   """The verifier's seed that drew the segments (``uniform``), so the draw can be repeated."""
 
+  reproduction: list[dict] | None = None
+  """How the verifier reproduced the prover's environment, field by field (see :func:`reproduction`)."""
+
   @property
   def failed(self) -> list[Check]:
     return [c for c in self.checks if c.passed is False]
 
+  @property
+  def status(self) -> str:
+    """``accepted``; ``rejected`` (a check showed the proof false); or ``undecided``
+    (this verifier could not decide, e.g. it cannot reproduce the environment)."""
+    if self.accepted:
+      return "accepted"
+    return "rejected" if self.failed else "undecided"
+
   def to_json(self) -> dict:
     return {
       "accepted": self.accepted,
+      "status": self.status,
+      "reproduction": self.reproduction,
       "mode": self.mode,
       "strategy": self.strategy,
       "root": self.root,
@@ -93,8 +106,10 @@ class Verdict:
         f"ACCEPTED in tolerance mode: {len(self.segments)} of {self.num_segments} segments within delta "
         f"({self._drawn()}); not a bit-exact verification"
       )
-    first = self.failed[0] if self.failed else next((c for c in self.checks if c.passed is None), Check("?", None, ""))
-    return f"REJECTED by the {first.name} check: {first.detail}"
+    if self.failed:
+      return f"REJECTED by the {self.failed[0].name} check: {self.failed[0].detail}"
+    first = next((c for c in self.checks if c.passed is None), Check("?", None, ""))
+    return f"UNDECIDED by the {first.name} check: {first.detail}"
 
   def table(self) -> str:
     """The verdict as a readable text table."""
@@ -102,6 +117,10 @@ class Verdict:
     for c in self.checks:
       result = {True: "pass", False: "FAIL", None: "-"}[c.passed]
       lines.append(f"{c.name:<12} {result:<8} {c.detail}")
+    if self.reproduction:
+      lines += ["", f"{'environment':<18} {'proof':<24} {'here':<24} how"]
+      for row in self.reproduction:
+        lines.append(f"{row['field']:<18} {str(row['proof']):<24.24} {str(row['here']):<24.24} {row['how']}")
     if self.segments:
       tol = self.mode == "tolerance"
       lines += [
@@ -154,6 +173,9 @@ def verify(
   init_check: str = "seed",
   order_check: bool = True,
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
+  builder: str | None = None,
+  max_workers: int | None = None,
+  versions_matched: str | None = None,
 ) -> Verdict:
   """Verifies the proof in ``proof_dir`` by bit-exact replay.
 
@@ -218,6 +240,17 @@ def verify(
     order_check: check that the index log is the seed's order (the paper's
       verifier does not: its prover chooses the batches).
     on_segment: called with each ``replay.SegmentResult`` of this process.
+    builder: ``"module:function"``, importable here, that rebuilds
+      ``(program, dataset)`` from a recorded config. With it, exact mode
+      reproduces a proof whose CPU thread count, XLA flags or x64 differ from
+      this process's by replaying in worker processes pinned to the proof's
+      thread count (``pol_jax.workers``), ``floor(cores / threads)`` at once;
+      without it such a proof is undecided here.
+    max_workers: at most this many worker processes (default: as many as the
+      cores allow).
+    versions_matched: set by a caller that re-ran this verification in a
+      virtual environment with the proof's versions (``pol_jax.venv``); it is
+      reported in the verdict.
 
   Raises:
     proof.ProofError: unusable input (the CLI exits 2).
@@ -293,28 +326,24 @@ def verify(
     + ("" if sizes is not None else "; arrays of the checkpoints replay uses are checked as they are restored"),
   )
 
-  # 2. Environment: exact replay needs every bit-changing field to match.
-  differ = fingerprint.mismatches(manifest["environment"], fingerprint.environment())
-  detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
-  if not differ:
-    checks["environment"] = Check("environment", True, "every field that changes bits matches the prover's")
-  elif mode == "exact":
-    checks["environment"] = Check(
-      "environment",
-      False,
-      f"exact replay needs a matching environment, these differ: {detail}; verify on a matching machine, "
-      "or ask for --mode=tolerance",
-    )
-  else:
-    checks["environment"] = Check("environment", True, f"differs ({detail}); tolerance mode decides by distance")
+  # 2. Environment: exact replay needs every bit-changing field to match or be reproduced.
+  recorded_env, here = manifest["environment"], fingerprint.environment()
+  differ = fingerprint.mismatches(recorded_env, here)
+  pinning, checks["environment"] = _check_environment(recorded_env, differ, mode, builder, max_workers)
+  if versions_matched:
+    checks["environment"].detail += f"; versions matched in {versions_matched}"
+  verdict.reproduction = reproduction(recorded_env, here, differ, pinning, versions_matched)
+  foreign = {fingerprint.KINDS[f] for f, _, _ in differ} & {"versions", "hardware"}
 
   # 3. Program: the verifier's step lowers to the recorded program.
   segment = training.make_segment(program.step, plan.runner)
   ours = recorder.program_digests(segment, template, dataset, plan, keys.step)
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
   if bad or set(ours) != set(manifest["programs"]):
-    if mode == "tolerance" and differ:
-      checks["program"] = Check("program", None, "not comparable across environments; the replay decides")
+    if foreign:
+      checks["program"] = Check(
+        "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
+      )
     else:
       checks["program"] = Check(
         "program",
@@ -381,15 +410,24 @@ def verify(
 
   # 7. Replay, only where it can decide and the inputs are the recorded ones.
   needed = ("environment", "program", "data") if mode == "exact" else ("program", "data")
-  blockers = [n for n in needed if checks[n].passed is False]
-  if blockers:
-    checks["replay"] = Check("replay", None, f"not run: the {', '.join(blockers)} check failed")
+  failed = [n for n in needed if checks[n].passed is False]
+  undecided = [n for n in needed if checks[n].passed is None and (mode == "exact" or n != "program")]
+  if failed or undecided:
+    why = f"the {', '.join(failed)} check failed" if failed else f"the {', '.join(undecided)} check could not decide"
+    checks["replay"] = Check("replay", None, f"not run: {why}")
     return done()
   job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step)
   work = [(i, *bounds[i]) for i in chosen]
   mine = work[jax.process_index() :: jax.process_count()]
   local = replay.local_devices(devices)
-  if mode == "exact":
+  if mode == "exact" and pinning is not None:
+    try:
+      results = workers.replay(proof_dir, verdict.root, builder, mine, pinning, on_segment)
+    except workers.Unreproducible as e:
+      checks["environment"] = Check("environment", None, f"not reproduced: {e}")
+      checks["replay"] = Check("replay", None, "not run: the environment could not be reproduced")
+      return done()
+  elif mode == "exact":
     results = replay.replay(job, mine, local, on_segment)
   else:
     batched = training.make_batched_segment(program.step, plan.runner)
@@ -431,6 +469,62 @@ def verify(
     else Check("replay", True, passed)
   )
   return done()
+
+
+def _check_environment(recorded: dict, differ, mode: str, builder: str | None, max_workers: int | None):
+  """The environment check, and the worker pinning that reproduces the prover's (or None)."""
+  if not differ:
+    return None, Check("environment", True, "every field that changes bits matches the prover's")
+  detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
+  if mode == "tolerance":
+    return None, Check("environment", True, f"differs ({detail}); tolerance mode decides by distance")
+  kinds = {fingerprint.KINDS[f] for f, _, _ in differ}
+  if "hardware" in kinds:
+    return None, Check("environment", None, f"exact replay needs the prover's hardware ({detail})")
+  if "versions" in kinds:
+    return None, Check(
+      "environment",
+      None,
+      f"exact replay needs the prover's versions ({detail}); verify in an environment with them "
+      "(the CLI's --env=match builds one)",
+    )
+  if builder is None:
+    return None, Check(
+      "environment",
+      None,
+      f"{detail} differ; reproducing them needs worker processes, which need builder= (the function that "
+      "rebuilds the program from the recorded config)",
+    )
+  try:
+    pinning = workers.plan(recorded, max_workers=max_workers)
+  except workers.Unreproducible as e:
+    return None, Check("environment", None, str(e))
+  return pinning, Check("environment", True, f"reproduced ({detail}): {pinning.describe()}")
+
+
+def reproduction(recorded: dict, here: dict, differ, pinning, versions_matched: str | None) -> list[dict]:
+  """Field by field: how this verifier reproduced each environment field that differs."""
+  rows = []
+  for field, proof_value, here_value in differ:
+    kind = fingerprint.KINDS[field]
+    if kind in ("threads", "flags") and pinning is not None:
+      how = f"matched in {len(pinning.cores)} pinned worker process{'es' if len(pinning.cores) > 1 else ''}"
+    elif kind == "versions":
+      how = "not reproduced: needs the prover's versions (--env=match)"
+    else:
+      how = "not reproduced"
+    rows.append({"field": field, "proof": proof_value, "here": here_value, "how": how})
+  for field, proof_value, here_value in fingerprint.unmatched_info(recorded, here):
+    if versions_matched and field == "python":
+      how = f"matched ({versions_matched})"
+    elif field in fingerprint.EXACT_FIELDS:
+      how = "reported: measured to change no bit on this backend"
+    else:
+      how = "reported: does not change bits"
+    rows.append({"field": field, "proof": proof_value, "here": here_value, "how": how})
+  if versions_matched:
+    rows.insert(0, {"field": "jax, jaxlib", "proof": recorded.get("jax"), "here": here.get("jax"), "how": f"matched ({versions_matched})"})
+  return rows
 
 
 def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool):

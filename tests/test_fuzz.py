@@ -118,6 +118,10 @@ def test_mutated_proofs_are_rejected_cleanly(honest, kind, data):
     if not changed:
       return
     if not verdict.accepted:
+      if verdict.status == "undecided":  # A resealed environment this verifier cannot reproduce.
+        assert kind == "json-resealed" and not verdict.failed, verdict.table()
+        assert "\n" not in verdict.checks[1].detail
+        return
       assert verdict.failed and all("\n" not in c.detail for c in verdict.failed)
       return
     # Accepted: only bytes outside what the root covers may have changed (Orbax's bookkeeping, or a

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load_manifest, record, reseal, smoke_config
+from conftest import ROOT, load_manifest, reseal
 
 from pol_jax import proof
 
@@ -41,16 +41,31 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def eight_segments(tmp_path_factory):
-  """Proofs of 8 segments for both runners, recorded in this (one-device) process."""
-  base = tmp_path_factory.mktemp("eight")
-  paths = {}
-  for model in ("mlp", "cnn"):
-    paths[model] = str(base / model)
-    record(paths[model], smoke_config(model, steps=32, k=4))
+_RECORD = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+from conftest import record, smoke_config
+assert jax.local_device_count() == {devices}, jax.devices()
+for name, model, seed in (("mlp", "mlp", 0), ("cnn", "cnn", 0), ("other", "mlp", 1)):
+  record(f"{{sys.argv[1]}}/{{name}}", smoke_config(model, steps=32, k=4, seed=seed))
+"""
+
+
+def _record_eight_segment_proofs(base, devices: int | None) -> dict:
+  """Proofs of 8 segments for both runners and a spliced one, recorded in a fresh process.
+
+  ``devices``: the forced host device count of the recording process (the
+  verifier must match it: it changes float32 bits).
+  """
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  code = _RECORD.format(tests=os.path.join(ROOT, "tests"), devices=devices or 1)
+  done = subprocess.run([sys.executable, "-c", code, str(base)], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  paths = {model: str(base / model) for model in ("mlp", "cnn")}
   other = str(base / "other")
-  record(other, smoke_config("mlp", steps=32, k=4, seed=1))
   # A forger splices another run's state in at step 16, the end of segment 3.
   paths["tampered"] = str(base / "tampered")
   shutil.copytree(paths["mlp"], paths["tampered"])
@@ -63,8 +78,15 @@ def eight_segments(tmp_path_factory):
   return paths
 
 
-def test_four_device_replay_is_bit_identical_and_catches_a_segment_on_device_3(eight_segments):
-  code = _FOUR_DEVICES.format(tests=os.path.join(ROOT, "tests"), proofs=eight_segments)
+@pytest.fixture(scope="module")
+def eight_segments(tmp_path_factory):
+  return _record_eight_segment_proofs(tmp_path_factory.mktemp("eight"), None)
+
+
+def test_four_device_replay_is_bit_identical_and_catches_a_segment_on_device_3(tmp_path):
+  # Recorded with the verifier's forced device count: that count changes float32 bits, so it is matched.
+  proofs = _record_eight_segment_proofs(tmp_path, 4)
+  code = _FOUR_DEVICES.format(tests=os.path.join(ROOT, "tests"), proofs=proofs)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -188,13 +188,17 @@ def test_changed_example_in_the_verifiers_data(honest):
   _check_rejected_by(_verify(honest, changed), "data", f"first index {used}")
 
 
-def test_environment_mismatch_is_reported_field_by_field(honest, copy_of):
+def test_environment_mismatch_is_undecided_and_reported_field_by_field(honest, copy_of):
   p = copy_of(honest)
   reseal(p, lambda b: b["environment"].update(jax="0.0.1", cpu_threads=96))
   verdict = _verify(p)
-  _check_rejected_by(verdict, "environment", "jax: proof '0.0.1'")
-  assert "cpu_threads: proof 96" in verdict.failed[0].detail
+  assert verdict.status == "undecided" and not verdict.failed, verdict.table()
+  environment = next(c for c in verdict.checks if c.name == "environment")
+  assert environment.passed is None and "jax: proof '0.0.1'" in environment.detail
+  assert "cpu_threads: proof 96" in environment.detail
+  assert {r["field"]: r["how"].split(":")[0] for r in verdict.reproduction}["jax"] == "not reproduced"
   assert verdict.segments == [], "no replay may decide on a mismatched environment"
+  assert verdict.summary().startswith("UNDECIDED by the environment check")
 
 
 def test_partial_proof_is_never_accepted(honest, copy_of):
@@ -251,12 +255,49 @@ def test_bad_input_gives_one_line_and_exit_status(honest, copy_of, tmp_path, dam
 
 def test_cli_exits_2_when_the_environment_cannot_replay_exactly(honest, copy_of):
   p = copy_of(honest)
-  reseal(p, lambda b: b["environment"].update(jaxlib="9.9.9"))
+  reseal(p, lambda b: b["environment"].update(jaxlib="9.9.9", machine="riscv64"))
   result = run_cli("experiments.verify", f"--proof={p}")
   assert result.returncode == 2, result.stdout + result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-  assert "exact replay needs a matching environment" in result.stderr
-  assert "jaxlib: proof '9.9.9'" in result.stderr and "--mode=tolerance" in result.stderr
+  assert "exact replay needs the prover's hardware" in result.stderr
+  assert "jaxlib: proof '9.9.9'" in result.stderr and "machine: proof 'riscv64'" in result.stderr
+
+
+def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
+  """A forger changes one leaf after step 6 inside segment 4-8 and records the true fingerprints
+  of its own run: the verifier names step 6 and that leaf."""
+  import jax
+  from conftest import record
+
+  from pol_jax import recorder, training
+  from pol_jax.attacks import replace_checkpoint
+
+  p = str(tmp_path / "proof")
+  record(p, smoke_config("cnn"))
+  program, train = build.rebuild(p)
+  manifest = load_manifest(p)
+  plan = recorder.Plan.from_manifest(manifest)
+  keys = training.derive_keys(plan.seed)
+  template = training.to_host(program.init(keys.init))
+  state, _ = proof.restore(p, 4, template, manifest["checkpoints"]["4"])
+  log = proof.read_npy(os.path.join(p, proof.INDICES), "", (plan.steps, plan.batch_size), "<i4")
+  segment = training.make_segment(program.step, "loop")
+  state, first = segment.run(state, train.batch(log[4:6]), keys.step)
+  leaf = "params/head/bias" if "params/head/bias" in proof.leaf_digests(template) else sorted(proof.leaf_digests(template))[-1]
+  names = dict((proof.path_str(n), i) for i, (n, _) in enumerate(proof.flatten(template)))
+  leaves = jax.tree.leaves(training.to_host(state))
+  leaves[names[leaf]] = leaves[names[leaf]] + np.float32(1e-3)
+  state = jax.tree.unflatten(jax.tree.structure(template), leaves)
+  fingerprints = np.array(first[training.STATE_FINGERPRINT])
+  fingerprints[1] = np.asarray(training.state_fingerprint(state))  # the changed state's, after step 6
+  state, rest = segment.run(state, train.batch(log[6:8]), keys.step)
+  fingerprints = np.concatenate([fingerprints, np.asarray(rest[training.STATE_FINGERPRINT])])
+  replace_checkpoint(p, training.to_host(state), fingerprints)
+  verdict = _verify(p)
+  _check_rejected_by(verdict, "replay", "segment 1 (steps 4-8)")
+  bad = next(s for s in verdict.segments if s.index == 1)
+  assert (bad.diverged_step, bad.diverged_leaf) == (6, leaf), bad
+  assert f"first diverged at step 6 in {leaf}" in verdict.failed[0].detail
 
 
 def test_cnn_loop_runner_proof_verifies_with_batchnorm_statistics(tmp_path):
