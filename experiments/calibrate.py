@@ -1,9 +1,11 @@
 """Calibrates the tolerance mode: ``python -m experiments.calibrate --proof=DIR [--out=FILE]``.
 
-Replays Fiat-Shamir segments of a proof exactly (they must match) and with the
-vmapped tolerance replay, measures the honest reproduction noise per metric,
-and writes delta = max(noise x margin, floor) to a JSON file for
-``experiments.verify --mode=tolerance --calibration=FILE``.
+Replays every segment of a proof (or ``--segments`` Fiat-Shamir ones) exactly
+(they must match) and with the vmapped tolerance replay, measures the honest
+reproduction noise per metric, and writes delta = max(noise x margin, floor)
+and the rejection bounds (``tolerance.HONEST_RANGE``) to a JSON file for
+``experiments.verify --mode=tolerance --calibration=FILE``. Beyond delta and
+inside those bounds a segment is undecided, never rejected.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pol_jax import distances, proof
 from pol_jax import verify as verify_lib
 
 
-def run(proof_dir: str, segments: int = 16, margin: float = 10.0, chunk: int = 16, devices: int | None = None) -> dict:
+def run(proof_dir: str, segments: int | None = None, margin: float = 10.0, chunk: int = 16, devices: int | None = None) -> dict:
   program, train = build.rebuild(proof_dir)
   return verify_lib.calibrate(
     proof_dir, program, train, num_segments=segments, margin=margin, chunk=chunk, devices=devices
@@ -53,7 +55,9 @@ if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
   _PROOF = flags.DEFINE_string("proof", None, "Proof directory (an honest proof).", required=True)
-  _SEGMENTS = flags.DEFINE_integer("segments", 16, "Segments to measure.", lower_bound=1)
+  _SEGMENTS = flags.DEFINE_integer(
+    "segments", None, "Measure this many Fiat-Shamir segments (default: every segment).", lower_bound=1
+  )
   _MARGIN = flags.DEFINE_float("margin", 10.0, "delta = noise x margin (at least the floor).", lower_bound=1.0)
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
   _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to use (default: all).")

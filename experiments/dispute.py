@@ -67,7 +67,7 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   findings, verdict, status = ownership.settle(
-    _MODEL.value, claims, build.rebuild, strategy=_STRATEGY.value, num_segments=_SEGMENTS.value
+    _MODEL.value, claims, build.rebuild, strategy=_STRATEGY.value, num_segments=_SEGMENTS.value, builder=build.BUILDER
   )
   if status == 2:
     print(f"error: {verdict}", file=sys.stderr)

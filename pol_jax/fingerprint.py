@@ -85,6 +85,21 @@ with flags of its choosing (a dump directory, say)."""
 
 _FLAG_VALUE = re.compile(r"^[A-Za-z0-9_.,+-]{1,64}$")
 
+# What /proc/cpuinfo calls each ISA XLA:CPU can be pinned to.
+_ISA_FEATURES = {
+  "SSE4_2": "sse4_2",
+  "AVX": "avx",
+  "AVX2": "avx2",
+  "AVX512": "avx512f",
+  "AVX512_VNNI": "avx512_vnni",
+  "AVX512_BF16": "avx512_bf16",
+  "AMX": "amx_tile",
+  "AMX_FP16": "amx_fp16",
+  "NEON": "asimd",
+  "SVE": "sve",
+  "SVE2": "sve2",
+}
+
 
 _STARTED_FLAGS: list[str] = []
 
@@ -199,6 +214,8 @@ def reproducible_flags(recorded: dict) -> str:
   out = []
   for f in flags.split():
     name, eq, value = f.partition("=")
+    if name == ISA_FLAG and value not in _ISA_FEATURES:
+      raise ValueError(f"environment.xla_flags: {f[:80]!r} names an ISA XLA does not know ({', '.join(_ISA_FEATURES)})")
     if name not in REPRODUCIBLE_FLAGS or not eq or not _FLAG_VALUE.match(value):
       raise ValueError(f"environment.xla_flags: {f[:80]!r} is not a flag a verifier sets (it sets {', '.join(REPRODUCIBLE_FLAGS)})")
     out.append(f)
@@ -224,6 +241,28 @@ def process_settings(recorded: dict) -> dict[str, str]:
   if not isinstance(x64, bool):
     raise ValueError(f"environment.x64: expected true or false, got {x64!r:.40}")
   return {"XLA_FLAGS": flags, "JAX_ENABLE_X64": "1" if x64 else "0"}
+
+
+def lacking_isa(flags: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+  """The ISA a ``--xla_cpu_max_isa`` in ``flags`` pins that this CPU lacks, or None.
+
+  XLA compiles for the lesser of the pin and the host, so a host without the
+  pinned ISA computes other bits. None also when the host cannot be read.
+  """
+  isa = next((f.partition("=")[2] for f in flags.split() if f.startswith(ISA_FLAG + "=")), None)
+  if isa is None or isa not in _ISA_FEATURES:
+    return None
+  try:
+    with open(cpuinfo) as f:
+      text = f.read(1 << 20)
+  except OSError:
+    return None
+  features = set()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      features.update(value.split())
+  return isa if features and _ISA_FEATURES[isa] not in features else None
 
 
 def cpu_isa_flag(machine: str | None = None) -> str | None:

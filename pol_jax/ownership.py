@@ -327,11 +327,14 @@ def settle(
   *,
   strategy: str = "all",
   num_segments: int = 8,
+  builder: str | None = None,
 ) -> tuple[list[Finding], str, int]:
   """Settles who trained the model at ``model_path``; returns ``(findings, verdict line, exit status)``.
 
   ``rebuild(proof_dir)`` gives the program and training data a claimant's
-  proof describes (``experiments.build.rebuild``). Exit status: 0 when one
+  proof describes (``experiments.build.rebuild``); ``builder`` is passed to
+  ``verify.verify`` (worker processes reproduce a proof's thread count and
+  flags). Exit status: 0 when one
   claimant is established, 1 when none is, 2 when the model itself is
   unusable. A claim that cannot be used is reported for that claimant.
   """
@@ -344,7 +347,7 @@ def settle(
     f = Finding(claim.name)
     findings.append(f)
     try:
-      _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts)
+      _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts, builder)
     except (DisputeError, proof.ProofError, proof.IntegrityError) as e:
       f.usable, f.reason = False, str(e)
   for f in findings:  # where does each initial state come from?
@@ -408,7 +411,7 @@ def _same(a: Any, b: Any) -> bool:
   return x.keys() == y.keys() and all(x[k].shape == y[k].shape and x[k].tobytes() == y[k].tobytes() for k in x)
 
 
-def _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts) -> None:
+def _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts, builder=None) -> None:
   from pol_jax import recorder
 
   if not os.path.isdir(claim.proof_dir):
@@ -430,7 +433,9 @@ def _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, star
     except DisputeError as e:
       f.commitment = f"unreadable: {e}"
   program, train = rebuild(claim.proof_dir)
-  verdict = verify_lib.verify(claim.proof_dir, program, train, strategy=strategy, num_segments=num_segments)
+  verdict = verify_lib.verify(
+    claim.proof_dir, program, train, strategy=strategy, num_segments=num_segments, builder=builder
+  )
   f.verified = verdict.accepted
   f.failed_checks = [c.name for c in verdict.failed]
   f.verdict = verdict.summary()

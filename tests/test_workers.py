@@ -131,7 +131,8 @@ def test_the_worker_checks_that_its_environment_now_matches(honest, copy_of):
     ({"cpu_threads": 3}, "needs 3 cores; this process may run on 2"),
     ({"cpu_threads": "2"}, "environment.cpu_threads: expected a thread count"),
     ({"xla_flags": "--xla_dump_to=/tmp/x"}, "'--xla_dump_to=/tmp/x' is not a flag a verifier sets"),
-    ({"xla_flags": "--xla_cpu_max_isa=$(reboot)"}, "is not a flag a verifier sets"),
+    ({"xla_flags": "--xla_cpu_max_isa=$(reboot)"}, "names an ISA XLA does not know"),
+    ({"xla_flags": "--xla_cpu_enable_fast_math=$(reboot)"}, "is not a flag a verifier sets"),
     ({"host_devices": 10**9}, "environment.host_devices: expected an integer"),
     ({"x64": "yes"}, "environment.x64: expected true or false"),
   ],
@@ -181,3 +182,13 @@ def test_every_cli_pins_the_cpu_isa():
   assert flags == "--xla_foo=1 --xla_cpu_max_isa=AVX2"
   assert build.deterministic_xla_flags("--xla_cpu_max_isa=AVX512", False, "--xla_cpu_max_isa=AVX2").count("isa") == 1
   assert fingerprint.reproducible_flags({"xla_flags": flags.replace("--xla_foo=1 ", "")}) == "--xla_cpu_max_isa=AVX2"
+
+
+def test_a_pinned_isa_the_cpu_lacks_is_named(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor : 0\nflags : fpu sse4_2 avx avx2\n")
+  assert fingerprint.lacking_isa("--xla_cpu_max_isa=AVX512", str(cpuinfo)) == "AVX512"
+  assert fingerprint.lacking_isa("--xla_cpu_max_isa=AVX2", str(cpuinfo)) is None
+  assert fingerprint.lacking_isa("", str(cpuinfo)) is None
+  with pytest.raises(ValueError, match="names an ISA XLA does not know"):
+    fingerprint.reproducible_flags({"xla_flags": "--xla_cpu_max_isa=BOGUS"})
