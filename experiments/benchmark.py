@@ -244,8 +244,11 @@ def step_time(config, steps: int = 10) -> dict:
   }
 
 
-def fingerprint_cost(config, steps: int = 20, repeats: int = 5) -> dict:
-  """Median step time with the per-step state fingerprint over without it, interleaved in one process.
+def fingerprint_cost(config, steps: int = 200, repeats: int = 11) -> dict:
+  """Step time with the per-step state fingerprint over without it, interleaved in one process.
+
+  The ratio is the median over repeats of each repeat's pair (with, without),
+  so slow phases of a noisy machine hit both sides of a pair alike.
 
   Both are the loop runner's jitted step on the config's data; only the
   fingerprint (``training.state_fingerprint`` of the new state, returned with
@@ -275,7 +278,8 @@ def fingerprint_cost(config, steps: int = 20, repeats: int = 5) -> dict:
       if r:
         times[name].append((time.perf_counter() - t0) / steps)
   med = {k: statistics.median(v) for k, v in times.items()}
-  return {"step_seconds": med, "ratio": med["with"] / med["without"], "repeats": repeats, "steps": steps}
+  ratio = statistics.median(a / b for a, b in zip(times["with"], times["without"], strict=True))
+  return {"step_seconds": med, "ratio": ratio, "repeats": repeats, "steps": steps}
 
 
 def _child(args: list[str], env: dict | None = None, cores: set[int] | None = None) -> subprocess.CompletedProcess:
@@ -390,7 +394,7 @@ def main(argv) -> None:
   try:
     if _ENVIRONMENT.value:
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]  # the config and its overrides
-      fp = fingerprint_cost(_CONFIG.value, repeats=_REPEATS.value)
+      fp = fingerprint_cost(_CONFIG.value)
       isa = isa_cost(config_arg, repeats=_REPEATS.value)
       rate = worker_rate(config_arg, repeats=_REPEATS.value)
       result = {"fingerprint": fp, "isa": isa, "workers": rate, "environment": fingerprint.environment()}
@@ -409,6 +413,7 @@ def main(argv) -> None:
           json.dump(result, f, indent=1)
       return
     if _STEP_TIME.value:
+      build.set_numerics(_CONFIG.value)
       result = step_time(_CONFIG.value, _STEP_TIME.value)
       print(
         f"{result['model']}, {result['runner']} runner, batch {result['batch_size']}, augment {result['augment']}, "

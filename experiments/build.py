@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 
-from pol_jax import augment, data, fingerprint, recorder, training
+from pol_jax import augment, data, fingerprint, numerics, recorder, training
 from pol_jax.models import cnn, mlp, resnet
 
 DATASETS = ("digits", *data.TFDS_DATASETS)
@@ -143,7 +143,28 @@ def program(config, ds: data.Dataset) -> training.Program:
   augmentation = _choice(config, "augment", AUGMENTATIONS) if "augment" in config else "none"
   augment_fn = augment.crop_and_flip if augmentation == "crop_flip" else None
   step = training.make_step(apply_fn, training.cross_entropy, tx, augment=augment_fn)
-  return training.Program(init=init, step=step)
+  program = training.Program(init=init, step=step)
+  if kind_of_numerics(config) == "portable":
+    try:
+      numerics.check_backend()
+    except numerics.Unsupported as e:
+      raise ConfigError("numerics", str(e)) from None
+    program = numerics.portable_program(program)
+  return program
+
+
+def kind_of_numerics(config) -> str:
+  """``config.numerics``: "float32" (default) or "portable" (``pol_jax.numerics``)."""
+  return _choice(config, "numerics", numerics.KINDS) if "numerics" in config else "float32"
+
+
+def set_numerics(config) -> None:
+  """Turns x64 on for a portable config (it computes in float64); call before anything is traced.
+
+  The CLIs call it; a library user sets ``jax_enable_x64`` themselves.
+  """
+  if kind_of_numerics(config) == "portable":
+    jax.config.update("jax_enable_x64", True)
 
 
 def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: int = 512) -> float:
@@ -253,6 +274,7 @@ def set_flags_of_proof(proof_dir: str) -> None:
     kept = [f for f in kept if not f.startswith(fingerprint.HOST_DEVICES_FLAG)]
   os.environ["XLA_FLAGS"] = " ".join(kept + theirs)
   os.environ["JAX_ENABLE_X64"] = settings["JAX_ENABLE_X64"]
+  jax.config.update("jax_enable_x64", settings["JAX_ENABLE_X64"] == "1")  # JAX read the variable at import
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -56,6 +56,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.ERROR)  # Orbax logs every save at INFO.
   build.set_deterministic_flags()  # before JAX starts a backend
   try:
+    build.set_numerics(_CONFIG.value)
     summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty())
   except (build.ConfigError, proof.ProofError, recorder.ProofExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

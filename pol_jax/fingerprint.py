@@ -184,21 +184,29 @@ def environment() -> dict:
   }
 
 
-def matched_fields(recorded: dict) -> tuple[str, ...]:
+PORTABLE_FIELDS = ("x64",)
+"""What a portable proof (``pol_jax.numerics``) needs matched: x64 on. Measured: its digests were
+identical under jax 0.10.2 and 0.12, at 1 and 2 CPU threads, with and without the ISA pin."""
+
+
+def matched_fields(recorded: dict, portable: bool = False) -> tuple[str, ...]:
   """The exact fields a verifier must match for a proof with this environment."""
+  if portable:
+    return PORTABLE_FIELDS
   if recorded.get("backend") == "cpu":
     return tuple(f for f in EXACT_FIELDS if f not in CPU_NEUTRAL_FIELDS)
   return EXACT_FIELDS
 
 
-def mismatches(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+def mismatches(recorded: dict, current: dict, portable: bool = False) -> list[tuple[str, object, object]]:
   """``(field, recorded, current)`` for every field that must match and differs."""
-  return [(f, recorded.get(f), current.get(f)) for f in matched_fields(recorded) if recorded.get(f) != current.get(f)]
+  fields = matched_fields(recorded, portable)
+  return [(f, recorded.get(f), current.get(f)) for f in fields if recorded.get(f) != current.get(f)]
 
 
-def unmatched_info(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+def unmatched_info(recorded: dict, current: dict, portable: bool = False) -> list[tuple[str, object, object]]:
   """``(field, recorded, current)`` for reported fields that differ and need not match."""
-  fields = [f for f in EXACT_FIELDS if f not in matched_fields(recorded)] + list(INFO_FIELDS)
+  fields = [f for f in EXACT_FIELDS if f not in matched_fields(recorded, portable)] + list(INFO_FIELDS)
   return [(f, recorded.get(f), current.get(f)) for f in fields if recorded.get(f) != current.get(f)]
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from pol_jax import numerics
+
 SCHEMA = "pol-jax/proof/v2"
 MANIFEST = "manifest.json"
 RUN = "run.json"
@@ -288,6 +290,16 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
     raise ProofError(label, "batch_size", f"{batch} is larger than the dataset ({size} examples)")
   _hex(dataset, "merkle_root", label, "dataset.")
   _field(body, "environment", dict, label)
+  kind = _field(_field(body, "numerics", dict, label), "kind", str, label, "numerics.")
+  if kind not in ("float32", "portable"):
+    raise ProofError(label, "numerics.kind", f"expected 'float32' or 'portable', got {kind!r:.40}")
+  if kind == "portable" and body["numerics"].get("protocol") != numerics.PROTOCOL:
+    raise ProofError(
+      label,
+      "numerics.protocol",
+      f"portable protocol {body['numerics'].get('protocol')!r:.40} is not supported (this pol-jax computes "
+      f"{numerics.PROTOCOL!r})",
+    )
   programs = _field(body, "programs", dict, label)
   _hex(programs, "segment", label, "programs.")
   return body

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from pol_jax import data as data_lib
-from pol_jax import fingerprint, proof, sampling, training
+from pol_jax import fingerprint, numerics, proof, sampling, training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,7 @@ def start_body(
     "steps": plan.steps,
     "batch_size": plan.batch_size,
     "runner": plan.runner,
+    "numerics": numerics.describe(program.numerics),
     "dataset": {"name": dataset.name, "size": len(dataset), "merkle_root": None},
     "environment": fingerprint.environment(),
     "programs": program_digests(segment, state0, dataset, plan, keys.step),

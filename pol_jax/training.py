@@ -79,10 +79,15 @@ class Program(NamedTuple):
   Attributes:
     init: ``init(key) -> TrainState``, the initial state from the init key.
     step: ``step(state, batch, key) -> (state, metrics)``, pure.
+    numerics: ``"float32"`` (as written), or ``"portable"`` when ``init`` and
+      ``step`` compute in float64 rounded after every op
+      (``numerics.portable_program``): the same bits on every backend,
+      version and thread count.
   """
 
   init: Callable[[jax.Array], TrainState]
   step: StepFn
+  numerics: str = "float32"
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: PyTree = None) -> TrainState:
@@ -236,6 +241,10 @@ def _fingerprinted(step: StepFn) -> StepFn:
   return run
 
 
+_ONE_PASS_WORDS = 1 << 18
+"""States up to this many 32-bit words are fingerprinted in one pass (its segment ids are a constant)."""
+
+
 def _leaf_words(x: jax.Array) -> jax.Array:
   """A leaf's bits as a flat uint32 vector (one word per element of 4 bytes or less)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -265,13 +274,21 @@ def state_fingerprint(state: PyTree) -> jax.Array:
   >>> state_fingerprint({"a": jnp.zeros(3), "b": jnp.ones((), jnp.int32)}).shape
   (2,)
   """
-  out = []
-  for leaf in jax.tree.leaves(state):
-    w = _leaf_words(jnp.asarray(leaf))
-    h = w * jnp.uint32(0x9E3779B1) + jax.lax.iota(jnp.uint32, w.size) * jnp.uint32(0x85EBCA77)
-    h = (h ^ (h >> 15)) * jnp.uint32(0xC2B2AE3D)
-    out.append(jnp.sum(h ^ (h >> 13), dtype=jnp.uint32))
-  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+  words = [_leaf_words(jnp.asarray(leaf)) for leaf in jax.tree.leaves(state)]
+  if not words:
+    return jnp.zeros((0,), jnp.uint32)
+  sizes = [w.size for w in words]
+
+  def weighted(w, offset: int):  # an odd weight per position: a change of one word changes the sum
+    return w * ((jax.lax.iota(jnp.uint32, w.size) + jnp.uint32(offset % 2**32)) * jnp.uint32(0x9E3779B2) + 1)
+
+  if sum(sizes) <= _ONE_PASS_WORDS:  # a small state: one pass (a kernel per leaf costs more than the hashing)
+    leaf_of = np.repeat(np.arange(len(words), dtype=np.int32), sizes)
+    return jax.ops.segment_sum(
+      weighted(jnp.concatenate(words), 0), leaf_of, num_segments=len(words), indices_are_sorted=True
+    )
+  offsets = np.cumsum([0, *sizes[:-1]])
+  return jnp.stack([jnp.sum(weighted(w, int(o)), dtype=jnp.uint32) for w, o in zip(words, offsets, strict=True)])
 
 
 def to_host(tree: PyTree) -> PyTree:

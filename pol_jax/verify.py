@@ -328,19 +328,40 @@ def verify(
 
   # 2. Environment: exact replay needs every bit-changing field to match or be reproduced.
   recorded_env, here = manifest["environment"], fingerprint.environment()
-  differ = fingerprint.mismatches(recorded_env, here)
-  pinning, checks["environment"] = _check_environment(recorded_env, differ, mode, builder, max_workers)
+  portable = manifest["numerics"]["kind"] == "portable"
+  differ = fingerprint.mismatches(recorded_env, here, portable)
+  pinning, checks["environment"] = _check_environment(recorded_env, differ, mode, builder, max_workers, portable)
+  if portable and not differ:
+    checks["environment"].detail = (
+      f"portable numerics ({manifest['numerics']['protocol']}): x64 is on here; versions, threads, CPU ISA "
+      "and backend do not change its bits"
+    )
   if versions_matched:
     checks["environment"].detail += f"; versions matched in {versions_matched}"
-  verdict.reproduction = reproduction(recorded_env, here, differ, pinning, versions_matched)
-  foreign = {fingerprint.KINDS[f] for f, _, _ in differ} & {"versions", "hardware"}
+  verdict.reproduction = reproduction(recorded_env, here, differ, pinning, versions_matched, portable)
+  unlike = fingerprint.mismatches(recorded_env, here) if portable else differ
+  foreign = {fingerprint.KINDS[f] for f, _, _ in unlike} & {"versions", "hardware"}
 
   # 3. Program: the verifier's step lowers to the recorded program.
   segment = training.make_segment(program.step, plan.runner)
   ours = recorder.program_digests(segment, template, dataset, plan, keys.step)
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
-  if bad or set(ours) != set(manifest["programs"]):
-    if foreign:
+  if program.numerics != manifest["numerics"]["kind"]:
+    checks["program"] = Check(
+      "program",
+      False,
+      f"the proof was recorded with {manifest['numerics']['kind']} numerics, the verifier's program computes in "
+      f"{program.numerics} (numerics.portable_program makes a program portable)",
+    )
+  elif bad or set(ours) != set(manifest["programs"]):
+    if foreign and portable:
+      checks["program"] = Check(
+        "program",
+        None,
+        "not comparable (the lowered text depends on the versions and backend that differ); portable numerics: "
+        "the replay decides, bit for bit",
+      )
+    elif foreign:
       checks["program"] = Check(
         "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
       )
@@ -411,7 +432,8 @@ def verify(
   # 7. Replay, only where it can decide and the inputs are the recorded ones.
   needed = ("environment", "program", "data") if mode == "exact" else ("program", "data")
   failed = [n for n in needed if checks[n].passed is False]
-  undecided = [n for n in needed if checks[n].passed is None and (mode == "exact" or n != "program")]
+  comparable = mode == "exact" and not portable  # else an incomparable program text leaves it to the replay
+  undecided = [n for n in needed if checks[n].passed is None and (comparable or n != "program")]
   if failed or undecided:
     why = f"the {', '.join(failed)} check failed" if failed else f"the {', '.join(undecided)} check could not decide"
     checks["replay"] = Check("replay", None, f"not run: {why}")
@@ -512,11 +534,17 @@ def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
   return bad, why, passed, undecided
 
 
-def _check_environment(recorded: dict, differ, mode: str, builder: str | None, max_workers: int | None):
+def _check_environment(
+  recorded: dict, differ, mode: str, builder: str | None, max_workers: int | None, portable: bool = False
+):
   """The environment check, and the worker pinning that reproduces the prover's (or None)."""
   if not differ:
     return None, Check("environment", True, "every field that changes bits matches the prover's")
   detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
+  if portable:
+    return None, Check(
+      "environment", None, f"portable numerics compute in float64 and need x64 ({detail}): set JAX_ENABLE_X64=1"
+    )
   if mode == "tolerance":
     return None, Check("environment", True, f"differs ({detail}); tolerance mode decides by distance")
   kinds = {fingerprint.KINDS[f] for f, _, _ in differ}
@@ -548,7 +576,9 @@ def _check_environment(recorded: dict, differ, mode: str, builder: str | None, m
   return pinning, Check("environment", True, f"reproduced ({detail}): {pinning.describe()}")
 
 
-def reproduction(recorded: dict, here: dict, differ, pinning, versions_matched: str | None) -> list[dict]:
+def reproduction(
+  recorded: dict, here: dict, differ, pinning, versions_matched: str | None, portable: bool = False
+) -> list[dict]:
   """Field by field: how this verifier reproduced each environment field that differs."""
   rows = []
   for field, proof_value, here_value in differ:
@@ -560,9 +590,11 @@ def reproduction(recorded: dict, here: dict, differ, pinning, versions_matched: 
     else:
       how = "not reproduced"
     rows.append({"field": field, "proof": proof_value, "here": here_value, "how": how})
-  for field, proof_value, here_value in fingerprint.unmatched_info(recorded, here):
+  for field, proof_value, here_value in fingerprint.unmatched_info(recorded, here, portable):
     if versions_matched and field == "python":
       how = f"matched ({versions_matched})"
+    elif portable and field in fingerprint.EXACT_FIELDS:
+      how = "reported: portable numerics do not depend on it"
     elif field in fingerprint.EXACT_FIELDS:
       how = "reported: measured to change no bit on this backend"
     else:

@@ -7,6 +7,7 @@ import os
 
 import hypothesis.extra.numpy as hnp
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -191,3 +192,14 @@ def test_deterministic_gpu_flags_are_added_once_and_only_with_cuda():
   assert flags == "--xla_foo=1 --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
   assert build.deterministic_xla_flags(flags, has_cuda=True) == flags
   assert "--xla_gpu_autotune_level=2" in build.deterministic_xla_flags("--xla_gpu_autotune_level=2", True)
+
+
+def test_state_fingerprint_names_the_changed_leaf_and_is_the_same_in_both_passes(monkeypatch):
+  state = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((), jnp.int32), "k": jax.random.key(1), "c": jnp.ones(4)}
+  one_pass = np.asarray(training.state_fingerprint(state))
+  monkeypatch.setattr(training, "_ONE_PASS_WORDS", 0)
+  per_leaf = np.asarray(training.state_fingerprint(state))
+  np.testing.assert_array_equal(one_pass, per_leaf)
+  changed = {**state, "c": state["c"].at[2].set(np.nextafter(np.float32(1), np.float32(2)))}
+  differs = np.asarray(training.state_fingerprint(changed)) != per_leaf
+  assert differs.tolist() == [False, False, True, False], differs  # leaves in tree order: a, b, c, k

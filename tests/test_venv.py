@@ -428,3 +428,51 @@ def test_a_jax_012_proof_verifies_bit_for_bit_with_env_match(jax012_proof):
   assert done.stdout.startswith("ACCEPTED: 3 of 3 segments replayed bit for bit"), done.stdout
   assert f"versions matched in a venv of Python {OTHER_PYTHON}, jax {OTHER_JAX}" in done.stdout, done.stdout
   assert "building" not in done.stderr, "the environment the fixture built is reused"
+
+
+# ----------------------------------------------------------------------------
+# Portable numerics: a proof recorded under jax 0.12 (Python 3.12, 2 threads) replays bit for bit
+# under this jax 0.10.2 at 2 threads and pinned to 1, with no --env=match, at every checkpoint.
+
+_PIN = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+
+
+@pytest.fixture(scope="module", params=["cnn", "tiny_resnet20"])
+def portable_jax012_proof(request, built, tmp_path_factory):
+  """Several hundred steps of the default CNN and of a tiny ResNet (on digits), in portable numerics."""
+  cache, _, python, _, _ = built
+  workdir = str(tmp_path_factory.mktemp(f"portable-{request.param}"))
+  steps = "--config.steps=264" if request.param == "cnn" else "--config.steps=176"
+  done = subprocess.run(
+    [python, "-m", "experiments.train", f"--workdir={workdir}", f"--config.model={request.param}",
+     "--config.numerics=portable", steps],
+    cwd=ROOT, env=venv.clean_environ(), capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-2000:]
+  return cache, python, os.path.join(workdir, "proof")
+
+
+def test_a_portable_jax_012_proof_verifies_bit_for_bit_under_jax_0102_without_matching(portable_jax012_proof, tmp_path):
+  cache, python, path = portable_jax012_proof
+  with open(os.path.join(path, "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["environment"]["jax"] == OTHER_JAX and manifest["numerics"]["kind"] == "portable"
+  runs = {
+    "jax 0.10.2, 2 threads": [sys.executable, "-m", "experiments.verify"],
+    "jax 0.10.2, 1 thread": [sys.executable, "-c", _PIN.format("{0}"), "experiments.verify"],
+    "jax 0.12, 1 thread": [python, "-c", _PIN.format("{0}"), "experiments.verify"],
+  }
+  for name, argv in runs.items():
+    report = tmp_path / f"{name}.json"
+    env = {**venv.clean_environ(), "POL_JAX_CACHE": cache}
+    done = subprocess.run(
+      [*argv, f"--proof={path}", "--strategy=all", f"--report={report}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, (name, done.stdout + done.stderr[-2000:])
+    verdict = json.loads(report.read_text())
+    segments = verdict["segments"]
+    assert len(segments) == len(manifest["checkpoints"]) - 1 and all(s["match"] for s in segments), name
+    program = {c["name"]: c for c in verdict["checks"]}["program"]
+    if name.startswith("jax 0.10.2"):
+      assert program["passed"] is None and "portable numerics" in program["detail"], program

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.k = 22
   c.seed = 0
   c.runner = "loop"  # loop | scan
+  c.numerics = "float32"  # float32 | portable (float64 rounded after every op: the same bits on any machine)
   return shrink(c) if arg == "smoke" else c
 
 
