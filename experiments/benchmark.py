@@ -318,6 +318,25 @@ def isa_cost(config_arg: list[str], steps: int = 10, repeats: int = 5) -> dict:
   return {"flag": pin, "step_seconds": med, "ratio": med["pinned"] / med["unpinned"], "all": times}
 
 
+def portable_cost(config_arg: list[str], steps: int = 10, repeats: int = 3) -> dict:
+  """Median step time in portable numerics over float32: alternating fresh ``--step_time`` processes.
+
+  Portable numerics turns x64 on for the whole process, so each kind runs in
+  its own process; the kinds alternate, so machine noise hits both alike.
+  """
+  times: dict[str, list[float]] = {"float32": [], "portable": []}
+  for r in range(repeats):
+    for kind in ("float32", "portable") if r % 2 == 0 else ("portable", "float32"):
+      with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        args = [*config_arg, f"--config.numerics={kind}", f"--step_time={steps}", f"--out={out.name}"]
+        done = _child(["experiments.benchmark", *args])
+        if done.returncode:
+          raise RuntimeError(f"step_time child failed: {done.stderr.strip().splitlines()[-1:]}")
+        times[kind].append(json.load(open(out.name))["median_step_seconds"])
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"step_seconds": med, "ratio": med["portable"] / med["float32"], "all": times, "steps": steps}
+
+
 def worker_rate(config_arg: list[str], repeats: int = 3) -> dict:
   """Exact replay of every segment of a 1-thread proof: 1 pinned worker against ``cores`` workers.
 
@@ -392,6 +411,19 @@ def main(argv) -> None:
   from pol_jax import fingerprint
 
   try:
+    if _PORTABLE.value:
+      config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]
+      result = portable_cost(config_arg, _PORTABLE.value, _REPEATS.value)
+      med = result["step_seconds"]
+      print(
+        f"{_CONFIG.value.model}, {_CONFIG.value.runner} runner, batch {_CONFIG.value.batch_size}: portable numerics "
+        f"{med['portable']:.4f} s vs float32 {med['float32']:.4f} s per step: {result['ratio']:.2f}x "
+        f"(medians of {_REPEATS.value} alternating processes of {_PORTABLE.value} steps)"
+      )
+      if _OUT.value:
+        with open(_OUT.value, "w") as f:
+          json.dump(result, f, indent=1)
+      return
     if _ENVIRONMENT.value:
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]  # the config and its overrides
       fp = fingerprint_cost(_CONFIG.value)
@@ -455,6 +487,9 @@ if __name__ == "__main__":
     0,
     "Only time this many training steps of the config (random images if its data is absent).",
     lower_bound=0,
+  )
+  _PORTABLE = flags.DEFINE_integer(
+    "portable", 0, "Only compare this many steps in portable numerics against float32 (step time).", lower_bound=0
   )
   _ENVIRONMENT = flags.DEFINE_bool(
     "environment",

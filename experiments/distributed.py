@@ -38,13 +38,20 @@ from experiments import build
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits_mlp.py")
 
 
-def build_worker(config: dict):
-  """What every worker process builds once: the program and the training data (runs in Ray actors)."""
+def build_worker(config: dict, xla_flags: str | None = None):
+  """What every worker process builds once: the program and the training data (runs in Ray actors).
+
+  ``xla_flags``: the coordinator's own (``fingerprint.started_flags()``), set
+  before a fresh actor starts JAX, so the workers' proofs are recorded in the
+  environment the coordinator verifies in.
+  """
   from ml_collections import ConfigDict
 
-  build.set_deterministic_flags()
+  if xla_flags is not None:
+    os.environ["XLA_FLAGS"] = xla_flags
   logging.set_verbosity(logging.ERROR)
   config = ConfigDict(config)
+  build.set_numerics(config)
   train = build.dataset(config, "train")
   return build.program(config, train), train
 
@@ -112,11 +119,14 @@ def run(
     raise build.UsageError(f"--behaviour: unknown {behaviour!r} (known: {', '.join(distributed.BEHAVIOURS)})")
   config = config.copy_and_resolve_references()
   config.steps = rounds * steps  # the learning-rate schedule spans the whole run
-  program, train = build_worker(config.to_dict())
+  from pol_jax import fingerprint
+
+  flags = fingerprint.started_flags()
+  program, train = build_worker(config.to_dict(), flags)
   test = build.dataset(config, "test")
   behaviours = [behaviour] * byzantine + ["honest"] * (workers - byzantine)
   own_engine = engine is None
-  make = functools.partial(build_worker, config.to_dict())
+  make = functools.partial(build_worker, config.to_dict(), flags)
   if own_engine and local:
     engine = distributed.LocalEngine(behaviours, make, config.to_dict())
   elif own_engine:

@@ -156,9 +156,9 @@ def judge(
     verdict = verify_lib.verify(proof_dir, program, dataset, strategy=strategy, num_segments=num_segments, seed=seed)
   except proof.ProofError as e:
     return rejected("integrity", str(e))
-  if not verdict.accepted:
-    failed = verdict.failed[0]
-    return rejected(failed.name, failed.detail)
+  if not verdict.accepted:  # rejected, or undecided here: either way not aggregated
+    failed = verdict.failed[0] if verdict.failed else next(c for c in verdict.checks if c.passed is None)
+    return rejected(failed.name, failed.detail if verdict.failed else f"undecided: {failed.detail}")
   final = recorder.final_state(proof_dir, program, manifest)
   return Judgement(assignment.worker, "accepted", None, verdict.summary(), time.perf_counter() - t0), final
 

@@ -51,6 +51,7 @@ class NNXProgram(NamedTuple):
   init: Callable[[jax.Array], NNXState]
   step: training.StepFn
   objects: Callable[[NNXState], Any]
+  numerics: str = "float32"
 
 
 def nnx_program(create: Callable[[jax.Array], Any], train_step: Callable[..., dict]) -> NNXProgram:
