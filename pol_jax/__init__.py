@@ -7,7 +7,18 @@ Import modules, not names::
   verdict = verify.verify("runs/x/proof", program, dataset)
 """
 
-from pol_jax import challenge, data, distances, fingerprint, proof, recorder, sampling, training, verify
+from pol_jax import challenge, data, distances, fingerprint, numerics, proof, recorder, sampling, training, verify
 
 __version__ = "0.1.0"
-__all__ = ["challenge", "data", "distances", "fingerprint", "proof", "recorder", "sampling", "training", "verify"]
+__all__ = [
+  "challenge",
+  "data",
+  "distances",
+  "fingerprint",
+  "numerics",
+  "proof",
+  "recorder",
+  "sampling",
+  "training",
+  "verify",
+]

@@ -458,9 +458,11 @@ def ensure(
       carries pip's reason).
     ValueError: ``project_root`` has no ``pyproject.toml``.
 
-  >>> python = ensure(verify.read_manifest(proof_dir)["environment"], ".")  # doctest: +SKIP
-  >>> argv = [python, "-m", "experiments.verify", f"--proof={proof_dir}"]  # doctest: +SKIP
-  >>> subprocess.run(argv, env=clean_environ())  # doctest: +SKIP
+  Example (it builds an environment, so it is not a doctest)::
+
+    python = ensure(verify.read_manifest(proof_dir)["environment"], ".")
+    argv = [python, "-m", "experiments.verify", f"--proof={proof_dir}"]
+    subprocess.run(argv, env=clean_environ())
   """
   deadline = time.monotonic() + timeout
   pins = requirements(recorded)
