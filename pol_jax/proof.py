@@ -327,6 +327,31 @@ def validate_manifest(manifest: Any) -> dict:
   return manifest
 
 
+def read_index_log(proof_dir: str, manifest: dict) -> np.ndarray:
+  """The index log, checked against the (validated) manifest's shape and digest.
+
+  Raises:
+    IntegrityError: missing, malformed, or not the digested log.
+  """
+  shape = (manifest["steps"], manifest["batch_size"])
+  log = read_npy(inside(proof_dir, INDICES), INDICES, shape, np.dtype("<i4"))
+  if leaf_digest("indices", log) != manifest["indices"]["sha256"]:
+    raise IntegrityError(f"{INDICES}: digest does not match the manifest")
+  return log
+
+
+def read_data_digests(proof_dir: str, manifest: dict) -> np.ndarray:
+  """The per-example data digests, checked against the (validated) manifest's shape and digest.
+
+  Raises:
+    IntegrityError: missing, malformed, or not the digested array.
+  """
+  leaves = read_npy(inside(proof_dir, DATA_DIGESTS), DATA_DIGESTS, (manifest["dataset"]["size"], 32), np.uint8)
+  if leaf_digest("data_digests", leaves) != manifest["data_digests"]["sha256"]:
+    raise IntegrityError(f"{DATA_DIGESTS}: digest does not match the manifest")
+  return leaves
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints
 

@@ -302,15 +302,9 @@ def verify(
   # 1. Integrity: nothing from the proof is used before its digest is checked.
   try:
     proof.validate_manifest(manifest)
-    log = proof.read_npy(
-      proof.inside(proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), np.dtype("<i4")
-    )
-    if proof.leaf_digest("indices", log) != manifest["indices"]["sha256"]:
-      raise proof.IntegrityError(f"{proof.INDICES}: digest does not match the manifest")
+    log = proof.read_index_log(proof_dir, manifest)
     size = manifest["dataset"]["size"]
-    leaves = proof.read_npy(proof.inside(proof_dir, proof.DATA_DIGESTS), proof.DATA_DIGESTS, (size, 32), np.uint8)
-    if proof.leaf_digest("data_digests", leaves) != manifest["data_digests"]["sha256"]:
-      raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: digest does not match the manifest")
+    leaves = proof.read_data_digests(proof_dir, manifest)
     if data_lib.merkle_root(leaves) != manifest["dataset"]["merkle_root"]:
       raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: Merkle root does not match dataset.merkle_root")
     if log.min(initial=0) < 0 or log.max(initial=0) >= size:

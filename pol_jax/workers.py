@@ -230,15 +230,9 @@ def _work(job: dict) -> None:
   segment = training.make_segment(program.step, plan.runner)
   if recorder.program_digests(segment, template, dataset, plan, keys.step) != manifest["programs"]:
     raise Unreproducible(f"the builder {job['builder']} does not build the recorded program")
-  log = proof.read_npy(
-    proof.inside(proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), np.dtype("<i4")
-  )
-  if proof.leaf_digest("indices", log) != manifest["indices"]["sha256"]:
-    raise proof.IntegrityError(f"{proof.INDICES}: digest does not match the manifest")
+  log = proof.read_index_log(proof_dir, manifest)
   size = manifest["dataset"]["size"]
-  digests = proof.read_npy(proof.inside(proof_dir, proof.DATA_DIGESTS), proof.DATA_DIGESTS, (size, 32), np.uint8)
-  if proof.leaf_digest("data_digests", digests) != manifest["data_digests"]["sha256"]:
-    raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: digest does not match the manifest")
+  digests = proof.read_data_digests(proof_dir, manifest)
   segments = [tuple(map(int, s)) for s in job["segments"]]
   used = np.unique(np.concatenate([log[s:e].ravel() for _, s, e in segments]))
   if not isinstance(dataset, data_lib.Dataset) or len(dataset) != size:

@@ -280,7 +280,7 @@ def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
   state, _ = proof.restore(p, 4, template, manifest["checkpoints"]["4"])
-  log = proof.read_npy(os.path.join(p, proof.INDICES), "", (plan.steps, plan.batch_size), "<i4")
+  log = proof.read_index_log(p, manifest)
   segment = training.make_segment(program.step, "loop")
   state, first = segment.run(state, train.batch(log[4:6]), keys.step)
   leaf = "params/head/bias" if "params/head/bias" in proof.leaf_digests(template) else sorted(proof.leaf_digests(template))[-1]
