@@ -293,12 +293,14 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
   kind = _field(_field(body, "numerics", dict, label), "kind", str, label, "numerics.")
   if kind not in ("float32", "portable"):
     raise ProofError(label, "numerics.kind", f"expected 'float32' or 'portable', got {kind!r:.40}")
-  if kind == "portable" and body["numerics"].get("protocol") != numerics.PROTOCOL:
+  if sorted(body["numerics"]) != ["kind", "protocol"]:
+    raise ProofError(label, "numerics", f"expected the fields kind and protocol, got {sorted(body['numerics'])!r:.80}")
+  expected = numerics.PROTOCOL if kind == "portable" else None
+  if body["numerics"]["protocol"] != expected:
     raise ProofError(
       label,
       "numerics.protocol",
-      f"portable protocol {body['numerics'].get('protocol')!r:.40} is not supported (this pol-jax computes "
-      f"{numerics.PROTOCOL!r})",
+      f"{kind} protocol {body['numerics']['protocol']!r:.40} is not supported (this pol-jax reads {expected!r})",
     )
   programs = _field(body, "programs", dict, label)
   _hex(programs, "segment", label, "programs.")

@@ -156,6 +156,8 @@ def test_a_float32_verifier_of_a_portable_proof_is_told_so(portable_proof, copy_
     (lambda b: b.pop("numerics"), "numerics: missing"),
     (lambda b: b["numerics"].update(kind="float16"), "numerics.kind: expected 'float32' or 'portable'"),
     (lambda b: b["numerics"].update(protocol="x64r/0"), "numerics.protocol: portable protocol 'x64r/0'"),
+    (lambda b: b["numerics"].update(protocol=None), "numerics.protocol: portable protocol None"),
+    (lambda b: b["numerics"].update(extra=1), "numerics: expected the fields kind and protocol"),
   ],
 )
 def test_the_numerics_record_is_validated(portable_proof, copy_of, edit, words):
