@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from pol_jax import data, recorder, training, verify  # pol-jax
+from pol_jax import data, ownership, recorder, training, verify  # pol-jax
 
 
 class CNN(nn.Module):
@@ -51,7 +51,8 @@ def train_step(state, batch, key):  # pol-jax: takes the step key, returns (stat
 def main(workdir: str = "runs/linen") -> verify.Verdict:
   program = training.Program(init, train_step)  # pol-jax
   train = data.load_digits("train")
-  plan = recorder.Plan(seed=0, k=10, steps=60, batch_size=32, runner="loop")  # pol-jax
+  owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax: the key the proof is bound to
+  plan = recorder.Plan(owner=owner, nonce=0, k=10, steps=60, batch_size=32, runner="loop")  # pol-jax
   recorder.record(f"{workdir}/proof", program, train, plan, config={"example": "linen"})  # pol-jax
   return verify.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pol_jax import data, integrations, recorder, verify  # pol-jax
+from pol_jax import data, integrations, ownership, recorder, verify  # pol-jax
 
 
 class CNN(nnx.Module):
@@ -54,7 +54,8 @@ def train_step(model, optimizer, batch, key):  # pol-jax: takes the step key, re
 def main(workdir: str = "runs/nnx") -> verify.Verdict:
   program = integrations.nnx_program(create, train_step)  # pol-jax
   train = data.load_digits("train")
-  plan = recorder.Plan(seed=0, k=20, steps=120, batch_size=32, runner="loop")  # pol-jax
+  owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax: the key the proof is bound to
+  plan = recorder.Plan(owner=owner, nonce=0, k=20, steps=120, batch_size=32, runner="loop")  # pol-jax
   manifest = recorder.record(f"{workdir}/proof", program, train, plan, config={"example": "nnx"})  # pol-jax
   state = recorder.final_state(f"{workdir}/proof", program, manifest)
   model, _ = program.objects(state)  # the trained model, as an NNX module again

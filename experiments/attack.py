@@ -9,13 +9,15 @@ spoofed proof claiming that model (or, for tampering, an edited copy of the
 victim's proof) to ``WORKDIR/<attack>/proof``, and records its cost relative
 to the victim's honest training. Every spoof is then verified by:
 
-* ours (the default): exact replay, seed-derived init and data order, a
-  ``uniform`` draw of ``--segments`` segments (always with the last) from a
-  fresh verifier seed; since one draw is luck, the table shows the
-  probability that a draw catches the spoof, computed from which segments
-  fail to replay;
-* ours with a ``fiat-shamir`` draw from the proof's root (non-interactive,
-  and re-rollable: ``tamper-splice`` grinds it), and with ``all`` segments;
+* ours (the default): exact replay, seed-derived init and data order, the
+  progress check, and ``top-q+uniform``: top-q, the last segment and
+  ``--segments`` others drawn from a fresh verifier seed; since one draw is
+  luck, the table shows the probability that a draw catches the spoof,
+  computed from which segments fail to replay or move no parameter bit;
+* ours with a ``uniform`` draw of ``--segments`` (the last included: the old
+  default, which ``splice-stolen`` slips past), with a ``fiat-shamir`` draw
+  from the proof's root (non-interactive, and re-rollable: ``tamper-splice``
+  grinds it), and with ``all`` segments;
 * the paper's: tolerance replay with the paper code's default raw deltas,
   top-Q (Q=2) per epoch, the KS initialisation check, no order check, and
   the prover's own data where it forged some.
@@ -102,7 +104,7 @@ def infinitesimal_update(v: Victim, out: str) -> dict:
 
   config = _declared(v, learning_rate=1e-9, schedule="constant", weight_decay=0.0, seed=v.config.seed + 1)
   program = build.program(config, v.train)
-  keys = training.derive_keys(config.seed)
+  keys = training.derive_keys(build.plan(config).seed)
   fresh = training.to_host(program.init(keys.init))
   start = fresh.replace(params=attacks.rank_match(fresh.params, v.stolen.params))
   total = distances.distances(start.params, v.stolen.params)
@@ -137,7 +139,7 @@ def blindfold_top_q(v: Victim, out: str, q: int = 2) -> dict:
   config = _declared(v, k=k, steps=epochs * per_epoch - (epochs * per_epoch) % k, schedule="constant")
   plan = build.plan(config)
   program = build.program(config, v.train)
-  keys = training.derive_keys(config.seed)
+  keys = training.derive_keys(build.plan(config).seed)
   log = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
   segment = training.make_segment(program.step, plan.runner)
   state = training.to_host(program.init(keys.init))
@@ -225,7 +227,7 @@ def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: f
   k = min(10, v.config.k)
   config = _declared(v, k=k, steps=segments * k, schedule="constant")
   plan = build.plan(config)
-  keys = training.derive_keys(config.seed)
+  keys = training.derive_keys(build.plan(config).seed)
   source = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
   inputs = v.train.inputs[source.ravel()].astype(np.float32)
   labels = v.train.labels[source.ravel()]
@@ -380,6 +382,43 @@ def tamper_final(v: Victim, out: str) -> dict:
   return {}
 
 
+def splice_stolen(v: Victim, out: str) -> dict:
+  """The attacker's own honest run, but its middle checkpoint holds the stolen model; honest from there on.
+
+  Only the segment ending on the swapped checkpoint fails to replay: a
+  uniform draw of n of S misses it with probability (S - n) / (S - 1), so a
+  forger who declares a small k (a large S) passes it almost surely. The
+  jump is the largest update of its epoch, so top-q replays it.
+  """
+  from pol_jax import attacks, recorder
+
+  config = _declared(v, seed=v.config.seed + 4)
+  plan = build.plan(config)
+  at = len(recorder.segments(plan)) // 2
+  attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
+  return {"swapped_step": at * plan.k, "faked_segments": [at - 1]}
+
+
+def splice_stolen_frozen(v: Victim, out: str, steps: int = 120) -> dict:
+  """``splice-stolen`` declaring k = 1 and a constant learning rate of 1e-30 (at most ``steps`` steps).
+
+  No float32 weight moves at that rate (unless it is exactly 0, as the
+  biases of an MLP's dead ReLU units are), so every segment after the swap
+  replays bit for bit from whatever it starts at, and the proof ends on the
+  stolen weights bit for bit. The progress check rejects any draw that
+  replays one of those segments (the last always is); top-q replays the jump.
+  """
+  from pol_jax import attacks, recorder
+
+  config = _declared(
+    v, seed=v.config.seed + 5, k=1, steps=min(steps, v.config.steps), learning_rate=1e-30, schedule="constant"
+  )
+  plan = build.plan(config)
+  at = len(recorder.segments(plan)) // 2
+  attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
+  return {"swapped_step": at, "faked_segments": [at - 1], "declared_learning_rate": config.learning_rate}
+
+
 ATTACKS = {
   "infinitesimal-update": infinitesimal_update,
   "blindfold-top-q": blindfold_top_q,
@@ -391,6 +430,8 @@ ATTACKS = {
   "tamper-substitute": tamper_substitute,
   "tamper-splice": tamper_splice,
   "tamper-final": tamper_final,
+  "splice-stolen": splice_stolen,
+  "splice-stolen-frozen": splice_stolen_frozen,
 }
 
 
@@ -426,42 +467,56 @@ def _outcome(verdict) -> dict:
     "accepted": verdict.accepted,
     "check": failed[0].name if failed else None,
     "detail": failed[0].detail if failed else verdict.summary(),
+    "num_segments": verdict.num_segments,
     "segments": [r.index for r in verdict.segments],
     "false_segments": [r.index for r in verdict.segments if not (r.match or r.within)],
   }
 
 
+def _drawn(verdict, bad: set[int]) -> dict:
+  """A sampled verdict, and the probability that a draw like it catches a proof whose ``bad`` segments
+  fail to replay or move no parameter bit (1 when a check that no draw escapes rejects it)."""
+  out = {**_outcome(verdict), "seed": verdict.seed}
+  by_draw = verdict.accepted or {c.name for c in verdict.failed} <= {"replay", "progress"}
+  out["catch_probability"] = verdict.guarantee.catch_probability(bad) if by_draw and verdict.guarantee else 1.0
+  if verdict.guarantee:
+    out["guarantee"] = verdict.guarantee.describe()
+  return out
+
+
 def judge(proof_dir: str, segments: int = 8) -> dict:
   """Every verifier's verdict on a proof, each rebuilding the program from the proof.
 
-  ``ours``: the default, a uniform draw of ``segments`` from a fresh verifier
-  seed; its ``catch_probability`` is the chance that such a draw rejects the
-  proof, from the segments that ``ours-all`` found false (1 when a check
-  other than replay rejects it). ``ours-fiat-shamir``: the draw from the
+  ``ours``: the default, top-q, the last and a uniform draw of ``segments``
+  others from a fresh verifier seed; its ``catch_probability`` is the chance
+  that such a draw rejects the proof, from the segments that ``ours-all``
+  found false or unmoved (1 when a check other than replay and progress
+  rejects it). ``ours-uniform``: ``segments`` drawn uniformly, the last
+  included (the old default). ``ours-fiat-shamir``: the draw from the
   proof's root. ``paper``: :func:`pol_jax.verify.paper`, given the prover's own
   data when the prover forged some (the paper's threat model: digests are
   checked against what the prover hands over); ours use the verifier's copy.
   """
   import ml_collections
 
-  from pol_jax import challenge
   from pol_jax import verify as verify_lib
 
   program, train = build.rebuild(proof_dir)
+  manifest = verify_lib.read_manifest(proof_dir)
   everything = verify_lib.verify(proof_dir, program, train, strategy="all")
+  unmoved = []
+  if everything.checks[verify_lib.CHECKS.index("progress")].passed is False:
+    unmoved = verify_lib.unmoved_segments(proof_dir, manifest, range(everything.num_segments))
+  bad = {r.index for r in everything.segments if not r.match} | set(unmoved)
   # Every array of every checkpoint was checked by `everything`; the sampled verifiers check what they replay.
-  drawn = verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled")
-  out = {"ours": {**_outcome(drawn), "seed": drawn.seed}}
-  if drawn.accepted or [c.name for c in drawn.failed] == ["replay"]:
-    false = {r.index for r in everything.segments if not r.match}
-    out["ours"]["catch_probability"] = 1.0 - challenge.pass_probability(everything.num_segments, segments, false)
-  else:
-    out["ours"]["catch_probability"] = 1.0
+  out = {"ours": _drawn(verify_lib.verify(proof_dir, program, train, num_segments=segments), bad)}
+  out["ours-uniform"] = _drawn(
+    verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled"), bad
+  )
   out["ours-fiat-shamir"] = _outcome(
     verify_lib.verify(proof_dir, program, train, strategy="fiat-shamir", num_segments=segments, integrity="sampled")
   )
-  out["ours-all"] = _outcome(everything)
-  manifest = verify_lib.read_manifest(proof_dir)
+  out["ours-all"] = {**_outcome(everything), "unmoved_segments": unmoved}
   forged = _forged_data(proof_dir, manifest)
   if forged is not None:
     program = build.program(ml_collections.ConfigDict(manifest["config"]), forged)
@@ -477,6 +532,7 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
 def run(config, workdir: str, names: list[str], segments: int = 8, progress: bool = False) -> dict:
   from tqdm import tqdm
 
+  build.bind_owner(config, os.path.join(workdir, "owner.key"))
   v = victim(config, workdir)
   rows = []
   for name in tqdm(names, desc="attacks", disable=not progress, leave=False):
@@ -502,14 +558,14 @@ def table(result: dict) -> str:
 
   def line(name, cost, v):
     return (
-      f"{name:<22} {cost:>6}  {cell(v['ours']):<26} {cell(v['ours-fiat-shamir']):<22} "
+      f"{name:<22} {cost:>6}  {cell(v['ours']):<26} {cell(v['ours-uniform']):<26} {cell(v['ours-fiat-shamir']):<26} "
       f"{cell(v['ours-all']):<22} {cell(v['paper']):<22}"
     )
 
   n = result.get("segments", 8)
   lines = [
-    f"{'attack':<22} {'cost':>6}  {f'ours: uniform n={n}':<26} {f'fiat-shamir n={n}':<22} "
-    f"{'ours: all segments':<22} {'paper: top-Q, delta, KS':<22}",
+    f"{'attack':<22} {'cost':>6}  {f'ours: top-q+uniform n={n}':<26} {f'uniform n={n}':<26} "
+    f"{f'fiat-shamir n={n}':<26} {'ours: all segments':<22} {'paper: top-Q, delta, KS':<22}",
     line("(honest proof)", "1.00x", result["honest"]),
   ]
   for row in result["attacks"]:
@@ -548,6 +604,8 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", "runs/attack", "Where the victim and the spoofs go.")
   _ATTACK = flags.DEFINE_string("attack", None, "One attack: " + ", ".join(ATTACKS) + ".")
   _ALL = flags.DEFINE_bool("all", False, "Run every attack and print the table.")
-  _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for our verifier's sampled draws.", lower_bound=1)
+  _SEGMENTS = flags.DEFINE_integer(
+    "segments", 8, "n for our verifier's sampled draws (top-q+uniform: beyond top-q and the last).", lower_bound=1
+  )
   _OUT = flags.DEFINE_string("out", None, "Write the table as JSON to this file.")
   app.run(main, flags_parser=build.parse_flags)

@@ -102,6 +102,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     f"vmapped x{chunk}, {devices} devices": dict(devices=devices, mode="tolerance", tolerance=loose, chunk=chunk),
   }
   strategies = {
+    "top-q+uniform (default)": dict(strategy="top-q+uniform", seed=0),
     "fiat-shamir": dict(strategy="fiat-shamir", num_segments=segments),
     "uniform": dict(strategy="uniform", num_segments=segments, seed=0),
     "top-q": dict(strategy="top-q", q=1),
@@ -410,6 +411,7 @@ def main(argv) -> None:
     ).strip()
   from pol_jax import fingerprint
 
+  build.bind_owner(_CONFIG.value, None)  # benchmark proofs are bound to a key nobody keeps
   try:
     if _PORTABLE.value:
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]

@@ -6,6 +6,9 @@ program from the config recorded in the proof's manifest.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import numpy as np
 import optax
@@ -57,15 +60,55 @@ def _positive_ints(config, field: str) -> tuple[int, ...]:
 
 
 def dataset(config, split: str = "train") -> data.Dataset:
-  """The dataset a config names (``config.data_dir`` for TFDS data)."""
+  """The dataset a config names.
+
+  TFDS data are read from this process's own data directory, ``$TFDS_DATA_DIR``
+  (the CLIs' ``--data_dir`` sets it), never from a directory a config names:
+  a proof's config must not choose what its verifier reads.
+  """
   name = _choice(config, "dataset", DATASETS)
   if name == "digits":
     return data.load_digits(split)
-  data_dir = config.get("data_dir") or None
   try:
-    return data.load_tfds(name, split, data_dir)
+    return data.load_tfds(name, split, os.environ.get("TFDS_DATA_DIR") or None)
   except data.DataUnavailable as e:
     raise ConfigError("dataset", str(e)) from None
+
+
+def set_data_dir(data_dir: str | None) -> None:
+  """Makes ``data_dir`` this process's (and its workers') TFDS data directory; the CLIs' ``--data_dir``."""
+  if data_dir:
+    os.environ["TFDS_DATA_DIR"] = os.path.abspath(os.path.expanduser(data_dir))
+
+
+MAX_PARAMS = 250_000_000
+"""The most parameters a verifier builds from a proof's config by default (1 GB of float32)."""
+MAX_LAYERS = 256
+"""The most hidden layers (``features``) or blocks (``widths``) a config may name."""
+
+
+def check_fields(config) -> None:
+  """Refuses a config field this builder does not know (a reseal must not make a copy look independent)."""
+  from experiments.configs import default
+
+  unknown = sorted(set(config) - set(default.get_config()))
+  if unknown:
+    raise ConfigError(unknown[0], "unknown field: a proof's config may hold only the fields this builder knows")
+
+
+def check_size(config, ds: data.Dataset, max_params: int = MAX_PARAMS) -> int:
+  """The parameter count of the model a config names, refused over ``max_params`` before anything is allocated."""
+  for field in ("features", "widths"):
+    if field in config and isinstance(config[field], (list, tuple)) and len(config[field]) > MAX_LAYERS:
+      raise ConfigError(field, f"{len(config[field])} layers is over the {MAX_LAYERS}-layer limit")
+  _, init_fn = _model(config, ds)
+  shapes = jax.eval_shape(init_fn, jax.random.key(0))
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  if count > max_params:
+    raise ConfigError(
+      "model", f"{count:,} parameters is over this verifier's limit of {max_params:,} (--max_params raises it)"
+    )
+  return count
 
 
 def _num_classes(config) -> int:
@@ -73,9 +116,18 @@ def _num_classes(config) -> int:
 
 
 def plan(config) -> recorder.Plan:
+  """The plan a config describes: bound to ``config.owner``'s key, with ``config.seed`` as its nonce."""
+  owner = _get(config, "owner", str)
+  if not owner:
+    raise ConfigError(
+      "owner",
+      "missing: the hex Ed25519 public key the proof is bound to (experiments.train --key=PATH makes one, "
+      "or pass --config.owner=HEX)",
+    )
   try:
     return recorder.Plan(
-      seed=_get(config, "seed", int),
+      owner=owner,
+      nonce=_get(config, "seed", int),
       k=_get(config, "k", int),
       steps=_get(config, "steps", int),
       batch_size=_get(config, "batch_size", int),
@@ -84,8 +136,40 @@ def plan(config) -> recorder.Plan:
   except ValueError as e:
     if isinstance(e, ConfigError):
       raise
-    field = str(e).split("got ", 1)[-1].split("=", 1)[0]
-    raise ConfigError(field, str(e)) from None
+    message = str(e)
+    if "public key" in message:
+      raise ConfigError("owner", message) from None
+    field = message.split("got ", 1)[-1].split("=", 1)[0]
+    raise ConfigError("seed" if field == "nonce" else field, message) from None
+
+
+def bind_owner(config, key_path: str | None) -> str:
+  """Sets ``config.owner`` unless it is set, and says from where.
+
+  From the Ed25519 private key at ``key_path``, created (mode 0600, with
+  ``key_path.pub``) when missing and never overwritten; with ``key_path`` None,
+  from a fresh key that is not kept (benchmarks: nobody can claim the proofs).
+  """
+  from pol_jax import ownership
+
+  if config.owner:
+    return f"owner:  {config.owner} (--config.owner)"
+  if key_path is None:
+    config.owner = _throwaway_owner()
+    return f"owner:  {config.owner} (a throwaway key: nobody can claim these proofs)"
+  config.owner, created = ownership.ensure_key(key_path)
+  if created:
+    return f"owner:  {config.owner} (new key {key_path}; keep it: only it can claim this proof)"
+  return f"owner:  {config.owner} ({key_path})"
+
+
+@functools.cache
+def _throwaway_owner() -> str:
+  from cryptography.hazmat.primitives.asymmetric import ed25519
+
+  from pol_jax import ownership
+
+  return ownership.public_key_of(ed25519.Ed25519PrivateKey.generate())
 
 
 def _model(config, ds: data.Dataset):
@@ -186,20 +270,27 @@ BUILDER = "experiments.build:from_config"
 """This module's builder, as the verifier names it to its worker processes (``pol_jax.workers``)."""
 
 
-def from_config(config: dict) -> tuple[training.Program, data.Dataset]:
+def from_config(config: dict, max_params: int | None = None) -> tuple[training.Program, data.Dataset]:
   """The program and training data a recorded config describes.
+
+  Refuses unknown fields and a model over ``max_params`` parameters (default
+  ``$POL_JAX_MAX_PARAMS`` or :data:`MAX_PARAMS`: the verifier's own setting,
+  which its worker processes inherit) before it is built; the data come from
+  this process's own data directory.
 
   Raises:
     ConfigError: a field the builder cannot use.
   """
   from ml_collections import ConfigDict
 
+  check_fields(config)
   config = ConfigDict(config)
   train = dataset(config, "train")
+  check_size(config, train, max_params or int(os.environ.get("POL_JAX_MAX_PARAMS") or MAX_PARAMS))
   return program(config, train), train
 
 
-def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
+def rebuild(proof_dir: str, max_params: int | None = None) -> tuple[training.Program, data.Dataset]:
   """The program and training data a proof's recorded config describes.
 
   Raises:
@@ -210,7 +301,7 @@ def rebuild(proof_dir: str) -> tuple[training.Program, data.Dataset]:
 
   manifest = verify_lib.read_manifest(proof_dir)
   try:
-    return from_config(manifest["config"])
+    return from_config(manifest["config"], max_params)
   except ConfigError as e:
     raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None
 
@@ -238,7 +329,6 @@ def set_deterministic_flags() -> None:
   (:func:`set_flags_of_proof`).
   """
   import importlib.util
-  import os
 
   has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
   flags = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda, fingerprint.cpu_isa_flag())
@@ -255,7 +345,6 @@ def set_flags_of_proof(proof_dir: str) -> None:
   environment check then reports what differs. An unreadable proof is left
   to the verifier to report.
   """
-  import os
   import shlex
 
   from pol_jax import proof

@@ -1,10 +1,12 @@
-"""Commits to a finished proof: ``python -m experiments.commit --proof=DIR --key=KEYFILE [--new-key]``.
+"""Commits to a finished proof: ``python -m experiments.commit --proof=DIR [--key=KEYFILE]``.
 
 Writes a small signed record (``--out``, default ``DIR/../commitment.json``):
 the proof's root digest, the digest of its final model, the time and an
 Ed25519 signature by the prover's key, to publish where a later dispute can
-point to it (a transparency log, a git tag, an email). ``--new-key`` first
-creates the key pair (``KEYFILE``, mode 0600, and ``KEYFILE.pub``).
+point to it (a transparency log, a git tag, an email). The key must be the
+proof's owner key (``experiments.train --key``; default ``owner.key`` beside
+the proof directory, where ``experiments.train`` creates it): a proof is bound
+to it, and no other key can commit to it. ``--challenge=TEXT`` answers an arbitrator's challenge in a dispute.
 Exit status 0, or 2 with a one-line error.
 """
 
@@ -23,10 +25,8 @@ def main(argv) -> None:
 
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "commitment.json")
   try:
-    if _NEW_KEY.value:
-      public = ownership.new_key(_KEY.value)
-      print(f"new key:    {_KEY.value} (public {public}, also in {_KEY.value}.pub)")
-    record = ownership.commit(_PROOF.value, ownership.load_key(_KEY.value))
+    key = _KEY.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "owner.key")
+    record = ownership.commit(_PROOF.value, ownership.load_key(key), challenge=_CHALLENGE.value)
     if os.path.exists(out):
       raise ownership.DisputeError(f"{out}: a commitment is already there; it is never overwritten (pass --out)")
     proof.write_json_atomic(out, record)
@@ -39,8 +39,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _PROOF = flags.DEFINE_string("proof", None, "The finished proof directory.", required=True)
-  _KEY = flags.DEFINE_string("key", None, "The prover's Ed25519 private key (PEM).", required=True)
-  _NEW_KEY = flags.DEFINE_bool("new_key", False, "Create the key pair at --key first.")
+  _KEY = flags.DEFINE_string("key", None, "The proof's owner key, Ed25519 PEM (default: owner.key beside the proof).")
+  _CHALLENGE = flags.DEFINE_string("challenge", None, "An arbitrator's challenge to answer (a dispute's --challenge).")
   _OUT = flags.DEFINE_string("out", None, "Where to write the record (default: commitment.json beside the proof).")
-  flags.DEFINE_alias("new-key", "new_key")
   app.run(main)

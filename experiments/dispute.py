@@ -8,6 +8,16 @@ its final state is the model (bit for bit, or after a cast to the file's
 lower precision, stated as such), where its initial state comes from (its
 seed, another claimant's final state, the disputed model) and what its
 commitment shows; a claim that cannot be used is reported with the reason.
+Every proof is replayed whole: a dispute is worth it.
+
+A proof is bound to its owner's key (its seed derives from the public key),
+so the dispute establishes the key that trained the model, and the claimant
+who presents that key's proof and is not disqualified: a commitment signed
+by another key, or one that fails its checks, disqualifies. Commitments are
+public and can be copied; ``--challenge=TEXT`` (a fresh text the arbitrator
+picks) requires every claimant to answer with a commitment signed over it
+(``experiments.commit --challenge=TEXT``), which only the key's holder can
+make. Commitment times are self-claimed and decide nothing.
 It ends with a verdict and exits 0 when one claimant is established, 1 when
 none is, 2 when the model or the arguments are unusable. ``--report``
 writes everything as JSON.
@@ -45,7 +55,8 @@ def table(findings) -> str:
       f"  proof:       {proof_line}: {f.verdict}",
       f"  model:       {f.model}: {f.model_detail}",
       f"  init:        {f.origin}",
-      f"  commitment:  {f.commitment}" + (f", signed {f.committed_at}" if f.committed_at else ""),
+      f"  key:         {f.owner}",
+      f"  commitment:  {f.commitment}" + (f", claims the time {f.committed_at}" if f.committed_at else ""),
     ]
     if f.note:
       lines.append(f"  note:        {f.note}")
@@ -67,7 +78,7 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   findings, verdict, status = ownership.settle(
-    _MODEL.value, claims, build.rebuild, strategy=_STRATEGY.value, num_segments=_SEGMENTS.value, builder=build.BUILDER
+    _MODEL.value, claims, build.rebuild, challenge=_CHALLENGE.value, builder=build.BUILDER
   )
   if status == 2:
     print(f"error: {verdict}", file=sys.stderr)
@@ -86,7 +97,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
   _MODEL = flags.DEFINE_string("model", None, "The disputed model (Orbax dir, .safetensors, .msgpack).", required=True)
   _CLAIM = flags.DEFINE_multi_string("claim", None, "NAME:PROOF_DIR[:COMMITMENT], once per claimant.", required=True)
-  _STRATEGY = flags.DEFINE_enum("strategy", "all", ["all", "uniform", "fiat-shamir"], "Which segments to replay.")
-  _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments for uniform and fiat-shamir.", lower_bound=1)
+  _CHALLENGE = flags.DEFINE_string("challenge", None, "A fresh text every claimant's commitment must answer.")
   _REPORT = flags.DEFINE_string("report", None, "Write the findings and the verdict as JSON.")
   app.run(main, flags_parser=build.parse_flags)

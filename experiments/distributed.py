@@ -14,6 +14,14 @@ returns a proof of them; the first ``--byzantine`` workers play
   a verifier seed the workers never see) and only the accepted averaged;
 * ``median``: the coordinate-wise median of every returned update.
 
+Every submission is judged in a child process under ``--judge_seconds`` and
+``--judge_memory_gib``, so a hostile upload (a FIFO, a bomb, a hang) gets its
+worker rejected, not the run stopped. Every worker proof is bound to the
+run's owner key: ``--key`` (created if missing; keep it off the shared
+``--workdir``: a worker that reads it could claim the run's proofs), else
+``--config.owner``, else the owner a resumed run recorded, else a throwaway
+key nobody can claim the proofs with.
+
 Prints the per-round table of the PoL coordinator (worker, accepted or
 rejected, the check, verification and training time) and the held-out
 accuracy of the three; writes the rounds as JSON (``--out``) and accuracy
@@ -56,6 +64,31 @@ def build_worker(config: dict, xla_flags: str | None = None):
   return build.program(config, train), train
 
 
+def bind_owner(config, workdir: str, key: str | None) -> str:
+  """Sets ``config.owner`` for a run in ``workdir``; says from where.
+
+  ``--config.owner``, else the public key of ``key`` (created if missing),
+  else the owner a run being resumed in ``workdir`` recorded, else a
+  throwaway key. ``key`` must not be under ``workdir``: that is the storage
+  every worker reads.
+  """
+  from pol_jax import proof
+
+  if key is not None:
+    inside = os.path.commonpath([os.path.realpath(key), os.path.realpath(workdir)]) == os.path.realpath(workdir)
+    if inside:
+      raise build.UsageError(f"--key={key} is under --workdir={workdir}, which every worker reads: keep it elsewhere")
+  if not config.owner and key is None:
+    for defence in ("pol", "none", "median"):
+      path = os.path.join(workdir, defence, "coordinator", "setup.json")
+      if os.path.exists(path):
+        owner = proof.read_json(path, "setup.json").get("setup", {}).get("owner")
+        if isinstance(owner, str) and owner:
+          config.owner = owner
+          return f"owner:  {owner} (recorded in {path})"
+  return build.bind_owner(config, key)
+
+
 def setup_for(
   config,
   workers: int,
@@ -66,12 +99,15 @@ def setup_for(
   strategy: str,
   segments: int,
   exclude: bool = False,
+  judge_seconds: float = 600.0,
+  judge_memory: int = 8 << 30,
 ):
   from pol_jax import distributed
 
   try:
     return distributed.Setup(
       seed=int(config.seed),
+      owner=str(config.owner),
       workers=workers,
       rounds=rounds,
       steps=steps,
@@ -82,6 +118,8 @@ def setup_for(
       strategy=strategy,
       segments=segments,
       exclude=exclude,
+      judge_seconds=judge_seconds,
+      judge_memory=judge_memory,
     )
   except ValueError as e:
     raise build.UsageError(str(e)) from None
@@ -107,8 +145,17 @@ def run(
   engine=None,
   progress: bool = False,
   on_round=None,
+  key: str | None = None,
+  judge_seconds: float = 600.0,
+  judge_memory: int = 8 << 30,
+  judges: int = 1,
 ) -> dict:
-  """Runs the same training under each coordinator in ``defences``; returns every round's record."""
+  """Runs the same training under each coordinator in ``defences``; returns every round's record.
+
+  The proofs are bound to the owner :func:`bind_owner` picks (``key``, a
+  private key file kept off ``workdir``). Each judgement runs in a child
+  process with ``judge_seconds`` and ``judge_memory`` bytes, ``judges`` at once.
+  """
   from tqdm import tqdm
 
   from pol_jax import distributed
@@ -119,6 +166,7 @@ def run(
     raise build.UsageError(f"--behaviour: unknown {behaviour!r} (known: {', '.join(distributed.BEHAVIOURS)})")
   config = config.copy_and_resolve_references()
   config.steps = rounds * steps  # the learning-rate schedule spans the whole run
+  owner = bind_owner(config, workdir, key)
   from pol_jax import fingerprint
 
   flags = fingerprint.started_flags()
@@ -131,10 +179,13 @@ def run(
     engine = distributed.LocalEngine(behaviours, make, config.to_dict())
   elif own_engine:
     engine = distributed.RayEngine(behaviours, make, config.to_dict(), address=address, timeout=timeout)
-  out = {"config": config.to_dict(), "behaviours": behaviours, "coordinators": {}}
+  out = {"config": config.to_dict(), "owner": owner, "behaviours": behaviours, "coordinators": {}}
   try:
     for defence in defences:
-      setup = setup_for(config, workers, rounds, steps, k, defence, strategy, segments, exclude and defence == "pol")
+      setup = setup_for(
+        config, workers, rounds, steps, k, defence, strategy, segments, exclude and defence == "pol",
+        judge_seconds, judge_memory,
+      )  # fmt: skip
       engine.reset()
       directory = os.path.join(workdir, defence)
       with tqdm(total=rounds, desc=f"coordinator {defence}", disable=not progress, leave=False) as bar:
@@ -148,10 +199,12 @@ def run(
           directory,
           setup,
           program,
-          train,
           engine,
+          builder=build.BUILDER,
+          config=config.to_dict(),
           evaluate=lambda s: build.evaluate(config, s, test),
           on_round=after,
+          parallel=judges,
         )
       out["coordinators"][defence] = {"rounds": result["rounds"]}
   finally:
@@ -167,10 +220,15 @@ def cost(result: dict) -> dict:
   if not rows:
     return {}
   verify = statistics.median(j["verify_seconds"] for j in rows)
+  isolate = statistics.median(j.get("isolation_seconds", 0.0) for j in rows)
   train = statistics.median(j["train_seconds"] for j in rows)
-  per_round = [sum(j["verify_seconds"] for j in r["judgements"]) for r in result["coordinators"]["pol"]["rounds"]]
+  per_round = [
+    sum(j["verify_seconds"] + j.get("isolation_seconds", 0.0) for j in r["judgements"])
+    for r in result["coordinators"]["pol"]["rounds"]
+  ]
   return {
     "verify_seconds_per_proof": verify,
+    "isolation_seconds_per_proof": isolate,
     "train_seconds_per_proof": train,
     "verify_over_train": verify / train if train else None,
     "coordinator_verify_seconds_per_round": statistics.median(per_round),
@@ -200,8 +258,9 @@ def summary(result: dict) -> str:
   if c:
     lines.append(
       f"cost: verifying a proof {c['verify_seconds_per_proof']:.2f} s (median) against training it "
-      f"{c['train_seconds_per_proof']:.2f} s: {c['verify_over_train']:.2f}x; "
-      f"coordinator verification per round {c['coordinator_verify_seconds_per_round']:.2f} s"
+      f"{c['train_seconds_per_proof']:.2f} s: {c['verify_over_train']:.2f}x, plus "
+      f"{c['isolation_seconds_per_proof']:.2f} s to judge it in a child process; "
+      f"coordinator judging per round {c['coordinator_verify_seconds_per_round']:.2f} s"
     )
   return "\n".join(lines)
 
@@ -236,7 +295,7 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
   build.set_deterministic_flags()
-  from pol_jax import proof
+  from pol_jax import distributed, proof
 
   defences = [d.strip() for d in _DEFENCES.value.split(",") if d.strip()]
   if not defences or any(d not in ("none", "pol", "median") for d in defences):
@@ -266,10 +325,15 @@ def main(argv) -> None:
       timeout=_TIMEOUT.value,
       local=_LOCAL.value,
       progress=progress,
+      key=_KEY.value,
+      judge_seconds=_JUDGE_SECONDS.value,
+      judge_memory=int(_JUDGE_MEMORY_GIB.value * (1 << 30)),
+      judges=_JUDGES.value,
     )
-  except (build.ConfigError, build.UsageError, proof.ProofError, ImportError) as e:
+  except (build.ConfigError, build.UsageError, proof.ProofError, distributed.CoordinatorError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  print(result["owner"])
   if "pol" in result["coordinators"]:
     print(round_table(result))
     print()
@@ -302,6 +366,17 @@ if __name__ == "__main__":
   _ADDRESS = flags.DEFINE_string("address", None, "HOST:PORT of a Ray cluster to join (default: start a local one).")
   _LOCAL = flags.DEFINE_bool("local", False, "Run the workers one after another in this process instead of Ray.")
   _TIMEOUT = flags.DEFINE_float("timeout", 300.0, "Seconds a round waits for a worker before dropping it.")
+  _KEY = flags.DEFINE_string(
+    "key", None, "The run's Ed25519 private key (PEM), created if missing; not under --workdir (workers read it)."
+  )
+  _JUDGE_SECONDS = flags.DEFINE_float(
+    "judge_seconds", 600.0, "Wall-clock limit of one judgement (a child process, ~3 s start-up).", lower_bound=1.0
+  )
+  _JUDGE_MEMORY_GIB = flags.DEFINE_float(
+    "judge_memory_gib", 8.0, "Address-space limit of one judgement's child process, GiB (0: none; 0 on GPU).",
+    lower_bound=0.0,
+  )  # fmt: skip
+  _JUDGES = flags.DEFINE_integer("judges", 1, "Judgements run at once (child processes).", lower_bound=1)
   _OUT = flags.DEFINE_string("out", None, "Write every round as JSON to this file.")
   _PLOT = flags.DEFINE_string("plot", None, "Write accuracy against round for the coordinators as a PNG.")
   app.run(main, flags_parser=build.parse_flags)

@@ -103,6 +103,7 @@ def run(config, workdir: str, ks: list[int] | None = None, counts=(1, 2, 4, 8, 1
 
   from pol_jax import fingerprint, proof, recorder
 
+  build.bind_owner(config, os.path.join(workdir, "owner.key"))
   base_k = int(config.k)
   ks = sorted(set(ks or [max(1, base_k // 2), base_k, 2 * base_k]))
   if base_k not in ks:
@@ -143,7 +144,7 @@ def _cost(proof_dir, program, train, record_seconds, num_segments, counts, progr
   for n in tqdm(ns, desc="cost", disable=not progress, leave=False):
     for integrity in ("full", "sampled"):
       t0 = time.perf_counter()
-      verdict = verify_lib.verify(proof_dir, program, train, num_segments=n, integrity=integrity)
+      verdict = verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=n, integrity=integrity)
       seconds = time.perf_counter() - t0
       points.append(
         {
@@ -255,6 +256,7 @@ def main(argv) -> None:
   try:
     ks = _ints(_KS.value, "--ks") if _KS.value else None
     counts = _ints(_COUNTS.value, "--counts")
+    build.bind_owner(config, os.path.join(_WORKDIR.value, "owner.key"))
     build.plan(config)
     result = run(config, _WORKDIR.value, ks, counts, _CHUNK.value, _PROGRESS.value)
   except (build.ConfigError, build.UsageError) as e:

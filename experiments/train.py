@@ -2,6 +2,12 @@
 
 Writes ``DIR/proof``; run again on a workdir holding a killed run's partial
 proof to resume it. Exit status 2, with a one-line message, on bad input.
+
+The proof is bound to an Ed25519 key: its seed derives from the public key and
+``config.seed`` (``proof.bound_seed``), so only that key can claim it.
+``--key`` (default ``DIR/owner.key``) is the private key, created (mode 0600,
+with ``DIR/owner.key.pub``) when missing and never overwritten; training needs
+only its public key, and ``--config.owner=HEX`` names one directly.
 """
 
 from __future__ import annotations
@@ -55,16 +61,20 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every save at INFO.
   build.set_deterministic_flags()  # before JAX starts a backend
+  from pol_jax import ownership
+
   try:
+    build.set_data_dir(_DATA_DIR.value)
+    owner = build.bind_owner(_CONFIG.value, _KEY.value or os.path.join(_WORKDIR.value, "owner.key"))
     build.set_numerics(_CONFIG.value)
     summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty())
-  except (build.ConfigError, proof.ProofError, recorder.ProofExistsError) as e:
+  except (build.ConfigError, proof.ProofError, recorder.ProofExistsError, ownership.DisputeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(
     f"recorded {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['checkpoints']} checkpoints, "
     f"{summary['proof_bytes'] / 1e6:.2f} MB ({summary['proof_bytes'] / summary['steps']:.0f} bytes/step)\n"
-    f"proof:  {summary['proof']}\nroot:   {summary['root']}\n"
+    f"proof:  {summary['proof']}\nroot:   {summary['root']}\n{owner}\n"
     f"held-out accuracy: {summary['test_accuracy']:.4f}"
   )
 
@@ -74,4 +84,8 @@ if __name__ == "__main__":
   # imported together as libraries (the notebook does).
   _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (and :arg).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
+  _KEY = flags.DEFINE_string(
+    "key", None, "The owner's Ed25519 private key (PEM); created if missing (default WORKDIR/owner.key)."
+  )
   app.run(main, flags_parser=build.parse_flags)

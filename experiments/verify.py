@@ -5,11 +5,19 @@ everything, replays the chosen segments, prints a table and exits 0
 (accepted), 1 (rejected: a check failed) or 2 (unusable input, or this
 machine cannot replay exactly).
 
-  --strategy=uniform (default): the last segment and --segments - 1 others,
-                           drawn from --seed or, by default, a fresh seed from
-                           the OS (printed in the verdict); fiat-shamir draws
-                           from the proof's root (non-interactive, but a forger
-                           can re-roll it by resealing); all replays everything
+  --strategy=top-q+uniform (default): per epoch the largest recorded update
+                           under each metric (top-q), the last segment, and
+                           --segments others drawn from --seed or, by default,
+                           a fresh seed from the OS (printed in the verdict);
+                           uniform: the last and --segments - 1 others;
+                           fiat-shamir draws from the proof's root
+                           (non-interactive, but a forger can re-roll it by
+                           resealing); top-q: the paper's; all replays everything
+  --detect=0.99 --faked_fraction=0.05
+                           without --segments, the uniform part is the smallest
+                           that catches a proof with 5% of its segments faked
+                           with probability 0.99; the verdict states what it
+                           guarantees
   --mode=exact (default)   bit-exact replay, one segment per local device; a proof
                            recorded with another CPU thread count, XLA flags or
                            x64 is replayed in worker processes pinned to its
@@ -55,8 +63,8 @@ def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Tole
 
 def run(
   proof_dir: str,
-  strategy: str = "uniform",
-  segments: int = 8,
+  strategy: str = challenge.DEFAULT,
+  segments: int | None = None,
   seed: int | None = None,
   q: int = 1,
   devices: int | None = None,
@@ -67,14 +75,16 @@ def run(
   progress: bool = True,
   workers: int | None = None,
   versions_matched: str | None = None,
+  detect: float = challenge.DETECT,
+  faked_fraction: float = challenge.FAKED_FRACTION,
 ) -> verify_lib.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes."""
   import jax
   from tqdm import tqdm
 
   program, train = build.rebuild(proof_dir)
-  if strategy == "uniform" and seed is None and jax.process_count() > 1:
-    raise build.UsageError("--strategy=uniform across processes needs --seed, so that every process draws alike")
+  if strategy in ("uniform", challenge.DEFAULT) and seed is None and jax.process_count() > 1:
+    raise build.UsageError(f"--strategy={strategy} across processes needs --seed, so that every process draws alike")
   try:
     replay.local_devices(devices)
   except ValueError as e:
@@ -89,6 +99,8 @@ def run(
         num_segments=segments,
         seed=seed,
         q=q,
+        detect=detect,
+        faked_fraction=faked_fraction,
         devices=devices,
         mode=mode,
         tolerance=tol,
@@ -99,7 +111,7 @@ def run(
         max_workers=workers,
         versions_matched=versions_matched,
       )
-    except ValueError as e:  # a chunk that does not divide or fit
+    except ValueError as e:  # a chunk that does not divide or fit, a --segments below what the strategy needs
       raise build.UsageError(str(e)) from None
 
 
@@ -168,6 +180,9 @@ def main(argv) -> None:
     if status is not None:
       sys.exit(status)
   build.set_flags_of_proof(_PROOF.value)  # before JAX starts a backend
+  build.set_data_dir(_DATA_DIR.value)  # the verifier's own copy of the data, never the proof's choice
+  if _MAX_PARAMS.value:
+    os.environ["POL_JAX_MAX_PARAMS"] = str(_MAX_PARAMS.value)  # worker processes inherit it
   try:
     tol = tolerance_from(_CALIBRATION.value, _DELTA.value) if _MODE.value == "tolerance" else None
     if _MODE.value == "exact" and (_CALIBRATION.value or _DELTA.value):
@@ -187,6 +202,8 @@ def main(argv) -> None:
       sys.stderr.isatty(),
       _WORKERS.value,
       _VERSIONS_MATCHED.value,
+      _DETECT.value,
+      _FAKED_FRACTION.value,
     )
   except (proof.ProofError, build.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -205,10 +222,22 @@ if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
   _PROOF = flags.DEFINE_string("proof", None, "Proof directory.", required=True)
-  _STRATEGY = flags.DEFINE_enum("strategy", "uniform", challenge.STRATEGIES, "Which segments to replay.")
-  _SEGMENTS = flags.DEFINE_integer("segments", 8, "Segments to replay (uniform, fiat-shamir).", lower_bound=1)
-  _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform; default: drawn from the OS).")
-  _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q).", lower_bound=1)
+  _STRATEGY = flags.DEFINE_enum("strategy", challenge.DEFAULT, challenge.STRATEGIES, "Which segments to replay.")
+  _SEGMENTS = flags.DEFINE_integer(
+    "segments",
+    None,
+    "The uniform part: segments to replay (uniform, fiat-shamir: the last included) or to draw beyond top-q and the "
+    "last (top-q+uniform). Default: sized by --detect and --faked_fraction.",
+    lower_bound=0,
+  )
+  _DETECT = flags.DEFINE_float(
+    "detect", challenge.DETECT, "Size the uniform part to catch --faked_fraction faked with this probability."
+  )
+  _FAKED_FRACTION = flags.DEFINE_float(
+    "faked_fraction", challenge.FAKED_FRACTION, "The fraction of faked segments the uniform part must catch."
+  )
+  _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform, top-q+uniform; default: drawn from the OS).")
+  _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q, top-q+uniform).", lower_bound=1)
   _REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
   _MODE = flags.DEFINE_enum("mode", "exact", verify_lib.MODES, "exact: digest equality; tolerance: within delta.")
   _CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta from experiments.calibrate.")
@@ -227,6 +256,10 @@ if __name__ == "__main__":
     ["here", "match"],
     "here: verify with this Python's packages; match: if the proof's jax/jaxlib differ, build once (cached under "
     "~/.cache/pol-jax, needs the package index) and verify in a virtual environment with the recorded versions.",
+  )
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
+  _MAX_PARAMS = flags.DEFINE_integer(
+    "max_params", None, "Refuse a proof whose model has more parameters (default 250M).", lower_bound=1
   )
   _VERSIONS_MATCHED = flags.DEFINE_string("versions_matched", None, "Set by --env=match in the child it starts.")
   _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")

@@ -12,6 +12,8 @@ is that integrity alone proves nothing, and replay must decide.
 * :func:`interpolate` moves a pytree of floats part of the way to another.
 * :func:`reseal` edits a proof's manifest and recomputes its root.
 * :func:`replace_checkpoint` swaps one recorded state for another and reseals.
+* :func:`splice_stolen` trains honestly but for one checkpoint, which holds a
+  stolen model, and on from it: a one-segment fake.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 
 from pol_jax import data as data_lib
-from pol_jax import proof, recorder, training
+from pol_jax import proof, recorder, sampling, training
 
 PyTree = Any
 
@@ -99,9 +101,15 @@ def interpolate(a: PyTree, b: PyTree, fraction: float) -> PyTree:
 
 
 def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
-  """Edits the manifest body with ``edit(body)`` and recomputes the root."""
+  """Edits the manifest body with ``edit(body)`` and recomputes the root.
+
+  The ``files`` listing is re-hashed first (a forger who changed files can),
+  so ``edit`` sees, and may still change, the listing of the files as they are.
+  """
   manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
   body = {k: v for k, v in manifest.items() if k != "root"}
+  if "files" in body:
+    body["files"] = proof.file_listing(proof_dir)
   edit(body)
   sealed = proof.seal(body)
   proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), sealed)
@@ -126,3 +134,38 @@ def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray |
   shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, step), target)
   shutil.rmtree(scratch)
   return reseal(proof_dir, lambda body: body["checkpoints"].update({step: digest}))
+
+
+def splice_stolen(
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  plan: recorder.Plan,
+  stolen: PyTree,
+  at: int,
+  config: dict,
+) -> dict:
+  """Trains honestly, swapping the state at checkpoint ``at`` for a stolen model; writes the sealed proof.
+
+  From the seed's initialisation the real segment runner trains ``at``
+  segments; the state it reaches takes ``stolen``'s parameters and model
+  state (the forger's own optimizer state and step stay), and training goes
+  on honestly from there to the end. Only segment ``at - 1``, which ends on
+  the swapped state, fails to replay, and its update is a jump to another
+  model: the largest of its epoch. With a learning rate too small to move a
+  float32 weight (1e-30), the tail keeps the stolen parameters bit for bit.
+  Returns the manifest.
+  """
+  bounds = recorder.segments(plan)
+  if not 1 <= at <= len(bounds):
+    raise ValueError(f"Expected 1 <= at <= {len(bounds)} (a checkpoint after step 0), got at={at}.")
+  _, (state, segment, keys) = recorder.start_body(program, dataset, plan, config)
+  log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
+  states = [state]
+  for i, (start, end) in enumerate(bounds):
+    state, _ = segment.run(state, dataset.batch(log[start:end]), keys.step)
+    state = training.to_host(state)
+    if i + 1 == at:
+      state = state.replace(params=stolen.params, model_state=stolen.model_state)
+    states.append(state)
+  return write_proof(proof_dir, program, dataset, plan, states, log, config)

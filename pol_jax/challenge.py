@@ -18,15 +18,44 @@ what the blindfold attack exploits, so it is never our only check.
 (:func:`including_last`): it ends on the model the proof is about, so a proof
 whose last checkpoint was swapped for another model (a stolen one) is caught
 whatever the draw; the other n - 1 segments are drawn from the rest.
+
+``top-q+uniform`` (:data:`DEFAULT`) is the union of the three: top-q, the last
+segment, and n of the other segments drawn from the verifier's seed. Alone, a
+uniform draw is blind to where a forger put its fake: a proof that is honest
+but for one segment that jumps to a stolen model passes a draw of n of S with
+probability (S - n) / (S - 1), which a prover makes as large as it likes by
+choosing a small k. That jump is the largest update of its epoch, so top-q
+replays it whatever the draw. A fake top-q misses moves the weights by no more
+than the largest honest update of its epoch (which top-q replays), so to get
+far from honest training a forger must fake many segments, and the uniform
+part catches a proof with m faked segments with the probability
+:meth:`Guarantee.catch_probability` states; :func:`sample_size` sizes n from S
+for a stated detection probability of a stated fraction of faked segments.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fractions
 import hashlib
+import math
 
 import numpy as np
 
-STRATEGIES = ("fiat-shamir", "uniform", "top-q", "all")
+DEFAULT = "top-q+uniform"
+"""The default strategy: top-q, the last segment and a uniform draw."""
+STRATEGIES = (DEFAULT, "fiat-shamir", "uniform", "top-q", "all")
+
+DETECT = 0.99
+"""Default detection probability the uniform part is sized for."""
+FAKED_FRACTION = 0.05
+"""Default fraction of faked segments it must detect. A fake that top-q does
+not replay moves the weights no further than the largest honest update of its
+epoch, so a forger who fakes fewer than 5% of the segments did more than 95%
+of the honest work, and its fakes moved the weights by at most 0.05 S honest
+updates. With 0.99 the uniform part then needs at most 90 segments, whatever
+S (``ln 0.01 / ln 0.95``): the cost of verifying stays bounded as proofs
+grow; small proofs (S <= 20: m = 1) replay nearly every segment."""
 
 
 def all_segments(num_segments: int) -> list[int]:
@@ -118,3 +147,234 @@ def top_q(update_sizes: dict[str, np.ndarray], epochs: np.ndarray, q: int) -> li
       order = members[np.argsort(-sizes[members], kind="stable")]
       chosen.update(int(i) for i in order[:q])
   return sorted(chosen)
+
+
+def faked_segments(num_segments: int, faked_fraction: float) -> int:
+  """m = ``ceil(faked_fraction * num_segments)``, at least 1 (computed exactly).
+
+  >>> faked_segments(30, 0.05), faked_segments(20, 0.05), faked_segments(1000, 0.05)
+  (2, 1, 50)
+  """
+  if not 0 < faked_fraction <= 1:
+    raise ValueError(f"Expected 0 < faked_fraction <= 1, got faked_fraction={faked_fraction}.")
+  return max(1, math.ceil(fractions.Fraction(str(faked_fraction)) * num_segments))
+
+
+def miss_probability(population: int, drawn: int, faked: int) -> float:
+  """``C(population - faked, drawn) / C(population, drawn)``: a uniform draw misses every faked one.
+
+  The chance that ``drawn`` distinct segments, drawn uniformly from
+  ``population``, include none of ``faked`` of them (0 when they cannot all
+  be missed).
+
+  >>> miss_probability(10, 3, 1)
+  0.7
+  >>> miss_probability(10, 9, 2)
+  0.0
+  """
+  if faked > population - drawn:
+    return 0.0
+  miss = 1.0
+  for i in range(drawn):  # the product form: no huge binomials for large proofs
+    miss *= (population - faked - i) / (population - i)
+  return miss
+
+
+def sample_size(population: int, faked: int, detect: float) -> int:
+  """The smallest n such that n drawn of ``population`` hit one of ``faked`` with probability >= ``detect``.
+
+  Hypergeometric: the smallest n with ``C(population - faked, n) /
+  C(population, n) <= 1 - detect`` (:func:`miss_probability`); ``population``
+  when even that is not enough, 0 when there is nothing to draw from.
+
+  >>> sample_size(1000, 50, 0.99)  # 5% of 1000 segments faked
+  86
+  >>> sample_size(10**6, 50_000, 0.99)  # about ln(0.01) / ln(0.95), whatever S
+  90
+  >>> sample_size(29, 2, 0.99)  # two of 29 faked: nearly all of them
+  26
+  >>> sample_size(0, 1, 0.99)
+  0
+  """
+  if not 0 < detect <= 1:
+    raise ValueError(f"Expected 0 < detect <= 1, got detect={detect}.")
+  limit = (1 - detect) * (1 + 1e-12)  # the product's rounding must not cost a segment
+  miss = 1.0
+  for n in range(population):
+    if miss <= limit or faked > population - n:
+      return n
+    miss *= (population - faked - n) / (population - n)
+  return population
+
+
+@dataclasses.dataclass(frozen=True)
+class Guarantee:
+  """What a challenge with a uniform part shows about the segments it did not replay.
+
+  Segments in :attr:`certain` are replayed whatever the draw; :attr:`drawn`
+  others are drawn uniformly from the remaining :attr:`population`. A proof
+  with at least :attr:`faked` segments that do not replay is caught with
+  probability at least :attr:`catch` (if one is certain, always; else the
+  draw must hit one of them).
+
+  >>> g = Guarantee(strategy="uniform", segments=30, certain=(29,), drawn=7, faked=2)
+  >>> round(g.catch, 3), round(g.catch_probability({3}), 3), g.catch_probability({29})
+  (0.431, 0.241, 1.0)
+  """
+
+  strategy: str
+  segments: int
+  """S, the segments of the proof."""
+  certain: tuple[int, ...]
+  """Replayed whatever the draw: top-q and the last (``top-q+uniform``), the last (``uniform``, ``fiat-shamir``)."""
+  drawn: int
+  """n, drawn uniformly from the other segments."""
+  faked: int
+  """m: the guarantee is for proofs with at least this many faked segments."""
+  detect: float | None = None
+  """The probability n was sized for (None: n was given)."""
+
+  @property
+  def population(self) -> int:
+    return self.segments - len(self.certain)
+
+  @property
+  def replayed(self) -> int:
+    return len(self.certain) + self.drawn
+
+  @property
+  def catch(self) -> float:
+    """The least probability that a proof with >= :attr:`faked` faked segments is caught."""
+    return 1.0 - miss_probability(self.population, self.drawn, self.faked)
+
+  def catch_probability(self, false_segments) -> float:
+    """The probability that a draw like this one catches a proof whose ``false_segments`` do not replay."""
+    false_segments = set(false_segments)
+    if not false_segments:
+      return 0.0
+    if false_segments & set(self.certain):
+      return 1.0
+    return 1.0 - miss_probability(self.population, self.drawn, len(false_segments))
+
+  def composition(self) -> str:
+    """Which segments were replayed: ``"the last, and 7 of the other 29 drawn uniformly"``."""
+    how = f"{len(self.certain)} by top-q and the last" if self.strategy == DEFAULT else "the last"
+    if self.drawn >= self.population > 0:
+      return how + ", and every other one"
+    if self.population and self.drawn:
+      return how + f", and {self.drawn} of the other {self.population} drawn uniformly"
+    if self.population:
+      return how + f", none of the other {self.population}"
+    return how
+
+  def statement(self) -> str:
+    """What it guarantees, rounded down: ``"a proof with >= 2 faked segments is caught with probability >= 0.431"``."""
+    p = self.catch
+    if p <= 0.0:
+      return f"a proof whose faked segments are all among the other {self.population} is not caught"
+    line = f"a proof with >= {self.faked} faked segment{'s' if self.faked > 1 else ''} is caught " + (
+      "with certainty" if p >= 1.0 else f"with probability >= {math.floor(p * 1000) / 1000:.3f}"
+    )
+    if self.strategy == "fiat-shamir" and p < 1.0:
+      line += " per draw, and a forger can re-roll a Fiat-Shamir draw by resealing"
+    return line
+
+  def describe(self) -> str:
+    """One line: what was replayed, and what it guarantees.
+
+    >>> print(Guarantee("uniform", 30, (29,), 7, 2).describe())
+    8 of 30 segments (the last, and 7 of the other 29 drawn uniformly): a proof with >= 2 faked segments is caught with probability >= 0.431
+    """
+    return f"{self.replayed} of {self.segments} segments ({self.composition()}): {self.statement()}"
+
+
+def top_q_uniform(
+  update_sizes: dict[str, np.ndarray], epochs: np.ndarray, q: int, n: int, seed: int
+) -> tuple[list[int], list[int]]:
+  """``top-q+uniform``: top-q, the last segment, and ``n`` of the others from ``seed``.
+
+  Returns:
+    ``(chosen, certain)``: every chosen segment, and those chosen whatever
+    the seed (top-q and the last).
+
+  >>> sizes = {"l2": np.array([1.0, 9.0, 2.0, 3.0, 1.0, 1.0])}
+  >>> top_q_uniform(sizes, np.zeros(6), 1, 0, 0)
+  ([1, 5], [1, 5])
+  >>> chosen, certain = top_q_uniform(sizes, np.zeros(6), 1, 2, 7)
+  >>> len(chosen), set(certain) < set(chosen)
+  (4, True)
+  """
+  count = len(np.asarray(epochs))
+  certain = sorted({*top_q(update_sizes, epochs, q), count - 1})
+  others = [i for i in range(count) if i not in set(certain)]
+  drawn = [others[i] for i in uniform(len(others), n, seed)]
+  return sorted({*certain, *drawn}), certain
+
+
+def select(
+  strategy: str,
+  num_segments: int,
+  *,
+  n: int | None = None,
+  seed: int | None = None,
+  root: str | None = None,
+  update_sizes: dict[str, np.ndarray] | None = None,
+  epochs: np.ndarray | None = None,
+  q: int = 1,
+  detect: float = DETECT,
+  faked_fraction: float = FAKED_FRACTION,
+) -> tuple[list[int], Guarantee | None]:
+  """The segments ``strategy`` replays, and what replaying them guarantees.
+
+  Args:
+    strategy: one of :data:`STRATEGIES`.
+    num_segments: S, the segments of the proof.
+    n: the uniform part: for ``uniform`` and ``fiat-shamir`` the segments
+      replayed, the last included; for ``top-q+uniform`` those drawn beyond
+      top-q and the last. None: sized by :func:`sample_size`, so that a proof
+      with ``faked_segments(S, faked_fraction)`` faked segments is caught with
+      probability at least ``detect``.
+    seed: the verifier's seed (``uniform``, ``top-q+uniform``).
+    root: the proof's root (``fiat-shamir``).
+    update_sizes: ``{metric: [S]}`` recorded update sizes (``top-q``,
+      ``top-q+uniform``).
+    epochs: ``[S]`` the epoch each segment starts in (``top-q``, ``top-q+uniform``).
+    q: segments per epoch and metric, for the top-q part.
+    detect: the detection probability n is sized for.
+    faked_fraction: the fraction of faked segments it is sized to detect.
+
+  Returns:
+    ``(chosen, guarantee)``; the guarantee is None for ``top-q`` (the prover
+    knows which segments it replays) and ``all`` (every segment is replayed).
+
+  >>> select("uniform", 30, n=8, seed=1)[1].describe()[:69]
+  '8 of 30 segments (the last, and 7 of the other 29 drawn uniformly): a'
+  >>> chosen, g = select("uniform", 30, seed=1)  # sized: two faked of 30, caught w.p. >= 0.99
+  >>> len(chosen), g.catch >= 0.99
+  (27, True)
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Expected strategy in {STRATEGIES}, got {strategy!r}.")
+  if n is not None and n < 1 and strategy in ("uniform", "fiat-shamir"):
+    raise ValueError(f"Expected n >= 1 for {strategy!r} (the last segment is always replayed), got n={n}.")
+  if n is not None and n < 0:
+    raise ValueError(f"Expected n >= 0, got n={n}.")
+  if strategy == "all":
+    return all_segments(num_segments), None
+  if strategy in ("top-q", DEFAULT) and (update_sizes is None or epochs is None):
+    raise ValueError(f"Strategy {strategy!r} needs update_sizes and epochs.")
+  if strategy == "top-q":
+    return top_q(update_sizes, epochs, q), None
+  faked = faked_segments(num_segments, faked_fraction)
+  if strategy == DEFAULT:
+    certain = sorted({*top_q(update_sizes, epochs, q), num_segments - 1})
+    population = num_segments - len(certain)
+    draws = sample_size(population, faked, detect) if n is None else min(n, population)
+    chosen, certain = top_q_uniform(update_sizes, epochs, q, draws, seed)
+  else:
+    population = num_segments - 1
+    draws = sample_size(population, faked, detect) if n is None else min(n - 1, population)
+    draw = (lambda c, m: uniform(c, m, seed)) if strategy == "uniform" else (lambda c, m: fiat_shamir(c, m, root))
+    chosen, certain = including_last(num_segments, draws + 1, draw), [num_segments - 1]
+  guarantee = Guarantee(strategy, num_segments, tuple(certain), draws, faked, detect if n is None else None)
+  return chosen, guarantee

@@ -11,6 +11,22 @@ coordinator's own program, data and a verifier seed the worker cannot
 know), aggregates the accepted updates in worker order (:func:`aggregate`,
 so a run replays bit for bit) and records the round.
 
+Every worker proof is bound to one owner's key (:attr:`Setup.owner`, the
+run's public key): an assignment's seed is ``proof.bound_seed(owner,
+nonce)`` with the round seed as the nonce.
+
+Two things keep a hostile worker from harming the run beyond its own
+update. Each judgement runs in a child process (:func:`judge_isolated`,
+:mod:`pol_jax.isolation`) under a time and memory limit, on a private copy
+of the upload: whatever a proof makes the judgement do (raise, hang,
+exhaust memory), that worker is rejected with the reason and the round goes
+on. And the verifier seed of each judgement is drawn from the OS
+(``secrets``) by that child once it has copied the upload, so it exists
+nowhere before the proof is frozen; nothing a worker can read names it
+before the judgement (the coordinator keeps no secret, on disk or
+otherwise), and it reaches the shared storage only in the round's record,
+after the judgement, for audit.
+
 Workers run wherever an engine puts them: :class:`Worker` is a plain class,
 which ``experiments.distributed`` runs as Ray actors. :data:`BEHAVIOURS`
 lists the Byzantine ones it can play, for experiments and tests.
@@ -21,10 +37,14 @@ imported only when an engine is made.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +52,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import attacks, proof, recorder, sampling, training
+from pol_jax import attacks, challenge, isolation, proof, recorder, sampling, training
 from pol_jax import data as data_lib
 from pol_jax import verify as verify_lib
 
@@ -48,6 +68,7 @@ BEHAVIOURS = (
   "stale",  # withholds its first round's proof, then submits it in every later round
   "wrong-data",  # trains on examples it was not assigned
   "spoof",  # the infinitesimal-update attack: interpolated checkpoints, a tiny declared learning rate
+  "peek",  # reads the whole shared storage, trains only the segments it predicts will be replayed, poisons the rest
 )
 FAULTS = ("crash", "slow")
 """Not Byzantine, just unreliable: the worker process dies, or answers after the deadline."""
@@ -57,11 +78,17 @@ AGGREGATORS = ("mean", "median")
 
 @dataclasses.dataclass(frozen=True)
 class Assignment:
-  """What a worker must do in a round: ``steps`` steps of ``batch_size`` from ``seed``'s order, recorded every ``k``."""
+  """What a worker must do in a round: ``steps`` steps of ``batch_size`` from ``seed``'s order, recorded every ``k``.
+
+  The proof is bound to ``owner`` (the run's public key) with ``nonce`` (the
+  round seed of this worker and round), so its :attr:`seed` is
+  ``proof.bound_seed(owner, nonce)``.
+  """
 
   round: int
   worker: int
-  seed: int
+  owner: str
+  nonce: int
   steps: int
   k: int
   batch_size: int
@@ -69,7 +96,12 @@ class Assignment:
 
   @property
   def plan(self) -> recorder.Plan:
-    return recorder.Plan(self.seed, self.k, self.steps, self.batch_size, self.runner)
+    return recorder.Plan(self.owner, self.nonce, self.k, self.steps, self.batch_size, self.runner)
+
+  @property
+  def seed(self) -> int:
+    """The seed the worker's keys derive from."""
+    return proof.bound_seed(self.owner, self.nonce)
 
 
 def round_seed(run_seed: int, round_: int, worker: int) -> int:
@@ -98,11 +130,25 @@ class Judgement:
   check: str | None = None
   detail: str = ""
   verify_seconds: float = 0.0
+  """The judgement's own time (in the child: reading, checking, replaying)."""
   train_seconds: float = 0.0
+  isolation_seconds: float = 0.0
+  """What running it in a child cost on top: start-up, imports, building the program, copying the upload."""
+  verifier_seed: int | None = None
+  """The seed of the uniform draw, drawn once the upload was copied; recorded after the judgement, for audit."""
+  root: str | None = None
+  """The root of the judged proof, when its manifest could be read."""
 
 
 def check_assignment(manifest: dict, assignment: Assignment) -> str | None:
-  """Why the proof is not of ``assignment`` (seed, steps, k, batch size, runner), or None."""
+  """Why the proof is not of ``assignment`` (owner, nonce, seed, steps, k, batch size, runner), or None."""
+  owner = manifest.get("owner")
+  owner = owner if isinstance(owner, dict) else {}
+  wrong = [
+    f"owner.{name} {owner.get(name)!r:.80}, assigned {value!r}"
+    for name, value in (("public_key", assignment.owner), ("nonce", assignment.nonce))
+    if owner.get(name) != value
+  ]
   expected = {
     "seed": assignment.seed,
     "steps": assignment.steps,
@@ -110,8 +156,8 @@ def check_assignment(manifest: dict, assignment: Assignment) -> str | None:
     "batch_size": assignment.batch_size,
     "runner": assignment.runner,
   }
-  wrong = [
-    f"{name} {manifest.get(name)!r}, assigned {value!r}"
+  wrong += [
+    f"{name} {manifest.get(name)!r:.80}, assigned {value!r}"
     for name, value in expected.items()
     if manifest.get(name) != value
   ]
@@ -133,34 +179,52 @@ def judge(
   """Checks a worker's proof of ``assignment`` from ``start``; returns the judgement and, if accepted, the final state.
 
   In order: ``size`` (the directory holds at most ``max_bytes``, counted
-  before anything is parsed), ``assignment`` (the manifest's seed and shape
-  are the ones assigned), then every check of :func:`pol_jax.verify.verify`
-  with the coordinator's ``step`` and ``dataset`` and ``start`` as the only
-  initial state the init check accepts. A malformed proof is rejected by
-  ``integrity`` with its one-line reason.
+  before anything is parsed), ``assignment`` (the manifest's owner, nonce,
+  seed and shape are the ones assigned), then every check of
+  :func:`pol_jax.verify.verify` with the coordinator's ``step`` and
+  ``dataset`` and ``start`` as the only initial state the init check
+  accepts. A malformed proof is rejected by ``integrity`` with its one-line
+  reason.
+
+  In this process: it trusts the proof's files not to hang or exhaust it.
+  The coordinator judges through :func:`judge_isolated`, which runs this in a
+  child process on a private copy of the upload.
   """
   t0 = time.perf_counter()
+  root = None
 
   def rejected(check, detail):
-    return Judgement(assignment.worker, "rejected", check, detail, time.perf_counter() - t0), None
+    return Judgement(
+      assignment.worker, "rejected", check, detail, time.perf_counter() - t0, verifier_seed=seed, root=root
+    ), None
 
   try:
     size = proof.size_bytes(proof_dir)
     if size > max_bytes:
       return rejected("size", f"the proof holds {size} bytes, more than the limit of {max_bytes}")
     manifest = verify_lib.read_manifest(proof_dir)
+    root = manifest.get("root") if isinstance(manifest.get("root"), str) else None
     wrong = check_assignment(manifest, assignment)
     if wrong:
       return rejected("assignment", f"the proof is not of this worker's assignment: {wrong}")
     program = training.Program(starting_at(start), step)
     verdict = verify_lib.verify(proof_dir, program, dataset, strategy=strategy, num_segments=num_segments, seed=seed)
+    seed = verdict.seed
   except proof.ProofError as e:
     return rejected("integrity", str(e))
   if not verdict.accepted:  # rejected, or undecided here: either way not aggregated
     failed = verdict.failed[0] if verdict.failed else next(c for c in verdict.checks if c.passed is None)
     return rejected(failed.name, failed.detail if verdict.failed else f"undecided: {failed.detail}")
-  final = recorder.final_state(proof_dir, program, manifest)
-  return Judgement(assignment.worker, "accepted", None, verdict.summary(), time.perf_counter() - t0), final
+  if verdict.root != root:  # verify sealed-checked another manifest than the one whose assignment was checked
+    return rejected("integrity", f"{proof.MANIFEST}: changed while it was judged")
+  try:
+    final = recorder.final_state(proof_dir, program, manifest)
+  except (proof.ProofError, proof.IntegrityError) as e:
+    return rejected("integrity", f"the final state: {e}")
+  judgement = Judgement(
+    assignment.worker, "accepted", None, verdict.summary(), time.perf_counter() - t0, verifier_seed=seed, root=root
+  )
+  return judgement, final
 
 
 def final_state_unchecked(proof_dir: str, start: PyTree) -> PyTree | None:
@@ -170,6 +234,308 @@ def final_state_unchecked(proof_dir: str, start: PyTree) -> PyTree | None:
     return recorder.final_state(proof_dir, training.Program(starting_at(start), None), manifest)
   except (proof.ProofError, proof.IntegrityError, KeyError, ValueError, OSError):
     return None
+
+
+class CoordinatorError(Exception):
+  """The coordinator cannot judge at all: its own set-up failed in the judging child (not a worker's doing)."""
+
+
+_JUDGE = "pol_jax.distributed:_judge_in_child"
+"""What the judging child runs (:func:`pol_jax.isolation.run`'s target)."""
+_MAX_ENTRIES = 100_000
+_MAX_DEPTH = 32
+
+
+class _Oversized(Exception):
+  pass
+
+
+def private_copy(src: str, dst: str, max_bytes: int) -> int:
+  """Copies the proof directory ``src`` to ``dst``, a new directory only the coordinator writes; returns its bytes.
+
+  The judgement then reads a copy that the worker cannot change under it
+  (between the check of a file and its use), and anything in the upload that
+  is not a directory or a regular file (a FIFO, a device, a socket, a
+  symbolic link: ``src`` itself included) is refused by name, before it is
+  opened, instead of blocking the reader or leading it outside the upload.
+  Files are opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked again once
+  open. At most ``max_bytes`` are copied, ``100000`` entries, ``32`` levels.
+
+  Raises:
+    proof.ProofError: a refused entry, named by its path in the upload.
+  """
+  count = 0
+  total = 0
+
+  def refuse(rel: str, why: str):
+    raise proof.ProofError(rel or "proof directory", "file", why)
+
+  def kind(mode: int) -> str:
+    names = {stat.S_ISLNK: "a symbolic link", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in names.items() if test(mode)), "a device or special file")
+
+  def open_at(name: str, flags: int, rel: str, dir_fd: int | None) -> int:
+    try:
+      return os.open(name, flags | os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as e:
+      refuse(rel, f"cannot be opened ({e.strerror})")
+
+  def copy_dir(fd: int, d: str, rel: str, depth: int) -> None:
+    # Everything is opened relative to its open parent, without following links: a name swapped after it was
+    # listed cannot lead the copy elsewhere.
+    nonlocal count
+    if depth > _MAX_DEPTH:
+      refuse(rel, f"nested deeper than {_MAX_DEPTH} directories")
+    os.mkdir(d, 0o700)
+    for entry in _names(fd, rel):
+      count += 1
+      if count > _MAX_ENTRIES:
+        refuse(rel, f"more than {_MAX_ENTRIES} entries")
+      name = os.path.join(rel, entry) if rel else entry
+      try:
+        mode = os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode
+      except OSError as e:
+        refuse(name, f"cannot be read ({e.strerror})")
+      if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        refuse(name, f"not a regular file or directory ({kind(mode)})")
+      child = open_at(entry, os.O_DIRECTORY if stat.S_ISDIR(mode) else 0, name, fd)
+      try:
+        opened = os.fstat(child).st_mode
+        if stat.S_IFMT(opened) != stat.S_IFMT(mode):  # swapped since it was listed
+          refuse(name, f"not a regular file or directory ({kind(opened)})")
+        if stat.S_ISDIR(mode):
+          copy_dir(child, os.path.join(d, entry), name, depth + 1)
+        else:
+          copy_file(child, os.path.join(d, entry))
+      finally:
+        os.close(child)
+
+  def copy_file(fd: int, d: str) -> None:
+    nonlocal total
+    with open(d, "xb") as out:
+      while chunk := os.read(fd, 1 << 20):
+        total += len(chunk)
+        if total > max_bytes:
+          raise _Oversized(total)
+        out.write(chunk)
+
+  try:
+    mode = os.lstat(src).st_mode
+  except FileNotFoundError:
+    raise proof.ProofError(src, "directory", "not found (expected a proof directory holding manifest.json)") from None
+  if not stat.S_ISDIR(mode):
+    refuse("", f"not a directory ({kind(mode) if not stat.S_ISREG(mode) else 'a file'})")
+  top = open_at(src, os.O_DIRECTORY, "", None)
+  try:
+    copy_dir(top, dst, "", 0)
+  finally:
+    os.close(top)
+  return total
+
+
+def _names(fd: int, rel: str):
+  """The names in the open directory ``fd``, one at a time (a huge directory is refused before it is all read)."""
+  try:
+    with os.scandir(fd) as entries:
+      for entry in entries:
+        yield entry.name
+  except OSError as e:
+    raise proof.ProofError(rel or "proof directory", "file", f"cannot be listed ({e.strerror})") from None
+
+
+def _write_tree(path: str, tree: PyTree) -> dict[str, str]:
+  """Writes ``tree``'s leaves as raw bytes (``.npz``, no pickle); returns their digests."""
+  leaves = [np.ascontiguousarray(np.asarray(x)) for x in jax.tree.leaves(tree)]
+  with open(path, "wb") as f:
+    np.savez(f, *[np.frombuffer(x.tobytes(), np.uint8) for x in leaves])
+  return proof.leaf_digests(tree)
+
+
+def _read_tree(path: str, like: PyTree, digests: dict[str, str]) -> PyTree:
+  """The tree :func:`_write_tree` wrote, with ``like``'s structure, dtypes and shapes, checked against ``digests``."""
+  refs, treedef = jax.tree.flatten(like)
+  with np.load(path, allow_pickle=False) as stored:
+    if len(stored.files) != len(refs):
+      raise ValueError(f"{path}: {len(stored.files)} leaves, expected {len(refs)}")
+    raw = [stored[f"arr_{i}"] for i in range(len(refs))]
+  leaves = []
+  for ref, r in zip(refs, raw, strict=True):
+    dtype, shape = np.dtype(ref.dtype), tuple(ref.shape)
+    if r.dtype != np.uint8 or r.size != dtype.itemsize * math.prod(shape):
+      raise ValueError(f"{path}: a leaf of {r.size} bytes, expected {dtype}{list(shape)}")
+    leaves.append(np.frombuffer(r.tobytes(), dtype).reshape(shape))
+  tree = jax.tree.unflatten(treedef, leaves)
+  if proof.leaf_digests(tree) != digests:
+    raise ValueError(f"{path}: the leaves are not the ones written")
+  return tree
+
+
+def _judge_in_child(job: dict, ready: Callable[[], None]) -> dict:
+  """The judging child (:mod:`pol_jax.isolation`): rebuilds the coordinator's program, then judges a copy of the upload."""
+  from pol_jax import workers
+
+  for name, value in job["jax_config"].items():
+    jax.config.update(name, value)
+  if job["compilation_cache"]:
+    jax.config.update("jax_compilation_cache_dir", job["compilation_cache"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import importlib.util
+
+    if importlib.util.find_spec("filelock") is not None:  # a size limit makes JAX lock it: parallel children
+      jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+  if jax.default_backend() != job["backend"]:  # JAX fell back to another backend: every verdict would be wrong
+    raise RuntimeError(
+      f"the judging child runs JAX on {jax.default_backend()}, the coordinator on {job['backend']} "
+      "(on GPU, CUDA needs more address space than a memory limit leaves it: give judge_memory=0)"
+    )
+  program, dataset = workers.load_builder(job["builder"])(job["config"])
+  start = _read_tree(job["start"], jax.eval_shape(program.init, training.derive_keys(0).init), job["start_digests"])
+  assignment = Assignment(**job["assignment"])
+  ready()  # from here on, whatever fails is the upload's doing
+  t0 = time.perf_counter()
+  copy, final = job["copy"], None
+  try:
+    private_copy(job["proof"], copy, job["max_bytes"])
+  except _Oversized:
+    reason = f"the proof holds more bytes than the limit of {job['max_bytes']}"
+    judgement = Judgement(assignment.worker, "rejected", "size", reason)
+  except proof.ProofError as e:
+    judgement = Judgement(assignment.worker, "rejected", "integrity", f"worker upload: {e}")
+  else:
+    copied = time.perf_counter() - t0
+    if job["verify"]:
+      judgement, final = judge(
+        copy, assignment, start, program.step, dataset, strategy=job["strategy"],
+        num_segments=job["segments"], seed=job["seed"], max_bytes=job["max_bytes"],
+      )  # fmt: skip
+    else:
+      final = final_state_unchecked(copy, start)
+      status, detail = ("accepted", "not verified") if final is not None else ("dropped", "unreadable final state")
+      judgement = Judgement(assignment.worker, status, None, detail)
+      try:
+        judgement.root = str(proof.read_json(os.path.join(copy, proof.MANIFEST), proof.MANIFEST)["root"])
+      except (proof.ProofError, KeyError, TypeError):
+        pass
+    judgement.isolation_seconds = copied
+  judgement.verify_seconds = time.perf_counter() - t0 - judgement.isolation_seconds
+  out = dataclasses.asdict(judgement)
+  out["final_digests"] = _write_tree(job["final"], final) if final is not None else None
+  return out
+
+
+def _child_environment() -> dict[str, str]:
+  """This process's environment, with the XLA flags and x64 setting its JAX started with."""
+  from pol_jax import fingerprint
+
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = fingerprint.started_flags()
+  env["JAX_ENABLE_X64"] = "1" if jax.config.jax_enable_x64 else "0"
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return env
+
+
+def judge_isolated(
+  proof_dir: str,
+  assignment: Assignment,
+  start: PyTree,
+  *,
+  builder: str,
+  config: dict,
+  verify: bool = True,
+  strategy: str = "uniform",
+  num_segments: int = 8,
+  seed: int | None = None,
+  max_bytes: int,
+  limits: isolation.Limits | None = None,
+  scratch: str | None = None,
+  compilation_cache: str | None = None,
+) -> tuple[Judgement, PyTree | None]:
+  """:func:`judge` in a child process, on a private copy of the upload; the coordinator's way to judge.
+
+  The child (:func:`pol_jax.isolation.run`) rebuilds the coordinator's
+  program and data with ``builder`` (``"module:function"``, the
+  coordinator's choice, never the proof's) from ``config``, loads ``start``
+  from a file this process wrote (checked against its digests), copies the
+  upload with :func:`private_copy` and judges the copy. Whatever the upload
+  makes it do, the worker is rejected by the check ``judgement`` with the
+  reason (``"judgement timed out after 600 s"``, ``"judgement ran out of
+  memory (...)"``, ``"judgement failed (exit status 1): RecursionError:
+  ..."``), and this process goes on. ``verify=False`` takes the final state
+  unchecked, for the coordinators without a defence.
+
+  Args:
+    proof_dir: the worker's proof, on the shared storage.
+    assignment: the worker's assignment.
+    start: the coordinator's state the worker started from.
+    builder: rebuilds ``(program, dataset)`` from ``config`` in the child.
+    config: the coordinator's config, JSON-serialisable.
+    verify: judge (:func:`judge`), or only take the final state.
+    strategy: which segments to replay.
+    num_segments: n, for ``uniform``.
+    seed: the verifier seed (default, and the coordinator's way: drawn from
+      the OS in the child, after it has copied the upload, so that it
+      exists nowhere while the upload can still change). Give one only to
+      repeat a recorded judgement.
+    max_bytes: the most the upload may hold.
+    limits: the child's wall-clock time and address space (default
+      :class:`pol_jax.isolation.Limits`: 600 s, 8 GiB).
+    scratch: where the child's private files go (default: the system's
+      temporary directory); never the shared storage.
+    compilation_cache: a private directory for JAX's persistent compilation
+      cache, shared by the children of one coordinator: each compiles the
+      step once per run instead of once per judgement (measured: the
+      smoke MLP's compile and first run 3.1 s -> 0.45 s). The cached
+      executable is the one XLA compiled, so replay stays bit for bit.
+
+  Returns:
+    The judgement (with the proof's root and, for ``uniform``, the verifier
+    seed) and, if accepted, the proof's final state, checked against the
+    digests the child computed.
+
+  Raises:
+    CoordinatorError: the child failed before it touched the upload (the
+      builder, the config or the limits do not let it start).
+  """
+  own = tempfile.mkdtemp(prefix="pol-jax-judge-", dir=scratch)
+  try:
+    job = {
+      "proof": os.path.abspath(proof_dir),
+      "copy": os.path.join(own, "proof"),
+      "final": os.path.join(own, "final.npz"),
+      "start": os.path.join(own, "start.npz"),
+      "start_digests": None,
+      "assignment": dataclasses.asdict(assignment),
+      "builder": builder,
+      "config": config,
+      "jax_config": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision},
+      "compilation_cache": compilation_cache,
+      "backend": jax.default_backend(),
+      "verify": verify,
+      "strategy": strategy,
+      "segments": num_segments,
+      "seed": seed,
+      "max_bytes": max_bytes,
+    }
+    job["start_digests"] = _write_tree(job["start"], start)
+    t0 = time.perf_counter()
+    try:
+      out = isolation.run(_JUDGE, job, limits or isolation.Limits(), own, env=_child_environment(), label="judgement")
+    except isolation.SetupFailed as e:
+      raise CoordinatorError(f"the coordinator cannot judge: {e}") from None
+    except isolation.Failed as e:
+      status = "rejected" if verify else "dropped"
+      return Judgement(
+        assignment.worker, status, "judgement", str(e), time.perf_counter() - t0, verifier_seed=seed
+      ), None
+    wall = time.perf_counter() - t0
+    final_digests = out.pop("final_digests")
+    judgement = Judgement(**out)
+    judgement.isolation_seconds = wall - judgement.verify_seconds
+    final = _read_tree(job["final"], start, final_digests) if final_digests is not None else None
+    return judgement, final
+  finally:
+    shutil.rmtree(own, ignore_errors=True)
 
 
 def aggregate(start: PyTree, finals: Sequence[PyTree], how: str = "mean") -> PyTree:
@@ -236,6 +602,9 @@ class Worker:
     elif b in ("lazy", "wrong-data", "spoof"):
       self._fabricate(b, state, assignment, proof_dir)
       submitted = True
+    elif b == "peek":
+      self._peek(state, assignment, proof_dir)
+      submitted = True
     else:
       self._honest(state, assignment, proof_dir)
       if b in ("random", "sign-flip", "scale"):
@@ -244,7 +613,15 @@ class Worker:
     return {"proof": proof_dir, "seconds": time.perf_counter() - t0} if submitted else None
 
   def _config(self, assignment: Assignment, **changes) -> dict:
-    return {**self.config, "seed": assignment.seed, "steps": assignment.steps, "k": assignment.k, **changes}
+    """The recorded config: the coordinator's, bound to the assignment's owner with its nonce as ``seed``."""
+    return {
+      **self.config,
+      "owner": assignment.owner,
+      "seed": assignment.nonce,
+      "steps": assignment.steps,
+      "k": assignment.k,
+      **changes,
+    }
 
   def _honest(self, state, assignment, proof_dir):
     program = training.Program(starting_at(state), self.program.step)
@@ -311,6 +688,47 @@ class Worker:
         states.append(current)
     attacks.write_proof(proof_dir, program, self.dataset, plan, states, log, config)
 
+  def _peek(self, state, assignment, proof_dir):
+    """peek: reads every file of the shared storage, predicts the coordinator's draw, trains only what it predicts.
+
+    Whatever it finds that names a verifier secret, or a verifier seed for
+    this round and worker, gives it a prediction of the segments a
+    ``uniform`` judgement replays (as the coordinator derived them when it
+    kept a secret in ``setup.json``). It trains those and the last segment
+    (always replayed) from their recorded starts and poisons every other
+    one (its end is its start pushed along a random direction), so its
+    final state is poisoned too. With nothing found, it trains the last
+    segment only.
+    """
+    workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(proof_dir))))
+    clues = _clues(workdir, assignment.round, assignment.worker)
+    plan = assignment.plan
+    bounds = recorder.segments(plan)
+    n = clues["segments"] or 8
+    predicted = {len(bounds) - 1}
+    for seed in clues["seeds"]:
+      predicted.update(challenge.including_last(len(bounds), n, lambda c, m, s=seed: challenge.uniform(c, m, s)))
+    keys = training.derive_keys(plan.seed)
+    log = sampling.index_log(keys.order, len(self.dataset), plan.batch_size, plan.steps)
+    program = training.Program(starting_at(state), self.program.step)
+    segment = training.make_segment(self.program.step, plan.runner)
+    rng = np.random.default_rng(assignment.nonce)
+    current = training.to_host(program.init(keys.init))
+    states = [current]
+    for i, (s, e) in enumerate(bounds):
+      if i in predicted:
+        current, _ = segment.run(current, self.dataset.batch(log[s:e]), keys.step)
+        current = training.to_host(current)
+      else:
+        params = jax.tree.map(
+          lambda x: (x + rng.normal(0.0, 0.05, np.shape(x))).astype(x.dtype)
+          if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+          current.params,
+        )  # fmt: skip
+        current = current.replace(step=np.int32(e), params=params)
+      states.append(current)
+    attacks.write_proof(proof_dir, program, self.dataset, plan, states, log, self._config(assignment))
+
   def _copy_other(self, proof_dir, assignment, timeout: float = 120.0) -> bool:
     """free-rider: waits for the next worker's proof of this round and submits a copy of it."""
     other = os.path.join(os.path.dirname(proof_dir), _worker_dir((assignment.worker + 1) % self.workers))
@@ -332,6 +750,54 @@ class Worker:
     return True
 
 
+def _clues(workdir: str, round_: int, worker: int, max_file: int = 1 << 20) -> dict:
+  """What the ``peek`` worker learns by reading every file under ``workdir``: verifier seeds it can predict.
+
+  Every JSON value under a key that names a secret (a hex string) gives the
+  seed the coordinator once derived from it for ``(round_, worker)``; every
+  integer under a key that names a seed, in a record of this round and
+  worker, is taken as that judgement's verifier seed. ``segments`` is the
+  setup's n, if a file states it.
+  """
+  import json
+
+  seeds, segments = [], None
+
+  def walk(node, r=None, w=None):
+    nonlocal segments
+    if isinstance(node, dict):
+      r = node["round"] if isinstance(node.get("round"), int) else r
+      w = node["worker"] if isinstance(node.get("worker"), int) else w
+      if isinstance(node.get("segments"), int) and "strategy" in node:
+        segments = node["segments"]
+      for key, value in node.items():
+        name = str(key).lower()
+        if "secret" in name and isinstance(value, str):
+          try:
+            seeds.append(round_seed(int(value, 16) % (2**62), round_, worker))
+          except ValueError:
+            pass
+        elif "seed" in name and isinstance(value, int) and (r, w) == (round_, worker):
+          seeds.append(value)
+        else:
+          walk(value, r, w)
+    elif isinstance(node, list):
+      for value in node:
+        walk(value, r, w)
+
+  for d, _, files in os.walk(workdir):
+    for f in files:
+      path = os.path.join(d, f)
+      try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.path.getsize(path) > max_file:
+          continue
+        with open(path, "rb") as fh:
+          walk(json.loads(fh.read()))
+      except (OSError, ValueError, RecursionError):
+        continue
+  return {"seeds": seeds, "segments": segments}
+
+
 def _worker_dir(worker: int) -> str:
   return f"worker_{worker}"
 
@@ -350,6 +816,9 @@ class Setup:
   """What a coordinator runs: the same setup with the same workers gives the same states, round by round."""
 
   seed: int
+  """The run's seed: the coordinator's initial state and every round seed derive from it."""
+  owner: str
+  """The run's Ed25519 public key (64 hex digits), e.g. the coordinator's: every worker proof is bound to it."""
   workers: int
   rounds: int
   steps: int
@@ -363,17 +832,29 @@ class Setup:
   max_bytes: int = 64 << 20
   exclude: bool = False
   """Exclude a worker from later rounds after a rejection."""
+  judge_seconds: float = 600.0
+  """Wall-clock limit of one judgement's child, start-up included (about 3 s on a 2-core CPU). A
+  judgement replays ``segments * k`` steps and compiles the step once: raise it for long segments."""
+  judge_memory: int = 8 << 30
+  """Address-space limit of one judgement's child, in bytes (0: none). JAX's CPU runtime maps about
+  1 GiB; the rest holds the dataset, the start state and two states per replayed segment, with room
+  for CIFAR-size data and ResNets. On GPU give 0: CUDA reserves address space beyond any such limit."""
 
   def __post_init__(self):
     if self.defence not in DEFENCES:
       raise ValueError(f"Expected defence in {DEFENCES}, got {self.defence!r}.")
     if self.workers < 1 or self.rounds < 1:
       raise ValueError(f"Expected at least one worker and one round, got {self.workers} and {self.rounds}.")
-    recorder.Plan(self.seed, self.k, self.steps, self.batch_size, self.runner)  # validates the rest
+    recorder.Plan(self.owner, self.seed, self.k, self.steps, self.batch_size, self.runner)  # validates the rest
+    isolation.Limits(self.judge_seconds, self.judge_memory)  # validates the judgement limits
+
+  @property
+  def limits(self) -> isolation.Limits:
+    return isolation.Limits(self.judge_seconds, self.judge_memory)
 
   def assignment(self, round_: int, worker: int) -> Assignment:
-    seed = round_seed(self.seed, round_, worker)
-    return Assignment(round_, worker, seed, self.steps, self.k, self.batch_size, self.runner)
+    nonce = round_seed(self.seed, round_, worker)
+    return Assignment(round_, worker, self.owner, nonce, self.steps, self.k, self.batch_size, self.runner)
 
 
 Dispatch = Callable[[int, PyTree, dict[int, Assignment], dict[int, str]], dict[int, Any]]
@@ -384,32 +865,71 @@ ROUNDS = "rounds.json"
 SETUP = "setup.json"
 
 
+def _seconds(value: Any) -> float:
+  """A worker's own report of its training time, if it is a plausible number of seconds (else 0)."""
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    return 0.0
+  value = float(value) if not isinstance(value, int) or abs(value) < 2**53 else 0.0
+  return value if math.isfinite(value) and 0 <= value < 1e9 else 0.0
+
+
 def coordinate(
   workdir: str,
   setup: Setup,
   program: training.Program,
-  dataset: data_lib.Dataset,
   dispatch: Dispatch,
   *,
+  builder: str,
+  config: dict,
   evaluate: Callable[[PyTree], float] | None = None,
   on_round: Callable[[dict], None] | None = None,
+  scratch: str | None = None,
+  parallel: int = 1,
 ) -> dict:
   """Runs the rounds of ``setup``, or resumes them after the last completed one.
 
   Worker proofs go to ``workdir/rounds/round_R/worker_W`` (a storage path
   every node must be able to read); the coordinator's own record goes to
-  ``workdir/coordinator``: the state after every round (Orbax, with leaf
-  digests), and ``rounds.json``, rewritten atomically after each round's state
-  is on disk, with every judgement, the roots of the proofs it aggregated
-  and the state's digest. A killed coordinator restarted with the same
-  arguments resumes after the last round in ``rounds.json`` and ends on the
-  same state as an uninterrupted run.
+  ``workdir/coordinator``: ``setup.json`` (the setup, nothing secret), the
+  state after every round (Orbax, with leaf digests), and ``rounds.json``,
+  rewritten atomically after each round's state is on disk, with every
+  judgement (and its verifier seed, written only now that it is used), the
+  roots of the proofs it aggregated and the state's digest. A killed
+  coordinator restarted with the same arguments resumes after the last round
+  in ``rounds.json`` and ends on the same state as an uninterrupted run
+  (when every judgement's verdict does not depend on its draw: an honest
+  proof's never does).
+
+  Each submission is judged by :func:`judge_isolated` (``verify=False``
+  without the ``pol`` defence): in a child process under ``setup``'s limits,
+  which rebuilds ``program`` with ``builder`` from ``config``, copies the
+  upload and only then draws the verifier seed from the OS. The coordinator
+  keeps no verifier secret, reads nothing a worker wrote but through that
+  child, and uses its own path for each worker's proof (not the one a
+  worker returns).
+
+  Args:
+    workdir: the run's directory, on storage every worker node reads.
+    setup: what to run.
+    program: the coordinator's program (its initial state).
+    dispatch: runs a round's assignments on the workers.
+    builder: ``"module:function"`` that rebuilds ``(program, dataset)`` from
+      ``config`` in the judging child (``experiments.build.BUILDER``).
+    config: the coordinator's config, JSON-serialisable.
+    evaluate: the accuracy of a state, recorded per round.
+    on_round: called with each round's record.
+    scratch: where to make a private directory for the judging children's
+      files and their compilation cache (default: the system's temporary
+      directory), removed at the end; never the shared ``workdir``.
+    parallel: judging children at once (each under ``setup``'s limits). The
+      judgements and the states are the same for any value.
 
   Returns:
     ``{"state": final state, "rounds": [round records]}``.
-  """
-  import secrets
 
+  Raises:
+    CoordinatorError: the judging child cannot start (builder, config, limits).
+  """
   own = os.path.join(workdir, COORDINATOR)
   os.makedirs(own, exist_ok=True)
   setup_path = os.path.join(own, SETUP)
@@ -417,16 +937,15 @@ def coordinate(
     saved = proof.read_json(setup_path, SETUP)
     if saved.get("setup") != dataclasses.asdict(setup):
       raise proof.ProofError(SETUP, "setup", f"{workdir} holds a run of another setup; use a new --workdir")
-    secret = saved["verifier_secret"]
   else:
-    secret = secrets.token_hex(32)  # the coordinator's alone: workers never see it
-    proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup), "verifier_secret": secret})
+    proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup)})
   rounds_path = os.path.join(own, ROUNDS)
   done = proof.read_json(rounds_path, ROUNDS) if os.path.exists(rounds_path) else []
   state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
   if done:
     state, _ = proof.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])
   excluded = {w for r in done for w in r.get("excluded", [])}
+  private = tempfile.mkdtemp(prefix="pol-jax-coordinator-", dir=scratch)  # mode 0700: this process's alone
   writer = proof.Writer(own)
   try:
     for r in range(len(done), setup.rounds):
@@ -434,27 +953,29 @@ def coordinate(
       dirs = {w: worker_dir(os.path.join(workdir, "rounds"), r, w) for w in assignments}
       start = starting_at(state)(None)
       results = dispatch(r, start, assignments, dirs)
+      pending = {}
+      with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        for w in sorted(assignments):
+          if isinstance(results.get(w), dict):
+            pending[w] = pool.submit(
+              judge_isolated, dirs[w], assignments[w], start, builder=builder, config=config,
+              verify=setup.defence == "pol", strategy=setup.strategy, num_segments=setup.segments,
+              max_bytes=setup.max_bytes, limits=setup.limits, scratch=private,
+              compilation_cache=os.path.join(private, "xla-cache"),
+            )  # fmt: skip
       judgements, finals, roots = [], [], {}
       for w in sorted(assignments):
         result = results.get(w)
-        if not isinstance(result, dict):
-          judgements.append(Judgement(w, "dropped", None, result or "no submission"))
+        if w not in pending:
+          why = result if isinstance(result, str) and result else "no submission"
+          judgements.append(Judgement(w, "dropped", None, why[:300]))
           continue
-        if setup.defence == "pol":
-          verifier_seed = round_seed(int(secret, 16) % (2**62), r, w)
-          judgement, final = judge(
-            result["proof"], assignments[w], start, program.step, dataset,
-            strategy=setup.strategy, num_segments=setup.segments, seed=verifier_seed, max_bytes=setup.max_bytes,
-          )  # fmt: skip
-        else:
-          final = final_state_unchecked(result["proof"], start)
-          status = "accepted" if final is not None else "dropped"
-          judgement = Judgement(w, status, None, "not verified" if final is not None else "unreadable final state")
-        judgement.train_seconds = float(result.get("seconds", 0.0))
+        judgement, final = pending[w].result()
+        judgement.train_seconds = _seconds(result.get("seconds"))
         judgements.append(judgement)
         if final is not None:
           finals.append(final)
-          roots[w] = proof.read_json(os.path.join(result["proof"], proof.MANIFEST), proof.MANIFEST).get("root")
+          roots[w] = judgement.root
       how = "median" if setup.defence == "median" else "mean"
       state = aggregate(start, finals, how).replace(step=np.asarray((r + 1) * setup.steps, np.int32))
       digest = writer.save(state, {"round": r})
@@ -476,6 +997,7 @@ def coordinate(
         on_round(record)
   finally:
     writer.close()
+    shutil.rmtree(private, ignore_errors=True)
   return {"state": state, "rounds": done}
 
 
@@ -586,7 +1108,11 @@ def audit(workdir: str, setup: Setup, program: training.Program) -> list[str]:
   the recorded root, and aggregating their final states (restored and
   checked against their digests) from the previous recorded state gives,
   bit for bit, the recorded state of the round. It does not re-verify the
-  worker proofs (:func:`judge` does, given the same start). Returns the
+  worker proofs: :func:`judge` does, given the same start, and each recorded
+  judgement carries its ``verifier_seed`` (written after it was used), so
+  ``judge(..., seed=verifier_seed)`` repeats its draw exactly. It needs no
+  secret of the coordinator's. It reads the worker proofs in this process:
+  run it on uploads already judged, or in a child process. Returns the
   problems found, none for a faithful record.
   """
   own = os.path.join(workdir, COORDINATOR)

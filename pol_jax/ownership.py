@@ -1,16 +1,30 @@
-"""Model ownership: commit to a proof when training ends, settle who trained a model later.
+"""Model ownership: proofs bound to keys, commitments, and settling who trained a model.
 
-The paper's first application. A prover publishes a small signed
-:func:`commit` record (the proof's root, the digest of the final model, the
-time, an Ed25519 signature); in a dispute, :func:`settle` takes the disputed
+The paper's first application. A proof is bound to its owner's Ed25519 key:
+its seed is derived from the owner's public key (``proof.bound_seed``), and
+every recorded state follows from that seed, so a copied proof stays bound
+to the original key, and so does a bit-identical re-run from the public
+config: another key gives another seed, another initialisation and another
+training. A prover publishes a small signed :func:`commit` record (the
+proof's root, the digest of the final model, a time, an Ed25519 signature
+by the proof's own key); in a dispute, :func:`settle` takes the disputed
 model file (an Orbax checkpoint, safetensors or Flax msgpack) and any number
-of claims, and reports for each whether its proof verifies, whether its final
-state is the disputed model (bit for bit, or after a stated cast to the
-file's lower precision), where its initial state comes from (its seed,
-another claimant's final state, the disputed model) and what its commitment
-shows. The claimant established is the one whose proof verifies from its
-seed and ends on the model; a copy of that proof is identified by its later
-commitment.
+of claims, and reports for each whether its proof verifies (every segment
+replayed), whether its final state is the disputed model (bit for bit, or
+after a stated cast to the file's lower precision), where its initial state
+comes from (its key's seed, another claimant's final state, the disputed
+model) and what its commitment shows.
+
+What a dispute establishes: that the holder of one key trained the model
+(the proof bound to that key verifies from its seed and ends on the model).
+A claimant is established when it presents that proof and nothing
+disqualifies it: a commitment signed by another key, one that does not
+verify, or (when the arbitrator gives a fresh ``challenge``) no commitment
+answering the challenge, which only the key's holder can sign. Commitment
+times are the signer's own claim: they are parsed as UTC instants (only
+``Z`` times are accepted) and reported, but never decide anything; only a
+trusted timestamp (an RFC 3161 authority) or a transparency log could order
+two claims in time.
 
 Model digests are computed from leaf digests (``proof.leaf_digest``: path,
 dtype, shape and bytes of every parameter), so a commitment can be checked
@@ -21,18 +35,45 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
+import re
+import stat
 from collections.abc import Callable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-from pol_jax import proof, training
+from pol_jax import proof, safeio, training
 from pol_jax import verify as verify_lib
 
-SCHEMA = "pol-jax/commitment/v1"
+SCHEMA = "pol-jax/commitment/v2"
+TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+MAX_CHALLENGE = 256
 MAX_MODEL_BYTES = 4 << 30
 MAX_COMMITMENT_BYTES = 64 << 10
+MAX_MODEL_ARRAYS = 1 << 16
+MAX_MODEL_FILES = 1 << 16
+MAX_SAFETENSORS_HEADER = 100 << 20
+_SAFETENSORS_DTYPES = {
+  "BOOL": np.bool_,
+  "U8": np.uint8,
+  "I8": np.int8,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "U16": np.uint16,
+  "I16": np.int16,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "U32": np.uint32,
+  "I32": np.int32,
+  "F32": np.float32,
+  "U64": np.uint64,
+  "I64": np.int64,
+  "F64": np.float64,
+  "C64": np.complex64,
+}
 MODEL_PARTS = ("params", "model_state")
 
 
@@ -76,6 +117,23 @@ def load_key(path: str):
   return key
 
 
+def ensure_key(path: str) -> tuple[str, bool]:
+  """``(public key hex, created)`` of the Ed25519 key at ``path``, created (mode 0600) when missing.
+
+  The public key is what a proof is bound to (``recorder.Plan(owner=...)``);
+  keep the private key: only it can commit to the proof or answer a dispute.
+  """
+  if os.path.lexists(path):
+    return public_key_of(load_key(path)), False
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return new_key(path), True
+
+
+def public_key_of(key) -> str:
+  """The hex public key of an Ed25519 private key: what a proof is bound to (``config.owner``)."""
+  return _public_hex(key)
+
+
 def _public_hex(key) -> str:
   from cryptography.hazmat.primitives import serialization
 
@@ -98,49 +156,76 @@ def model_digest(leaves: dict[str, str]) -> str:
   return proof.digest_json(dict(sorted(leaves.items())))
 
 
-def commit(proof_dir: str, key, *, now: datetime.datetime | None = None) -> dict:
+def commit(proof_dir: str, key, *, now: datetime.datetime | None = None, challenge: str | None = None) -> dict:
   """A signed commitment to the proof in ``proof_dir``: its root, its final model's digest, the time.
 
-  The signature covers the canonical JSON of every other field.
+  ``key`` must be the proof's owner key (the one its seed is bound to).
+  ``challenge``: an arbitrator's fresh text, answered to show that the signer
+  holds the key now (a past commitment can be copied by anyone). The
+  signature covers the canonical JSON of every other field.
+
+  Raises:
+    DisputeError: ``key`` is not the proof's owner key, or the challenge is unusable.
   """
   manifest = verify_lib.read_manifest(proof_dir)
   proof.validate_manifest(manifest)
+  owner = manifest["owner"]["public_key"]
+  if _public_hex(key) != owner:
+    raise DisputeError(
+      f"{proof_dir}: the proof is bound to key {owner[:16]}..., not to this key ({_public_hex(key)[:16]}...): "
+      "only the proof's owner can commit to it"
+    )
   now = now or datetime.datetime.now(datetime.UTC)
   body = {
     "schema": SCHEMA,
     "proof_root": manifest["root"],
     "model_digest": model_digest(final_leaves(proof_dir)),
-    "time": now.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    "time": now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     "public_key": _public_hex(key),
   }
+  if challenge is not None:
+    _check_challenge(challenge, "challenge")
+    body["challenge"] = challenge
   return {**body, "signature": key.sign(proof.canonical_json(body)).hex()}
 
 
+def _check_challenge(challenge, label: str) -> None:
+  if not isinstance(challenge, str) or not 1 <= len(challenge) <= MAX_CHALLENGE or not challenge.isprintable():
+    raise DisputeError(f"{label}: expected 1 to {MAX_CHALLENGE} printable characters")
+
+
 def read_commitment(path: str) -> dict:
-  """A commitment record, size- and field-checked (not its signature)."""
+  """A commitment record, size- and field-checked (not its signature).
+
+  Read without following a link or blocking on a FIFO, at most
+  :data:`MAX_COMMITMENT_BYTES`, as strict JSON (``safeio.loads_json``).
+  """
   try:
-    if os.path.getsize(path) > MAX_COMMITMENT_BYTES:
-      raise DisputeError(f"{path}: larger than {MAX_COMMITMENT_BYTES} bytes, not a commitment")
-  except OSError:
-    raise DisputeError(f"{path}: not found") from None
-  try:
-    record = proof.read_json(path, os.path.basename(path))
-  except proof.ProofError as e:
-    raise DisputeError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
+    record = safeio.loads_json(safeio.read_bytes(path, MAX_COMMITMENT_BYTES, path), path)
+  except safeio.Refused as e:
+    raise DisputeError(f"{path}: not found" if e.reason == "missing" else str(e)) from None
   if not isinstance(record, dict) or record.get("schema") != SCHEMA:
     raise DisputeError(f"{path}: schema: expected {SCHEMA!r}")
+  allowed = {"schema", "proof_root", "model_digest", "public_key", "signature", "time", "challenge"}
+  if set(record) - allowed:
+    raise DisputeError(f"{path}: unexpected fields {sorted(set(record) - allowed)[:3]}")
   for name in ("proof_root", "model_digest", "public_key", "signature", "time"):
     if not isinstance(record.get(name), str):
       raise DisputeError(f"{path}: {name}: missing or not a string")
+  if "challenge" in record:
+    _check_challenge(record["challenge"], f"{path}: challenge")
   try:
     _time(record)
   except ValueError:
-    raise DisputeError(f"{path}: time: not an ISO 8601 time") from None
+    raise DisputeError(f"{path}: time: expected a UTC time YYYY-MM-DDTHH:MM:SSZ, got {record['time']!r:.40}") from None
   return record
 
 
 def _time(record: dict) -> datetime.datetime:
-  return datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+  """The record's time as a UTC instant; only ``Z`` times (no offsets) are accepted."""
+  if not TIME.match(record["time"]):
+    raise ValueError("not a Z time")
+  return datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def check_signature(record: dict) -> str | None:
@@ -193,59 +278,155 @@ def _model_arrays(state: Any) -> dict[str, np.ndarray]:
 def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
   """``(format, {path: array})`` of a model file: safetensors, Flax msgpack, or an Orbax checkpoint directory.
 
-  Keys are ``/``-separated (``.`` in safetensors keys is accepted too). Files
-  over :data:`MAX_MODEL_BYTES` are refused before they are read.
+  Keys are ``/``-separated (``.`` in safetensors keys is accepted too). The
+  model is hostile input: a link, FIFO or device (anywhere in an Orbax
+  directory) is refused, a file is read once through a no-follow descriptor
+  and at most :data:`MAX_MODEL_BYTES`, and the sizes an Orbax or safetensors
+  header declares are checked against that bound before anything is
+  allocated.
+
+  Raises:
+    DisputeError: the model is missing, refused or unreadable (one line).
   """
-  if not os.path.exists(path):
-    raise DisputeError(f"{path}: not found")
-  if os.path.isdir(path):
-    return "orbax", _load_orbax(path)
-  if os.path.getsize(path) > MAX_MODEL_BYTES:
-    raise DisputeError(f"{path}: larger than {MAX_MODEL_BYTES} bytes")
-  with open(path, "rb") as f:
-    head = f.read(8)
   try:
-    if path.endswith(".safetensors") or (len(head) == 8 and int.from_bytes(head, "little") < os.path.getsize(path)):
+    mode = os.lstat(path).st_mode
+  except OSError as e:
+    raise DisputeError(f"{path}: not found" if isinstance(e, FileNotFoundError) else f"{path}: {e.strerror}") from None
+  if stat.S_ISDIR(mode):
+    return "orbax", _load_orbax(path)
+  try:
+    data = safeio.read_bytes(path, MAX_MODEL_BYTES, path)
+  except safeio.Refused as e:
+    raise DisputeError(str(e)) from None
+  head = int.from_bytes(data[:8], "little") if len(data) >= 8 else None
+  try:
+    if path.endswith(".safetensors") or (head is not None and head < len(data)):
       try:
-        return "safetensors", _load_safetensors(path)
+        return "safetensors", _load_safetensors(data, path)
       except DisputeError:
         if path.endswith(".safetensors"):
           raise
-    return "msgpack", _load_msgpack(path)
+    return "msgpack", _load_msgpack(data, path)
   except DisputeError:
     raise
   except Exception as e:  # the parsers raise many kinds on a damaged file
     raise DisputeError(f"{path}: unreadable model file ({type(e).__name__})") from None
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+def _load_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:
+  from safetensors import deserialize
 
+  _check_safetensors(data, path)
   try:
-    arrays = load_file(path)
+    views = deserialize(data)
   except Exception as e:
     raise DisputeError(f"{path}: not a safetensors file ({type(e).__name__})") from None
-  return {k.replace(".", "/"): v for k, v in arrays.items()}
+  return {
+    name.replace(".", "/"): np.frombuffer(v["data"], _SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
+    for name, v in views
+  }
 
 
-def _load_msgpack(path: str) -> dict[str, np.ndarray]:
+def _check_safetensors(data: bytes, path: str) -> None:
+  """Checks the header's declared sizes against the data before the library allocates anything."""
+  n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+  if not 0 <= n <= min(len(data) - 8, MAX_SAFETENSORS_HEADER):
+    raise DisputeError(f"{path}: not a safetensors file (header length {n} of a {len(data)}-byte file)")
+  try:
+    header = safeio.loads_json(data[8 : 8 + n], path)
+  except safeio.Refused as e:
+    raise DisputeError(f"{path}: not a safetensors file (header: {e.reason})") from None
+  if not isinstance(header, dict) or len(header) > MAX_MODEL_ARRAYS + 1:
+    raise DisputeError(f"{path}: not a safetensors file (the header is not an object of at most {MAX_MODEL_ARRAYS})")
+  spans = sorted(_safetensors_span(name, entry, path) for name, entry in header.items() if name != "__metadata__")
+  end = 0
+  for begin, stop in spans:
+    if begin != end:
+      raise DisputeError(f"{path}: safetensors arrays do not tile the data (a gap or overlap at byte {begin})")
+    end = stop
+  if end != len(data) - 8 - n:
+    raise DisputeError(f"{path}: safetensors arrays declare {end} data bytes, the file holds {len(data) - 8 - n}")
+
+
+def _safetensors_span(name: str, entry: Any, path: str) -> tuple[int, int]:
+  """``(begin, end)`` of one array's bytes, checked: its shape times its dtype's size."""
+  where = f"{path}: safetensors array {name!r:.60}"
+  dtype = entry.get("dtype") if isinstance(entry, dict) else None
+  if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+    raise DisputeError(f"{where}: expected a known dtype, shape and data_offsets")
+  shape, offsets = entry.get("shape"), entry.get("data_offsets")
+  if not (isinstance(shape, list) and len(shape) <= 32 and all(_natural(d) for d in shape)):
+    raise DisputeError(f"{where}: shape {shape!r:.60} is not a list of non-negative integers")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)):
+    raise DisputeError(f"{where}: data_offsets {offsets!r:.60} is not two non-negative integers")
+  nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+  if offsets[1] - offsets[0] != nbytes:
+    raise DisputeError(f"{where}: shape {shape} of {dtype} is {nbytes} bytes, data_offsets span {offsets}")
+  return offsets[0], offsets[1]
+
+
+def _natural(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _load_msgpack(data: bytes, path: str) -> dict[str, np.ndarray]:
   from flax import serialization
 
-  with open(path, "rb") as f:
-    tree = serialization.msgpack_restore(f.read())
+  tree = serialization.msgpack_restore(data)
   if not isinstance(tree, dict):
     raise DisputeError(f"{path}: a msgpack file, but not a tree of arrays")
   return {proof.path_str(names): np.asarray(leaf) for names, leaf in proof.flatten(tree)}
 
 
 def _load_orbax(path: str) -> dict[str, np.ndarray]:
+  """Restores an Orbax checkpoint directory once its files and declared arrays are within bounds."""
   import orbax.checkpoint as ocp
 
+  try:
+    files = safeio.walk(path, max_entries=MAX_MODEL_FILES)
+  except safeio.Refused as e:
+    raise DisputeError(f"{path}: {e}") from None
+  if sum(files.values()) > MAX_MODEL_BYTES:
+    raise DisputeError(f"{path}: {sum(files.values())} bytes of files, over the {MAX_MODEL_BYTES}-byte limit")
+  for name in ("_METADATA", "_CHECKPOINT_METADATA"):  # strict JSON before Orbax parses them
+    if name in files:
+      try:
+        safeio.loads_json(safeio.read_bytes(os.path.join(path, name), proof.MAX_JSON_BYTES, name), name)
+      except safeio.Refused as e:
+        raise DisputeError(f"{path}: {e}") from None
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(os.path.abspath(path))
+    declared = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+  except Exception as e:
+    raise DisputeError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
+  _check_declared(declared, path)
   try:
     tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
   except Exception as e:
     raise DisputeError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
   return {proof.path_str(names): np.asarray(leaf) for names, leaf in proof.flatten(tree)}
+
+
+def _check_declared(declared: Any, path: str) -> None:
+  """Refuses an Orbax tree whose declared arrays (or their storage chunks) exceed :data:`MAX_MODEL_BYTES`."""
+  leaves = proof.flatten(declared)
+  if len(leaves) > MAX_MODEL_ARRAYS:
+    raise DisputeError(f"{path}: {len(leaves)} arrays, over the {MAX_MODEL_ARRAYS} limit")
+  total = 0
+  for names, leaf in leaves:
+    try:
+      itemsize = np.dtype(getattr(leaf, "dtype", None) or "V1").itemsize
+      shape = tuple(int(d) for d in getattr(leaf, "shape", ()) or ())
+      chunk = getattr(getattr(leaf, "storage", None), "chunk_shape", None) or shape
+      chunk_bytes = math.prod(int(d) for d in chunk) * itemsize
+    except (TypeError, ValueError):
+      raise DisputeError(f"{path}: {proof.path_str(names)} declares no usable shape and dtype") from None
+    total += math.prod(shape) * itemsize
+    if total > MAX_MODEL_BYTES or chunk_bytes > MAX_MODEL_BYTES or min(shape, default=0) < 0:
+      raise DisputeError(
+        f"{path}: {proof.path_str(names)} declares shape {shape} of {itemsize}-byte items; "
+        f"the arrays would exceed the {MAX_MODEL_BYTES}-byte limit"
+      )
 
 
 def compare(model: dict[str, np.ndarray], state: Any) -> tuple[str, str]:
@@ -314,10 +495,20 @@ class Finding:
   origin: str = ""
   """``seed`` or ``derived from NAME's final state`` / ``derived from the disputed model`` / ``unknown``."""
   root: str | None = None
+  owner: str | None = None
+  """The public key the proof is bound to."""
+  training: str | None = None
+  """Digest of the proof's checkpoint digests: equal for copies of one training, whatever their root."""
   commitment: str = "none"
   committed_at: str | None = None
   established: bool = False
   note: str = ""
+
+
+TIMES_DECIDE_NOTHING = (
+  "commitment times are self-claimed and decide nothing (a trusted timestamp, RFC 3161, or a transparency log "
+  "would order them)"
+)
 
 
 def settle(
@@ -325,19 +516,29 @@ def settle(
   claims: list[Claim],
   rebuild: Callable[[str], tuple[training.Program, Any]],
   *,
-  strategy: str = "all",
-  num_segments: int = 8,
+  challenge: str | None = None,
   builder: str | None = None,
 ) -> tuple[list[Finding], str, int]:
   """Settles who trained the model at ``model_path``; returns ``(findings, verdict line, exit status)``.
 
+  Every claimant's proof is replayed whole. The key established is the one
+  whose proof verifies from the seed bound to it and ends on the model; the
+  claimant established is the one who presents it and is not disqualified (a
+  commitment signed by another key or failing its checks; with
+  ``challenge``, no commitment answering it). Times decide nothing.
+
   ``rebuild(proof_dir)`` gives the program and training data a claimant's
   proof describes (``experiments.build.rebuild``); ``builder`` is passed to
   ``verify.verify`` (worker processes reproduce a proof's thread count and
-  flags). Exit status: 0 when one
-  claimant is established, 1 when none is, 2 when the model itself is
-  unusable. A claim that cannot be used is reported for that claimant.
+  flags). Exit status: 0 when one claimant is established, 1 when none is, 2
+  when the model itself is unusable. A claim that cannot be used is reported
+  for that claimant.
   """
+  if challenge is not None:
+    try:
+      _check_challenge(challenge, "challenge")
+    except DisputeError as e:
+      return [], str(e), 2
   try:
     fmt, model = load_model(model_path)
   except DisputeError as e:
@@ -347,13 +548,11 @@ def settle(
     f = Finding(claim.name)
     findings.append(f)
     try:
-      _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts, builder)
+      _examine(claim, f, model, fmt, rebuild, finals, starts, builder, challenge)
     except (DisputeError, proof.ProofError, proof.IntegrityError) as e:
       f.usable, f.reason = False, str(e)
   for f in findings:  # where does each initial state come from?
-    if not f.usable or f.name not in starts:
-      continue
-    if f.origin == "seed":
+    if not f.usable or f.name not in starts or f.origin == "seed":
       continue
     sources = [
       g.name for g in findings if g.name != f.name and g.name in finals and _same(starts[f.name], finals[g.name])
@@ -364,44 +563,64 @@ def settle(
       f.origin = "derived from the disputed model"
     else:
       f.origin = "unknown (neither the seed's initialisation nor another claimant's model)"
+  for f in findings:  # copies are recognised by their checkpoint digests, not by their root
+    twins = [g.name for g in findings if g is not f and g.usable and f.usable and g.training == f.training]
+    if twins:
+      f.note = f"the same training as {', '.join(twins)} (identical checkpoint digests)"
   candidates = [f for f in findings if f.usable and f.verified and f.origin == "seed" and f.model.startswith("equal")]
-  candidates = [f for f in candidates if f.commitment in ("none", "valid")]
-  # The same proof presented twice: the earliest valid commitment to it wins, the others are copies.
-  by_root: dict[str, list[Finding]] = {}
-  for f in candidates:
-    by_root.setdefault(f.root, []).append(f)
-  winners = []
-  for group in by_root.values():
-    committed = sorted((f for f in group if f.committed_at), key=lambda f: f.committed_at)
-    first = committed[0] if committed else group[0]
-    if len(group) > 1 and not committed:
-      for f in group:
-        f.note = "the same proof as another claimant's, with no commitment to tell who had it first"
-      continue
-    for f in group:
-      if f is not first:
-        f.note = f"a copy of {first.name}'s proof, committed later ({f.committed_at or 'never'})"
-    winners.append(first)
-  if len(winners) == 1:
-    winners[0].established = True
-    w = winners[0]
-    how = "bit for bit" if w.model == "equal" else "after a cast to the file's precision"
+  keys = sorted({f.owner for f in candidates})
+  if not keys:
+    return findings, "NOT ESTABLISHED: no claimant has a verifying proof from its key's seed that ends on the model", 1
+  if len(keys) > 1:
+    names = ", ".join(f.name for f in candidates)
     return (
       findings,
-      (
-        f"ESTABLISHED: {w.name} trained the disputed model: its proof verifies from its seed and ends on the model "
-        f"{how}" + (f"; committed {w.committed_at}" if w.committed_at else "; no commitment")
-      ),
-      0,
-    )
-  if not winners:
-    return (
-      findings,
-      "NOT ESTABLISHED: no claimant has a verifying proof from its seed that ends on the disputed model",
+      f"NOT ESTABLISHED: proofs bound to {len(keys)} different keys end on the disputed model ({names})",
       1,
     )
-  names = ", ".join(w.name for w in winners)
-  return findings, f"NOT ESTABLISHED: several independent proofs end on the disputed model ({names})", 1
+  key = keys[0]
+  presenting = [f for f in candidates if f.owner == key]
+  standing = [f for f in presenting if _stands(f, challenge)]
+  if any(f.commitment == "valid" for f in standing):  # only the key's holder can have made one (others copy it)
+    standing = [f for f in standing if f.commitment == "valid"]
+  w = standing[0] if len(standing) == 1 else presenting[0]
+  how = "bit for bit" if w.model == "equal" else "after a cast to the file's precision"
+  trained = f"key {key[:16]}... trained the disputed model: its proof verifies from the key's seed and ends on it {how}"
+  if len(standing) == 1:
+    w.established = True
+    shown = (
+      "signed this dispute's challenge"
+      if challenge
+      else ("presents a commitment signed by the key" if w.commitment == "valid" else "presents the key's proof")
+    )
+    others = [f.name for f in presenting if f is not w]
+    lack = "no answer to the challenge" if challenge else "no valid commitment by the key"
+    verb = "presents" if len(others) == 1 else "present"
+    tail = f"; {_and(others)} {verb} the same key's proof with {lack}" if others else ""
+    return findings, f"ESTABLISHED: {w.name} ({shown}): {trained}{tail}; {TIMES_DECIDE_NOTHING}", 0
+  names = ", ".join(f.name for f in presenting)
+  if not standing:
+    why = "answered this dispute's challenge" if challenge else "stands (each is disqualified by its commitment)"
+    return findings, f"NOT ESTABLISHED as a claimant: {trained}, but none of {names} {why}", 1
+  return (
+    findings,
+    f"NOT ESTABLISHED as a claimant: {trained}; {_and(f.name for f in standing)} all present it with a commitment "
+    "by the key (commitments can be copied), and only the key's holder can sign a fresh challenge (rerun with --challenge=TEXT; each claimant signs it with "
+    "experiments.commit --challenge=TEXT)",
+    1,
+  )
+
+
+def _and(names) -> str:
+  names = list(names)
+  return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _stands(f: Finding, challenge: str | None) -> bool:
+  """Whether nothing disqualifies ``f`` from being the holder of its proof's key."""
+  if challenge is not None:
+    return f.commitment == "valid"  # _examine checked that it answers the challenge
+  return f.commitment in ("none", "valid")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -411,41 +630,58 @@ def _same(a: Any, b: Any) -> bool:
   return x.keys() == y.keys() and all(x[k].shape == y[k].shape and x[k].tobytes() == y[k].tobytes() for k in x)
 
 
-def _examine(claim, f, model, fmt, rebuild, strategy, num_segments, finals, starts, builder=None) -> None:
+def _examine(claim, f, model, fmt, rebuild, finals, starts, builder=None, challenge=None) -> None:
   from pol_jax import recorder
 
   if not os.path.isdir(claim.proof_dir):
     raise DisputeError(f"{claim.proof_dir}: no such proof directory")
   manifest = verify_lib.read_manifest(claim.proof_dir)
   f.root = manifest.get("root")
+  f.owner = manifest["owner"]["public_key"]
+  f.training = proof.digest_json(manifest.get("checkpoints"))
   if claim.commitment:
-    try:
-      record = read_commitment(claim.commitment)
-      bad = check_signature(record)
-      if bad:
-        f.commitment = f"invalid: {bad}"
-      elif record["proof_root"] != f.root:
-        f.commitment = "invalid: its proof root is not this proof's"
-      elif record["model_digest"] != model_digest(final_leaves(claim.proof_dir)):
-        f.commitment = "invalid: its model digest is not this proof's final model"
-      else:
-        f.commitment, f.committed_at = "valid", record["time"]
-    except DisputeError as e:
-      f.commitment = f"unreadable: {e}"
+    f.commitment, f.committed_at = _judge_commitment(claim, f, challenge)
+  elif challenge is not None:
+    f.commitment = "none: no answer to this dispute's challenge"
   program, train = rebuild(claim.proof_dir)
-  verdict = verify_lib.verify(
-    claim.proof_dir, program, train, strategy=strategy, num_segments=num_segments, builder=builder
-  )
+  verdict = verify_lib.verify(claim.proof_dir, program, train, strategy="all", builder=builder)
   f.verified = verdict.accepted
   f.failed_checks = [c.name for c in verdict.failed]
   f.verdict = verdict.summary()
+  if "integrity" in f.failed_checks:  # nothing more is read from a proof that fails its own digests
+    f.origin, f.model, f.model_detail = "unknown (the proof fails integrity)", "unchecked", "the proof fails integrity"
+    return
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
   start, _ = proof.restore(claim.proof_dir, 0, template, manifest["checkpoints"].get("0"))
   starts[claim.name] = start
-  f.origin = "seed" if "init" not in f.failed_checks else ""
+  f.origin = "seed" if "init" not in f.failed_checks and "integrity" not in f.failed_checks else ""
   final = recorder.final_state(claim.proof_dir, program, manifest)
   finals[claim.name] = final
   f.model, f.model_detail = compare(model, final)
   if f.model == "mismatch":
     f.model_detail = f"the model's shapes do not match the proof's: {f.model_detail}"
   f.model_detail += f" ({fmt})"
+
+
+def _judge_commitment(claim, f: Finding, challenge: str | None) -> tuple[str, str | None]:
+  """``(status, time)`` of a claimant's commitment: "valid" or why not."""
+  try:
+    record = read_commitment(claim.commitment)
+  except DisputeError as e:
+    return f"unreadable: {e}", None
+  bad = check_signature(record)
+  if bad:
+    return f"invalid: {bad}", None
+  if record["public_key"] != f.owner:
+    return (
+      f"invalid: signed by key {record['public_key'][:16]}..., but the proof is bound to key {f.owner[:16]}... "
+      "(a proof cannot be claimed by another key)",
+      None,
+    )
+  if record["proof_root"] != f.root:
+    return "invalid: its proof root is not this proof's", None
+  if record["model_digest"] != model_digest(final_leaves(claim.proof_dir)):
+    return "invalid: its model digest is not this proof's final model", None
+  if challenge is not None and record.get("challenge") != challenge:
+    return "stale: it does not answer this dispute's challenge (anyone can copy a past commitment)", None
+  return "valid", _time(record).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -9,6 +9,7 @@ A proof is a directory::
     indices.npy         int32 [T, B] index log (read with allow_pickle=False)
     data_digests.npy    uint8 [N, 32] per-example SHA-256, the Merkle leaves
     manifest.json       written last, atomically: everything above by digest,
+                        ``files``, the size and SHA-256 of every other file,
                         and ``root``, the SHA-256 of the canonical manifest body
 
 Two kinds of failure are told apart. :class:`ProofError` means the input is
@@ -17,7 +18,8 @@ schema): the CLI exits 2. :class:`IntegrityError` means a well-formed proof
 whose content contradicts its own digests: a failed check, exit 1. Nothing
 from a proof is used before its digest is checked, no path outside the proof
 directory is opened, and declared sizes are bounded before anything is
-allocated.
+allocated. Files are read through :mod:`pol_jax.safeio`: a symbolic link, a
+FIFO or a device anywhere in a proof is refused, never followed or opened.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import numerics
+from pol_jax import numerics, safeio
 
-SCHEMA = "pol-jax/proof/v2"
+SCHEMA = "pol-jax/proof/v3"
 MANIFEST = "manifest.json"
 RUN = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -49,6 +51,8 @@ MAX_INDEX_ENTRIES = 1 << 31
 MAX_EXAMPLES = 1 << 31
 MAX_CHECKPOINTS = 1 << 20
 MAX_LEAF_BYTES = 16 << 30
+MAX_FILES = 1 << 20
+MAX_FILE_BYTES = 1 << 40
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -76,6 +80,28 @@ def canonical_json(obj: Any) -> bytes:
 
 def digest_json(obj: Any) -> str:
   return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+SEED_DOMAIN = b"pol-jax/seed/v1\x00"
+
+
+def bound_seed(public_key: str, nonce: int) -> int:
+  """The seed of a proof bound to the Ed25519 ``public_key`` (hex): 63 bits of SHA-256(domain, key, nonce).
+
+  Every key of the run derives from this seed (its init, data order and
+  per-step randomness), so the recorded states can only be reproduced under
+  this key: another key gives another seed and another training. The binding
+  is as strong as a 63-bit second preimage (JAX's threefry key holds 64 bits).
+
+  >>> bound_seed("00" * 32, 0) == bound_seed("00" * 32, 0) != bound_seed("00" * 32, 1)
+  True
+  """
+  if not (isinstance(public_key, str) and _HEX64.match(public_key)):
+    raise ValueError(f"Expected an Ed25519 public key as 64 lowercase hex digits, got {public_key!r:.80}.")
+  if isinstance(nonce, bool) or not isinstance(nonce, int) or not 0 <= nonce < 2**63:
+    raise ValueError(f"Expected 0 <= nonce < 2**63, got nonce={nonce!r:.40}.")
+  digest = hashlib.sha256(SEED_DOMAIN + bytes.fromhex(public_key) + nonce.to_bytes(8, "big")).digest()
+  return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _key_name(entry) -> str:
@@ -155,6 +181,67 @@ def size_bytes(proof_dir: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(proof_dir) for f in files)
 
 
+def list_files(proof_dir: str) -> dict[str, int]:
+  """``{relative path: size}`` of every file of the proof but its manifest; nothing is followed.
+
+  Raises:
+    ProofError: a symbolic link, FIFO, device or socket anywhere in the proof
+      (named), or too many entries.
+  """
+  try:
+    files = safeio.walk(proof_dir, max_entries=MAX_FILES)
+  except safeio.Refused as e:
+    raise ProofError(e.file, e.field, e.reason) from None
+  files.pop(MANIFEST, None)
+  return files
+
+
+def file_listing(proof_dir: str, exclude: Iterable[str] = (RUN,)) -> dict[str, dict]:
+  """The manifest's ``files``: ``{path: {"size", "sha256"}}`` of every file but the manifest and ``exclude``."""
+  return {
+    path: {"size": size, "sha256": safeio.file_digest(os.path.join(proof_dir, path), size, path)}
+    for path, size in list_files(proof_dir).items()
+    if path not in exclude
+  }
+
+
+def check_files(proof_dir: str, manifest: dict) -> None:
+  """Checks that the proof holds exactly the files its validated manifest lists, byte for byte.
+
+  Walks the proof without following anything, then compares the set of paths,
+  then the sizes, then the SHA-256 of every file. Once it returns, every file
+  Orbax or TensorStore may open is a regular file whose bytes the root covers.
+
+  Raises:
+    ProofError: a symbolic link, FIFO or device in the proof.
+    IntegrityError: an unlisted, missing, resized or changed file, named.
+  """
+  listed, found = manifest["files"], list_files(proof_dir)
+  extra = sorted(set(found) - set(listed))
+  if extra:
+    raise IntegrityError(_file_message(extra[0], f"is not in the manifest's file listing ({len(extra)} unlisted)"))
+  missing = sorted(set(listed) - set(found))
+  if missing:
+    raise IntegrityError(_file_message(missing[0], f"is listed in the manifest but missing ({len(missing)} missing)"))
+  for path, size in found.items():
+    if size != listed[path]["size"]:
+      raise IntegrityError(_file_message(path, f"has {size} bytes, the manifest lists {listed[path]['size']}"))
+  for path, size in found.items():
+    try:
+      digest = safeio.file_digest(os.path.join(proof_dir, path), size, path)
+    except safeio.Refused as e:
+      raise IntegrityError(_file_message(path, e.reason)) from None
+    if digest != listed[path]["sha256"]:
+      raise IntegrityError(_file_message(path, "does not match its SHA-256 in the manifest"))
+
+
+def _file_message(path: str, what: str) -> str:
+  parts = path.split("/")
+  if len(parts) > 2 and parts[0] == CHECKPOINTS:
+    return f"checkpoint {parts[1]}: {path} {what}"
+  return f"{path}: {what}"
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON to a temporary name, fsyncs it, renames it into place."""
   tmp = f"{path}.tmp.{os.getpid()}"
@@ -180,23 +267,16 @@ def write_npy_atomic(path: str, array: np.ndarray) -> None:
 
 
 def read_json(path: str, label: str) -> Any:
-  """Reads a JSON file of bounded size; any failure is a ProofError on ``label``."""
+  """Reads a JSON file of bounded size, strictly; any failure is a ProofError on ``label``.
+
+  The file is opened without following a link or blocking on a FIFO, and
+  parsed by ``safeio.loads_json`` (bounded depth and integers, finite
+  numbers, no duplicate keys).
+  """
   try:
-    size = os.path.getsize(path)
-    if size > MAX_JSON_BYTES:
-      raise ProofError(label, "size", f"{size} bytes is over the {MAX_JSON_BYTES}-byte limit")
-    with open(path, "rb") as f:
-      return json.loads(f.read(), parse_constant=_reject_constant)
-  except FileNotFoundError:
-    raise ProofError(label, "file", "missing") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise ProofError(label, "file", f"unreadable ({e})") from None
-  except json.JSONDecodeError as e:
-    raise ProofError(label, "json", f"does not parse ({e})") from None
-
-
-def _reject_constant(name: str):
-  raise json.JSONDecodeError(f"non-standard constant {name}", name, 0)
+    return safeio.loads_json(safeio.read_bytes(path, MAX_JSON_BYTES, label), label)
+  except safeio.Refused as e:
+    raise ProofError(e.file, e.field, e.reason) from None
 
 
 def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -206,7 +286,7 @@ def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> 
   refused.
   """
   try:
-    with open(path, "rb") as f:
+    with safeio.open_regular(path, label) as f:
       version = np.lib.format.read_magic(f)
       if version == (1, 0):
         header = np.lib.format.read_array_header_1_0(f)
@@ -220,9 +300,12 @@ def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> 
           f"{label}: declares {got_dtype}{list(got_shape)}, the manifest says {np.dtype(dtype)}{list(shape)}"
         )
       count = math.prod(shape)
+      remaining = os.fstat(f.fileno()).st_size - f.tell()
+      if remaining != count * np.dtype(dtype).itemsize:  # Before a buffer of the declared size is allocated.
+        raise IntegrityError(f"{label}: {remaining} data bytes, expected {count * np.dtype(dtype).itemsize}")
       data = f.read(count * np.dtype(dtype).itemsize + 1)
-  except FileNotFoundError:
-    raise IntegrityError(f"{label}: missing") from None
+  except safeio.Refused as e:
+    raise IntegrityError(f"{label}: {e.reason}") from None
   except (OSError, ValueError) as e:
     raise IntegrityError(f"{label}: unreadable ({e})") from None
   if len(data) != count * np.dtype(dtype).itemsize:
@@ -273,6 +356,11 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
     raise ProofError(label, "schema", f"proof schema {schema!r:.60} is not supported (this pol-jax reads {SCHEMA!r})")
   _field(body, "config", dict, label)
   _bounded(body, "seed", 0, 2**63 - 1, label)
+  owner = _field(body, "owner", dict, label)
+  if sorted(owner) != ["nonce", "public_key"]:
+    raise ProofError(label, "owner", f"expected the fields public_key and nonce, got {sorted(owner)!r:.80}")
+  _hex(owner, "public_key", label, "owner.")
+  _bounded(owner, "nonce", 0, 2**63 - 1, label, "owner.")
   steps = _bounded(body, "steps", 1, MAX_STEPS, label)
   k = _bounded(body, "k", 1, steps, label)
   if -(-steps // k) + 1 > MAX_CHECKPOINTS:
@@ -322,11 +410,67 @@ def validate_manifest(manifest: Any) -> dict:
     raise ProofError(MANIFEST, "checkpoints", f"expected steps 0, k, 2k, ..., T; missing {missing}, unexpected {extra}")
   for step in checkpoints:
     _hex(checkpoints, step, MANIFEST, "checkpoints.")
+  _validate_files(_field(rest, "files", dict), expected)
+  if body["seed"] != bound_seed(body["owner"]["public_key"], body["owner"]["nonce"]):
+    raise IntegrityError(
+      f"{MANIFEST}: seed {body['seed']} is not the seed bound to owner.public_key and owner.nonce "
+      "(a proof cannot be moved to another key)"
+    )
   if digest_json(rest) != root:
     raise IntegrityError(
       f"{MANIFEST}: root {root[:16]}... is not the digest of the manifest body (edited after sealing)"
     )
   return manifest
+
+
+def _validate_files(files: dict, steps: list[str]) -> None:
+  """Checks the ``files`` listing: bounded, clean relative paths, sizes, digests, and the files a proof must have."""
+  if len(files) > MAX_FILES:
+    raise ProofError(MANIFEST, "files", f"{len(files)} entries is over the {MAX_FILES} limit")
+  with_state = set()
+  for path, entry in files.items():
+    if not _clean_path(path):
+      raise ProofError(MANIFEST, "files", f"{path!r:.80} is not a normalised relative path inside the proof")
+    if not isinstance(entry, dict) or sorted(entry) != ["sha256", "size"]:
+      raise ProofError(MANIFEST, f"files.{path}", "expected the fields size and sha256")
+    _bounded(entry, "size", 0, MAX_FILE_BYTES, MANIFEST, f"files.{path}.")
+    _hex(entry, "sha256", MANIFEST, f"files.{path}.")
+    parts = path.split("/")
+    if len(parts) > 3 and parts[0] == CHECKPOINTS and parts[2] == "state":
+      with_state.add(parts[1])
+  required = [INDICES, DATA_DIGESTS, *(f"{CHECKPOINTS}/{s}/meta/metadata" for s in steps)]
+  missing = [p for p in required if p not in files]
+  missing += [f"{CHECKPOINTS}/{s}/state/" for s in steps if s not in with_state]
+  if missing:
+    raise ProofError(MANIFEST, "files", f"does not list {missing[0]} ({len(missing)} required entries missing)")
+
+
+def _clean_path(path: str) -> bool:
+  """A relative POSIX path of plain components: no ``..``, no leading ``/``, nothing empty."""
+  parts = path.split("/")
+  return (
+    0 < len(path) <= 4096
+    and path != MANIFEST
+    and all(part not in ("", ".", "..") for part in parts)
+    and not any(ord(c) < 32 or c in "\\\x7f" for c in path)
+  )
+
+
+def semantic_root(manifest: dict) -> str:
+  """What a proof claims, as one digest: that of its manifest body without ``files`` and ``root``.
+
+  ``root`` covers every byte of the proof, Orbax's bookkeeping files included,
+  and those hold wall-clock timestamps and the path a checkpoint was first
+  written to: two recordings of the same run, or a resumed and an
+  uninterrupted recording, have different roots. Their semantic roots are
+  equal: the same settings, environment, programs, and the same digests of
+  every recorded state, of the index log and of the data. Compare runs by
+  this; name a proof (commitments, Fiat-Shamir draws) by ``root``.
+
+  >>> semantic_root({"k": 4, "files": {}, "root": "ab"}) == digest_json({"k": 4})
+  True
+  """
+  return digest_json({k: v for k, v in manifest.items() if k not in ("files", "root")})
 
 
 def read_index_log(proof_dir: str, manifest: dict) -> np.ndarray:

@@ -22,7 +22,9 @@ class Plan:
   """What a run commits to besides its config.
 
   Attributes:
-    seed: the one seed every key derives from.
+    owner: the Ed25519 public key (64 hex digits) the proof is bound to.
+    nonce: the owner's choice of run (``config.seed``); with ``owner`` it
+      derives :attr:`seed` (``proof.bound_seed``).
     k: steps between recorded states.
     steps: T, the number of training steps.
     batch_size: B, examples per step.
@@ -30,15 +32,15 @@ class Plan:
       one jitted step).
   """
 
-  seed: int
+  owner: str
+  nonce: int
   k: int
   steps: int
   batch_size: int
   runner: str = "scan"
 
   def __post_init__(self):
-    if not 0 <= self.seed < 2**63:
-      raise ValueError(f"Expected 0 <= seed < 2**63, got seed={self.seed}.")
+    proof.bound_seed(self.owner, self.nonce)  # validates both
     if self.steps < 1:
       raise ValueError(f"Expected steps >= 1, got steps={self.steps}.")
     if not 1 <= self.k <= self.steps:
@@ -48,9 +50,17 @@ class Plan:
     if self.runner not in training.RUNNERS:
       raise ValueError(f"Expected runner in {training.RUNNERS}, got runner={self.runner!r}.")
 
+  @property
+  def seed(self) -> int:
+    """The one seed every key derives from, bound to :attr:`owner`."""
+    return proof.bound_seed(self.owner, self.nonce)
+
   @classmethod
   def from_manifest(cls, manifest: dict) -> Plan:
-    return cls(manifest["seed"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"])
+    owner = manifest["owner"]
+    return cls(
+      owner["public_key"], owner["nonce"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"]
+    )
 
 
 class ProofExistsError(Exception):
@@ -88,6 +98,7 @@ def start_body(
     "schema": proof.SCHEMA,
     "config": config or {},
     "seed": plan.seed,
+    "owner": {"public_key": plan.owner, "nonce": plan.nonce},
     "k": plan.k,
     "steps": plan.steps,
     "batch_size": plan.batch_size,
@@ -139,6 +150,7 @@ def record(
   proof_dir = os.path.abspath(proof_dir)
   manifest_path = os.path.join(proof_dir, proof.MANIFEST)
   if os.path.exists(manifest_path):
+    _drop_leftover_run(proof_dir)
     raise ProofExistsError(f"{manifest_path}: a finished proof is already there; it is never overwritten")
   os.makedirs(proof_dir, exist_ok=True)
 
@@ -175,12 +187,18 @@ def record(
 
 
 def finish(proof_dir: str, body: dict, checkpoints: dict, log: np.ndarray, digests: np.ndarray) -> dict:
-  """Writes the index log and data digests, then the sealed manifest (last, atomically); returns it."""
+  """Writes the index log and data digests, then the sealed manifest (last, atomically); returns it.
+
+  Call it once every checkpoint is finalised: the manifest's ``files`` lists
+  the size and SHA-256 of every file in ``proof_dir`` but ``run.json`` (which
+  :func:`record` removes next), so the root covers every byte of the proof.
+  """
   proof.write_npy_atomic(os.path.join(proof_dir, proof.INDICES), log)
   proof.write_npy_atomic(os.path.join(proof_dir, proof.DATA_DIGESTS), digests)
   body["checkpoints"] = checkpoints
   body["indices"] = {"sha256": proof.leaf_digest("indices", log)}
   body["data_digests"] = {"sha256": proof.leaf_digest("data_digests", digests)}
+  body["files"] = proof.file_listing(proof_dir, exclude=(proof.RUN,))
   manifest = proof.seal(body)
   proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), manifest)
   return manifest
@@ -239,6 +257,23 @@ class _Saver:
           self._on_segment(int(host.step), summary)
       except BaseException as e:  # noqa: BLE001 - re-raised on the training thread.
         self._error = e
+
+
+def _drop_leftover_run(proof_dir: str) -> None:
+  """Removes the ``run.json`` of a recording killed between sealing its manifest and removing it.
+
+  It is not in the manifest's file listing, so a verifier would reject the
+  proof for it; the recording had finished, so nothing else is touched.
+  """
+  path = os.path.join(proof_dir, proof.RUN)
+  if not os.path.isfile(path) or os.path.islink(path):
+    return
+  try:
+    files = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST).get("files")
+  except (proof.ProofError, AttributeError):
+    return
+  if isinstance(files, dict) and proof.RUN not in files:
+    os.remove(path)
 
 
 def _commit_start(proof_dir: str, body: dict) -> None:

@@ -15,7 +15,7 @@ from pol_jax import data as data_lib
 from pol_jax import tolerance as tolerance_lib
 
 MODES = ("exact", "tolerance")
-CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay")
+CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay", "progress")
 
 
 @dataclasses.dataclass
@@ -40,10 +40,13 @@ class Verdict:
   num_segments: int
   tolerance: dict | None = None
   seed: int | None = None
-  """The verifier's seed that drew the segments (``uniform``), so the draw can be repeated."""
+  """The verifier's seed that drew the segments (``uniform``, ``top-q+uniform``), so the draw can be repeated."""
 
   reproduction: list[dict] | None = None
   """How the verifier reproduced the prover's environment, field by field (see :func:`reproduction`)."""
+
+  guarantee: challenge.Guarantee | None = None
+  """What a strategy with a uniform part shows about the segments it did not replay."""
 
   @property
   def failed(self) -> list[Check]:
@@ -68,6 +71,13 @@ class Verdict:
       "num_segments": self.num_segments,
       "seed": self.seed,
       "one_false_segment_passes": self.one_false_segment_passes,
+      "guarantee": None
+      if self.guarantee is None
+      else {
+        **dataclasses.asdict(self.guarantee),
+        "catch": self.guarantee.catch,
+        "statement": self.guarantee.describe(),
+      },
       "tolerance": self.tolerance,
       "checks": [dataclasses.asdict(c) for c in self.checks],
       "segments": [
@@ -77,29 +87,27 @@ class Verdict:
 
   @property
   def one_false_segment_passes(self) -> float | None:
-    """For a sampled strategy, the chance that a draw like this one misses one false segment (not the last)."""
-    if self.strategy not in ("uniform", "fiat-shamir") or self.num_segments < 2:
+    """For a strategy with a uniform part, the chance that a draw like this one misses one false segment
+    that is not replayed whatever the draw (not the last, nor top-q's)."""
+    g = self.guarantee
+    if g is None or g.population == 0:
       return None
-    return challenge.pass_probability(self.num_segments, len(self.segments), {0})
+    return challenge.miss_probability(g.population, g.drawn, 1)
 
   def _drawn(self) -> str:
-    if self.strategy == "uniform" and self.seed is not None:
-      return f"uniform, verifier seed {self.seed}"
+    if self.seed is not None:
+      return f"{self.strategy}, verifier seed {self.seed}"
     return self.strategy
 
   def summary(self) -> str:
     if self.accepted and self.mode == "exact":
+      g = self.guarantee
       line = (
         f"ACCEPTED: {len(self.segments)} of {self.num_segments} segments replayed bit for bit "
-        f"(exact mode, {self._drawn()})"
+        f"(exact mode, {self._drawn()}" + (f": {g.composition()}" if g else "") + ")"
       )
-      p = self.one_false_segment_passes
-      if p:
-        line += (
-          f"; a proof with one false segment passes such a draw with probability {p:.2f}"
-          + (", and a forger can re-roll a Fiat-Shamir draw" if self.strategy == "fiat-shamir" else "")
-          + " (--strategy=all replays every segment)"
-        )
+      if g:
+        line += f"; {g.statement()}" + ("" if g.catch >= 1.0 else " (--strategy=all replays every segment)")
       return line
     if self.accepted:
       return (
@@ -146,10 +154,13 @@ def read_manifest(proof_dir: str) -> dict:
   """The manifest of a finished proof, parsed and field-checked (not its root).
 
   Raises:
-    proof.ProofError: the directory, the manifest or a field is unusable.
+    proof.ProofError: the directory, the manifest or a field is unusable; a
+      symbolic link, FIFO or device anywhere in the proof (nothing is followed
+      or opened before the whole directory is walked).
   """
   if not os.path.isdir(proof_dir):
     raise proof.ProofError(proof_dir, "directory", "not found (expected a proof directory holding manifest.json)")
+  proof.list_files(proof_dir)
   path = os.path.join(proof_dir, proof.MANIFEST)
   if not os.path.exists(path) and os.path.exists(os.path.join(proof_dir, proof.RUN)):
     raise proof.ProofError(proof.MANIFEST, "file", "missing: this is a partial proof (the recording did not finish)")
@@ -161,10 +172,12 @@ def verify(
   program: training.Program,
   dataset: data_lib.Dataset,
   *,
-  strategy: str = "uniform",
-  num_segments: int = 8,
+  strategy: str = challenge.DEFAULT,
+  num_segments: int | None = None,
   seed: int | None = None,
   q: int = 1,
+  detect: float = challenge.DETECT,
+  faked_fraction: float = challenge.FAKED_FRACTION,
   devices: int | None = None,
   mode: str = "exact",
   tolerance: tolerance_lib.Tolerance | None = None,
@@ -172,6 +185,7 @@ def verify(
   integrity: str = "full",
   init_check: str = "seed",
   order_check: bool = True,
+  progress_check: bool = True,
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
   builder: str | None = None,
   max_workers: int | None = None,
@@ -185,22 +199,34 @@ def verify(
   verifier compiles is the one the prover recorded), init (the initial state
   is the one the seed derives), data order (the index log is the seed-derived
   order), data (the verifier's own copy of every example the chosen segments
-  use has the recorded digest, and the Merkle root holds), and replay (each
+  use has the recorded digest, and the Merkle root holds), replay (each
   chosen segment, replayed from its recorded start with the same runner,
-  lands on the recorded end bit for bit).
+  lands on the recorded end bit for bit) and progress (each chosen segment
+  moves at least one parameter bit: a replay that cannot move the weights,
+  because k or the learning rate is too small, is evidence of nothing).
 
   Guarantees:
     An accepted proof shows that the recorded states follow one another by
     running ``program.step`` on the committed data in the seed's order, from
     the seed's initialisation, for every replayed segment; with ``all``, for
-    the whole run. With a sample of n of S segments that always includes the
-    last, a proof in which m other segments are not honest is accepted with
-    probability ``challenge.pass_probability`` = ``C(S-1-m, n-1) / C(S-1, n-1)``
-    per draw. ``uniform`` (the default) draws once, from a seed the prover
-    cannot know; ``fiat-shamir`` draws from the proof's root, and a forger can
-    reseal a faked proof (any byte changes the root) until the draw misses its
-    faked segments, so it bounds only the fraction of faked work, and n must
-    be sized for the number of re-rolls a forger can afford.
+    the whole run. ``top-q+uniform`` (the default) always replays top-q (per
+    epoch, the largest recorded update under each metric) and the last
+    segment, so a proof that jumps to another model in one segment (the
+    largest update of its epoch) or swaps its last checkpoint is always
+    caught, and a fake top-q misses moves the weights no more than the
+    largest honest update of its epoch; it adds n of the other segments
+    drawn once from a seed the prover cannot know, so that a proof with m
+    faked segments, m = ``ceil(faked_fraction * S)``, is caught with
+    probability at least ``detect`` (the verdict's ``guarantee`` states n, m
+    and the probability, ``1 - C(P-m, n) / C(P, n)`` for the P other
+    segments). ``uniform`` replays the last and n - 1 of the other S - 1:
+    it passes a proof with m faked others with probability ``C(S-1-m, n-1) /
+    C(S-1, n-1)`` per draw, (S - n) / (S - 1) for one, which a prover who
+    picks a small k makes large. ``fiat-shamir`` draws from the proof's root,
+    and a forger can reseal a faked proof (any byte changes the root) until
+    the draw misses its faked segments, so it bounds only the fraction of
+    faked work, and n must be sized for the number of re-rolls a forger can
+    afford.
 
     It does not show who ran the training, when, or that the data were
     obtained lawfully; that the final model is a given file (compare digests);
@@ -212,10 +238,17 @@ def verify(
     program: the ``init`` and ``step`` the prover used, rebuilt by the verifier.
     dataset: the verifier's own copy of the training data.
     strategy: one of ``challenge.STRATEGIES``.
-    num_segments: n, for ``uniform`` and ``fiat-shamir``.
-    seed: the verifier's seed, for ``uniform`` (default: drawn from the OS,
-      and reported in the verdict so the draw can be repeated).
-    q: segments per epoch and metric, for ``top-q``.
+    num_segments: n, the uniform part: the segments ``uniform`` and
+      ``fiat-shamir`` replay (the last included), the segments
+      ``top-q+uniform`` draws beyond top-q and the last. None (default):
+      the smallest n that catches a proof with ``faked_fraction`` of its
+      segments faked with probability ``detect`` (``challenge.sample_size``).
+    seed: the verifier's seed, for ``uniform`` and ``top-q+uniform``
+      (default: drawn from the OS, and reported in the verdict so the draw
+      can be repeated).
+    q: segments per epoch and metric, for ``top-q`` and ``top-q+uniform``.
+    detect: the detection probability the uniform part is sized for.
+    faked_fraction: the fraction of faked segments it is sized to detect.
     devices: replay on this many local devices, one segment per device at a
       time (default: all local devices). Bit-identical to sequential replay. Under
       ``jax.distributed`` every process replays its share of the segments on
@@ -233,12 +266,16 @@ def verify(
       checkpoint's meta up front and the arrays of the checkpoints the chosen
       segments use as they are restored (faster; a damaged checkpoint that no
       chosen segment uses goes unnoticed, like any unsampled segment).
+      ``top-q`` and ``top-q+uniform`` restore every checkpoint for the update
+      sizes, so they check every array either way.
     init_check: ``"seed"``: step 0 must equal the seed's initialisation, bit
       for bit; ``"ks"``: the paper's statistical check (see :func:`ks_init`),
       for the paper's verifier only: it accepts any init drawn from the right
       distribution, which is what the infinitesimal-update attack exploits.
     order_check: check that the index log is the seed's order (the paper's
       verifier does not: its prover chooses the batches).
+    progress_check: check that every replayed segment moves a parameter bit
+      (the paper's verifier does not).
     on_segment: called with each ``replay.SegmentResult`` of this process.
     builder: ``"module:function"``, importable here, that rebuilds
       ``(program, dataset)`` from a recorded config. With it, exact mode
@@ -263,10 +300,19 @@ def verify(
   """
   if strategy not in challenge.STRATEGIES:
     raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
-  if strategy == "uniform" and seed is None:
+  if strategy in ("uniform", challenge.DEFAULT) and seed is None:
     if jax.process_count() > 1:
-      raise ValueError("strategy='uniform' across processes needs a seed that every process shares.")
+      raise ValueError(f"strategy={strategy!r} across processes needs a seed that every process shares.")
     seed = secrets.randbits(63)
+  least = 0 if strategy == challenge.DEFAULT else 1
+  if num_segments is not None and num_segments < least:
+    raise ValueError(f"Expected num_segments >= {least} for strategy={strategy!r}, got num_segments={num_segments}.")
+  if not 0 < detect <= 1:
+    raise ValueError(f"Expected 0 < detect <= 1, got detect={detect}.")
+  if not 0 < faked_fraction <= 1:
+    raise ValueError(f"Expected 0 < faked_fraction <= 1, got faked_fraction={faked_fraction}.")
+  if strategy == challenge.DEFAULT:
+    integrity = "full"  # its top-q part needs every update size: every checkpoint is restored and checked anyway
   if integrity not in ("full", "sampled"):
     raise ValueError(f"Expected integrity 'full' or 'sampled', got {integrity!r}.")
   if mode not in MODES:
@@ -288,7 +334,7 @@ def verify(
     list(checks.values()),
     [],
     len(bounds),
-    seed=seed if strategy == "uniform" else None,
+    seed=seed if strategy in ("uniform", challenge.DEFAULT) else None,
   )
 
   def done() -> Verdict:
@@ -299,9 +345,11 @@ def verify(
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
 
-  # 1. Integrity: nothing from the proof is used before its digest is checked.
+  # 1. Integrity: nothing from the proof is used before its digest is checked. The file
+  # listing comes first, so Orbax and TensorStore only ever open listed, hashed regular files.
   try:
     proof.validate_manifest(manifest)
+    proof.check_files(proof_dir, manifest)
     log = proof.read_index_log(proof_dir, manifest)
     size = manifest["dataset"]["size"]
     leaves = proof.read_data_digests(proof_dir, manifest)
@@ -390,7 +438,7 @@ def verify(
     checks["init"] = (
       Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
       if bad
-      else Check("init", True, f"step 0 equals init from seed {plan.seed}")
+      else Check("init", True, f"step 0 equals init from seed {plan.seed}, bound to key {plan.owner[:16]}...")
     )
 
   # 5. Data order: the index log is the seed-derived order.
@@ -406,7 +454,27 @@ def verify(
     checks["data order"] = Check("data order", None, "not checked: the prover chose the batches (paper's verifier)")
 
   # Segment selection, then 6. data: the verifier's copy of what they use.
-  chosen = _select(strategy, len(bounds), num_segments, seed, verdict.root, sizes, bounds, plan, size, q)
+  per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
+  chosen, verdict.guarantee = challenge.select(
+    strategy,
+    len(bounds),
+    n=num_segments,
+    seed=seed,
+    root=verdict.root,
+    update_sizes=sizes,
+    epochs=np.array([start // per_epoch for start, _ in bounds]),
+    q=q,
+    detect=detect,
+    faked_fraction=faked_fraction,
+  )
+  if progress_check:
+    try:
+      checks["progress"] = _check_progress(proof_dir, manifest, bounds, chosen)
+    except proof.IntegrityError as e:
+      checks["integrity"] = Check("integrity", False, str(e))
+      return done()
+  else:
+    checks["progress"] = Check("progress", None, "not checked (the paper's verifier)")
   used = np.unique(np.concatenate([log[bounds[i][0] : bounds[i][1]].ravel() for i in chosen]))
   if dataset.name != manifest["dataset"]["name"] or len(dataset) != size:
     checks["data"] = Check(
@@ -669,7 +737,7 @@ def paper(proof_dir: str, program: training.Program, dataset: data_lib.Dataset, 
   Top-Q segments per epoch (``q``, the paper code's default 2), replayed with
   the tolerance mode and the paper code's default raw deltas
   (:data:`PAPER_TOLERANCE`), the KS initialisation check instead of the
-  seed's, and no check of the data order. Integrity, program and data
+  seed's, and no check of the data order or of progress. Integrity, program and data
   digests are still ours. Do not use it to accept proofs.
   """
   return verify(
@@ -682,19 +750,46 @@ def paper(proof_dir: str, program: training.Program, dataset: data_lib.Dataset, 
     tolerance=PAPER_TOLERANCE,
     init_check="ks",
     order_check=False,
+    progress_check=False,
     **kwargs,
   )
 
 
-def _select(strategy, count, n, seed, root, sizes, bounds, plan, size, q) -> list[int]:
-  if strategy == "all":
-    return challenge.all_segments(count)
-  if strategy == "uniform":
-    return challenge.including_last(count, n, lambda c, m: challenge.uniform(c, m, seed))
-  if strategy == "fiat-shamir":
-    return challenge.including_last(count, n, lambda c, m: challenge.fiat_shamir(c, m, root))
-  per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
-  return challenge.top_q(sizes, np.array([start // per_epoch for start, _ in bounds]), q)
+def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
+  """Those of the segments ``indices`` whose recorded parameters at their end equal those at their start, bit for bit.
+
+  Compares the ``params/...`` leaf digests of the checkpoint metas (each
+  checked against the manifest), so nothing is restored. Such a segment
+  replays bit for bit whatever its start was: its replay is evidence of
+  nothing.
+
+  Raises:
+    proof.IntegrityError: a checkpoint's meta does not match its digest.
+  """
+  bounds = recorder.segments(recorder.Plan.from_manifest(manifest))
+  params = {}
+
+  def of(step):
+    if step not in params:
+      leaves = proof.read_meta(proof_dir, step, manifest["checkpoints"][str(step)])["leaves"]
+      params[step] = {p: d for p, d in leaves.items() if p.startswith("params/")}
+    return params[step]
+
+  return [i for i in indices if of(bounds[i][0]) == of(bounds[i][1])]
+
+
+def _check_progress(proof_dir, manifest, bounds, chosen) -> Check:
+  """Every chosen segment moves at least one parameter bit (see :func:`unmoved_segments`)."""
+  still = unmoved_segments(proof_dir, manifest, chosen)
+  if not still:
+    return Check("progress", True, f"each of the {len(chosen)} replayed segments moves the parameters")
+  first = bounds[still[0]]
+  return Check(
+    "progress",
+    False,
+    f"{len(still)} of {len(chosen)} replayed segments moved no parameter bit (first segment {still[0]}, steps "
+    f"{first[0]}-{first[1]}): k or the learning rate is too small for replay to be evidence",
+  )
 
 
 def calibrate(

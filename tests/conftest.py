@@ -18,10 +18,22 @@ from pol_jax.attacks import reseal  # noqa: F401  (tests edit manifests as a for
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _test_key():
+  from cryptography.hazmat.primitives.asymmetric import ed25519
+
+  return ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+OWNER_KEY = _test_key()
+"""The owner of the test proofs (a fixed key: its private bytes are in this file)."""
+OWNER = OWNER_KEY.public_key().public_bytes_raw().hex()
+
+
 def smoke_config(model: str = "mlp", **overrides):
   """A few short segments: the scan runner for the MLP, the loop for the CNN."""
   c = default.get_config("smoke")
   c.model = model
+  c.owner = OWNER
   c.runner = "scan" if model == "mlp" else "loop"
   for key, value in overrides.items():
     c[key] = value
@@ -29,6 +41,7 @@ def smoke_config(model: str = "mlp", **overrides):
 
 
 def record(proof_dir: str, config) -> dict:
+  config.owner = config.owner or OWNER
   train = build.dataset(config, "train")
   return recorder.record(proof_dir, build.program(config, train), train, build.plan(config), config=config.to_dict())
 

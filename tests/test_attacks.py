@@ -32,6 +32,8 @@ CAUGHT_BY = {
   "tamper-substitute": "data order",
   "tamper-splice": "replay",
   "tamper-final": "replay",
+  "splice-stolen": "replay",
+  "splice-stolen-frozen": "replay",
 }
 
 
@@ -59,25 +61,46 @@ def test_the_honest_proof_is_accepted_by_both_verifiers(table):
 @pytest.mark.parametrize("name", list(CAUGHT_BY))
 def test_our_verifier_rejects_each_spoof_with_the_named_check(table, name):
   row = row_of(table, name)
-  every, drawn = row["verdicts"]["ours-all"], row["verdicts"]["ours"]
+  every = row["verdicts"]["ours-all"]
   assert not every["accepted"] and every["check"] == CAUGHT_BY[name], row
   assert row["seconds"] > 0 and row["cost"] > 0
-  if CAUGHT_BY[name] != "replay":  # whatever the draw
-    assert not drawn["accepted"] and drawn["check"] == CAUGHT_BY[name] and drawn["catch_probability"] == 1.0, row
-    return
-  # Replay decides: the default draw rejects exactly when it hits a false segment, with the stated probability.
-  false = set(every["false_segments"])
-  assert false and len(drawn["segments"]) == N
-  assert drawn["accepted"] == (not false & set(drawn["segments"])), row
-  assert drawn["catch_probability"] == pytest.approx(1 - challenge.pass_probability(6, N, false))
+  for verifier in ("ours", "ours-uniform"):
+    drawn = row["verdicts"][verifier]
+    if CAUGHT_BY[name] != "replay":  # whatever the draw
+      assert not drawn["accepted"] and drawn["check"] == CAUGHT_BY[name] and drawn["catch_probability"] == 1.0, row
+      continue
+    # Replay decides: a draw rejects exactly when it hits a false segment (or, for progress, an unmoved one).
+    bad, chosen = set(every["false_segments"]) | set(every["unmoved_segments"]), set(drawn["segments"])
+    assert every["false_segments"] and drawn["accepted"] == (not bad & chosen), row
+    if verifier == "ours-uniform":
+      assert len(chosen) == N, row
+      assert drawn["catch_probability"] == pytest.approx(1 - challenge.pass_probability(every["num_segments"], N, bad))
 
 
 def test_a_spliced_checkpoint_grinds_fiat_shamir_but_not_a_verifier_seed(table):
-  """The finding: a forger re-rolls a root-derived draw by resealing; the default uniform draw it cannot."""
+  """The finding: a forger re-rolls a root-derived draw by resealing; a uniform draw from a verifier seed it cannot."""
   row = row_of(table, "tamper-splice")
   assert row["details"]["ground"] and row["details"]["faked_segments"] == [2, 3], row
   assert row["verdicts"]["ours-fiat-shamir"]["accepted"], row
-  assert row["verdicts"]["ours"]["catch_probability"] == pytest.approx(1 - 3 / 10)  # C(3,2)/C(5,2) pass
+  assert row["verdicts"]["ours-uniform"]["catch_probability"] == pytest.approx(1 - 3 / 10)  # C(3,2)/C(5,2) pass
+  assert row["verdicts"]["ours"]["catch_probability"] >= 1 - 3 / 10
+
+
+@pytest.mark.parametrize("name", ["splice-stolen", "splice-stolen-frozen"])
+def test_a_one_segment_jump_to_the_stolen_model_is_always_caught_by_the_default_only(table, name):
+  """The finding: one faked segment slips past a uniform draw; it is the largest update of its epoch, so top-q
+  always replays it. With a learning rate of 1e-30 the replayed tail moves no bit, and the progress check says so."""
+  row = row_of(table, name)
+  ours, uniform = row["verdicts"]["ours"], row["verdicts"]["ours-uniform"]
+  assert row["verdicts"]["ours-all"]["false_segments"] == row["details"]["faked_segments"], row
+  assert not ours["accepted"] and ours["check"] == "replay" and ours["catch_probability"] == 1.0, row
+  if name == "splice-stolen":
+    assert 0 < uniform["catch_probability"] < 1, row
+  else:  # a uniform draw always replays the frozen last segment: the progress check rejects whatever it draws
+    assert uniform["catch_probability"] == 1.0 and not uniform["accepted"], row
+    hit = set(row["details"]["faked_segments"]) & set(uniform["segments"])
+    assert uniform["check"] == ("replay" if hit else "progress"), row
+    assert hit or "k or the learning rate is too small for replay to be evidence" in uniform["detail"], row
 
 
 def test_the_last_segment_is_always_drawn_so_a_swapped_final_model_is_always_caught(table):

@@ -1,13 +1,16 @@
 """Untrusted workers on a local Ray cluster: wrong updates rejected, honest ones accepted, the run replayable.
 
 One Ray cluster and four worker actors serve every test (the behaviour is
-chosen per run). Runs are tiny: an MLP, 2 rounds of 4 local steps.
+chosen per run). Runs are tiny: an MLP, 2 rounds of 4 local steps. Every
+judgement runs in a child process (about 2.5 s each here), two at a time.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +19,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, smoke_config
+from conftest import OWNER, ROOT, smoke_config
 
+from experiments import build
 from experiments import distributed as experiment
-from pol_jax import distributed, proof
+from pol_jax import distributed, isolation, proof, training
 
 ROUNDS, STEPS, K, WORKERS = 2, 4, 2, 4
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +44,20 @@ def cluster():
   ray.shutdown()
 
 
+def make_setup(**changes) -> distributed.Setup:
+  fields = dict(seed=0, owner=OWNER, workers=WORKERS, rounds=ROUNDS, steps=STEPS, k=K, batch_size=32, runner="scan")
+  return distributed.Setup(**{**fields, **changes})
+
+
 def coordinate(cluster, workdir, behaviour="honest", defence="pol", dispatch=None, **setup):
   engine = cluster["engine"]
   engine.behaviours = [behaviour] + ["honest"] * (WORKERS - 1)
   engine.reset()
-  s = distributed.Setup(
-    seed=0, workers=WORKERS, rounds=ROUNDS, steps=STEPS, k=K, batch_size=cluster["config"].batch_size,
-    runner="scan", defence=defence, **setup,
+  s = make_setup(batch_size=cluster["config"].batch_size, defence=defence, **setup)
+  return distributed.coordinate(
+    str(workdir), s, cluster["program"], dispatch or engine, builder=build.BUILDER,
+    config=cluster["config"].to_dict(), parallel=2,
   )  # fmt: skip
-  return distributed.coordinate(str(workdir), s, cluster["program"], cluster["train"], dispatch or engine)
 
 
 def same(a, b) -> bool:
@@ -76,6 +86,7 @@ REJECTED_BY = {
   "stale": "assignment",
   "wrong-data": "data order",
   "spoof": "replay",
+  "peek": "replay",
 }
 
 
@@ -118,7 +129,7 @@ def test_a_crashed_worker_is_dropped_and_the_round_completes(cluster, honest_onl
   assert "crashed" in result["rounds"][0]["judgements"][0]["detail"]
   assert same(result["state"], honest_only)
   # The coordinator's record re-aggregates to its states; a record naming other proofs does not.
-  setup = distributed.Setup(seed=0, workers=WORKERS, rounds=ROUNDS, steps=STEPS, k=K, batch_size=32, runner="scan")
+  setup = make_setup()
   assert distributed.audit(str(tmp_path), setup, cluster["program"]) == []
   path = tmp_path / distributed.COORDINATOR / distributed.ROUNDS
   rounds = json.loads(path.read_text())
@@ -143,8 +154,7 @@ def test_a_worker_past_the_deadline_is_dropped(cluster, honest_only, tmp_path):
 
 def test_malformed_and_oversized_proofs_are_rejected_without_harm(cluster, tmp_path):
   honest = coordinate(cluster, tmp_path / "run")
-  s = distributed.Setup(seed=0, workers=WORKERS, rounds=ROUNDS, steps=STEPS, k=K, batch_size=32, runner="scan")
-  assignment = s.assignment(0, 1)
+  assignment = make_setup().assignment(0, 1)
   good = distributed.worker_dir(str(tmp_path / "run" / "rounds"), 0, 1)
   start = distributed.starting_at(cluster["program"].init(jax.random.key(0)))(None)
   args = (assignment, start, cluster["program"].step, cluster["train"])
@@ -164,6 +174,7 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
   args = [
     sys.executable, "-m", "experiments.distributed", "--config=experiments/configs/digits_mlp.py:smoke",
     "--local", "--defences=pol", "--rounds=2", "--steps=4", "--k=2", "--workers=2", "--behaviour=sign-flip",
+    f"--config.owner={OWNER}",
   ]  # fmt: skip
   whole = tmp_path / "whole"  # the uninterrupted run, in this process
   kwargs = dict(workers=2, byzantine=1, behaviour="sign-flip", rounds=2, steps=4, k=2, defences=("pol",), local=True)
@@ -194,3 +205,217 @@ def test_a_rejected_worker_can_be_excluded_from_later_rounds(cluster, honest_onl
   assert first["judgements"][0]["status"] == "rejected" and first["excluded"] == [0]
   assert [j["worker"] for j in second["judgements"]] == [1, 2, 3]
   assert same(result["state"], honest_only)
+
+
+# A proof of 4 one-step segments judged by a draw of 2 (the last and one other): a worker that cannot predict the
+# draw and trains only the last segment is caught whatever the draw; one that can predict it is not.
+PEEK = dict(steps=STEPS, k=1, segments=2)
+
+
+def _every_byte(root) -> bytes:
+  """The contents of every regular file under ``root``: what a worker that reads the shared storage sees."""
+  out = []
+  for d, _, files in os.walk(root):
+    for f in sorted(files):
+      path = os.path.join(d, f)
+      if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "rb") as fh:
+          out.append(fh.read())
+  return b"\0".join(out)
+
+
+def test_a_worker_that_reads_the_shared_storage_cannot_predict_the_draw(cluster, tmp_path, monkeypatch):
+  engine = cluster["engine"]
+  # Control: when the draw is readable before the workers run, peek trains exactly the segments replayed and passes.
+  leaked, judge = 1234567, distributed.judge_isolated
+  monkeypatch.setattr(distributed, "judge_isolated", lambda *args, **kwargs: judge(*args, **kwargs, seed=leaked))
+
+  def leaking(r, state, assignments, dirs):
+    note = [{"round": r, "judgements": [{"worker": 0, "verifier_seed": leaked}]}]
+    (tmp_path / "control" / "leak.json").write_text(json.dumps(note))
+    return engine(r, state, assignments, dirs)
+
+  control = coordinate(cluster, tmp_path / "control", "peek", dispatch=leaking, rounds=1, **PEEK)
+  assert control["rounds"][0]["judgements"][0]["status"] == "accepted", control["rounds"][0]["judgements"][0]
+  monkeypatch.undo()
+
+  # The coordinator as it runs: every byte under the workdir, while the workers train and when they submit.
+  workdir, seen = tmp_path / "run", {}
+
+  def watched(r, state, assignments, dirs):
+    before = _every_byte(workdir)
+    out = engine(r, state, assignments, dirs)
+    seen[r] = before + _every_byte(workdir)
+    return out
+
+  result = coordinate(cluster, workdir, "peek", dispatch=watched, **PEEK)
+  for r in result["rounds"]:
+    peek, *honest = r["judgements"]
+    assert peek["status"] == "rejected" and peek["check"] == "replay", peek
+    assert all(j["status"] == "accepted" for j in honest), r
+    assert r["aggregated"] == [1, 2, 3]
+    seeds = [j["verifier_seed"] for j in r["judgements"]]
+    assert all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds), seeds
+    before_judgement = seen[r["round"]]
+    assert b"secret" not in before_judgement.lower()
+    for s in seeds:  # recorded now, for audit; nowhere before the judgement, in any encoding
+      for form in (str(s).encode(), f"{s:x}".encode(), s.to_bytes(8, "big"), s.to_bytes(8, "little")):
+        assert form not in before_judgement, (r["round"], s)
+  setup = json.loads((workdir / distributed.COORDINATOR / distributed.SETUP).read_text())
+  assert set(setup) == {"setup"}, "setup.json holds more than the setup"
+
+
+def _judge_then_hang(job, ready):
+  """A judging child (run by ``pol_jax.isolation`` with this directory on its path) that never returns."""
+  ready()
+  time.sleep(3600)
+
+
+def test_hostile_uploads_get_their_workers_rejected_and_the_round_goes_on(cluster, tmp_path, monkeypatch):
+  """Worker 0 uploads a FIFO as its manifest (opening it blocks); worker 1's judgement hangs. Both rejected."""
+  engine = cluster["engine"]
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+  real = isolation.run
+
+  def run(target, job, *args, **kwargs):
+    hangs = job["assignment"]["worker"] == 1
+    return real("test_distributed:_judge_then_hang" if hangs else target, job, *args, **kwargs)
+
+  monkeypatch.setattr(isolation, "run", run)
+
+  def hostile(r, state, assignments, dirs):
+    out = engine(r, state, assignments, dirs)
+    manifest = os.path.join(dirs[0], proof.MANIFEST)
+    os.remove(manifest)
+    os.mkfifo(manifest)
+    return out
+
+  t0 = time.perf_counter()
+  result = coordinate(cluster, tmp_path, dispatch=hostile, rounds=1, judge_seconds=30)
+  (r,) = result["rounds"]
+  fifo, hung, *honest = r["judgements"]
+  assert fifo["status"] == "rejected" and fifo["check"] == "integrity", fifo
+  assert "manifest.json" in fifo["detail"] and "FIFO" in fifo["detail"], fifo
+  assert hung["status"] == "rejected" and hung["check"] == "judgement", hung
+  assert hung["detail"] == "judgement timed out after 30 s"
+  assert all(j["status"] == "accepted" for j in honest), honest
+  assert r["aggregated"] == [2, 3]
+  assert json.loads((tmp_path / distributed.COORDINATOR / distributed.ROUNDS).read_text())[0]["aggregated"] == [2, 3]
+  assert time.perf_counter() - t0 < 150
+
+
+def _deep_json(d):
+  with open(os.path.join(d, proof.MANIFEST), "w") as f:
+    f.write("[" * 100_000 + "]" * 100_000)
+
+
+def _long_integer(d):
+  with open(os.path.join(d, proof.MANIFEST), "w") as f:
+    f.write('{"schema": 2, "steps": ' + "9" * 5000 + "}")
+
+
+def _overflowing_float(d):
+  with open(os.path.join(d, proof.MANIFEST), "w") as f:
+    f.write('{"schema": 2, "steps": 1e400}')
+
+
+def _symlink_to_dev_zero(d):
+  os.remove(os.path.join(d, proof.MANIFEST))
+  os.symlink("/dev/zero", os.path.join(d, proof.MANIFEST))
+
+
+def _fifo_in_a_checkpoint(d):
+  step = sorted(os.listdir(os.path.join(d, "checkpoints")), key=lambda s: (len(s), s))[-1]
+  os.mkfifo(os.path.join(d, "checkpoints", step, "blocks"))
+
+
+# How a judgement of each hostile upload ends: today's reading raises on some (the child reports the last line);
+# a hardened reading rejects them by integrity. Either way the worker is rejected and says why.
+HOSTILE = {
+  "deep JSON": (_deep_json, r"manifest\.json|RecursionError"),
+  "5000-digit integer": (_long_integer, r"manifest\.json|integer"),
+  "1e400": (_overflowing_float, r"manifest\.json"),
+  "symlink to /dev/zero": (
+    _symlink_to_dev_zero,
+    r"manifest\.json: file: not a regular file or directory \(a symbolic link\)",
+  ),
+  "FIFO in a checkpoint": (
+    _fifo_in_a_checkpoint,
+    r"checkpoints/\d+/blocks: file: not a regular file or directory \(a FIFO\)",
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+  """The smoke proof's assignment and start, and a judge that runs in a child process."""
+  from conftest import record
+
+  config = smoke_config()
+  path = str(tmp_path_factory.mktemp("judged") / "proof")
+  record(path, config)
+  assignment = distributed.Assignment(
+    0, 0, OWNER, config.seed, config.steps, config.k, config.batch_size, config.runner
+  )
+  program, _ = build.from_config(config.to_dict())
+  start = training.to_host(program.init(training.derive_keys(assignment.seed).init))
+  cache = str(tmp_path_factory.mktemp("xla-cache"))
+
+  def judge(proof_dir, max_bytes=64 << 20):
+    return distributed.judge_isolated(
+      proof_dir, assignment, start, builder=build.BUILDER, config=config.to_dict(), max_bytes=max_bytes,
+      limits=isolation.Limits(60, 8 << 30), compilation_cache=cache,
+    )  # fmt: skip
+
+  return path, judge
+
+
+def test_an_honest_proof_judged_in_a_child_is_accepted_with_its_final_state(judged):
+  from conftest import load_manifest
+
+  path, judge = judged
+  judgement, final = judge(path)
+  assert judgement.status == "accepted", judgement
+  manifest = load_manifest(path)
+  assert judgement.root == manifest["root"] and isinstance(judgement.verifier_seed, int)
+  assert proof.leaf_digests(final) == proof.leaf_digests(proof.restore(path, manifest["steps"], final)[0])
+  assert judgement.isolation_seconds > 0
+  judgement, final = judge(path, max_bytes=1000)  # counted while it is copied, before anything is parsed
+  assert (judgement.status, judgement.check, final) == ("rejected", "size", None), judgement
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_upload_is_rejected_in_one_line(judged, copy_of, name):
+  path, judge = judged
+  spoil, reason = HOSTILE[name]
+  bad = copy_of(path)
+  spoil(bad)
+  t0 = time.perf_counter()
+  judgement, final = judge(bad)
+  assert judgement.status == "rejected" and final is None, judgement
+  assert judgement.check in ("integrity", "judgement") and re.search(reason, judgement.detail), judgement
+  assert "\n" not in judgement.detail
+  assert time.perf_counter() - t0 < 60
+
+
+def test_a_judge_that_cannot_start_is_the_coordinators_error_not_the_workers(tmp_path):
+  """A failure before the child touches the upload (here: no such builder) stops the coordinator, naming why."""
+  (tmp_path / "proof").mkdir()
+  with pytest.raises(distributed.CoordinatorError, match=r"cannot judge: .*experiments\.build:missing"):
+    distributed.judge_isolated(
+      str(tmp_path / "proof"), make_setup().assignment(0, 0), {"x": np.zeros(2)}, builder="experiments.build:missing",
+      config={}, max_bytes=1 << 20,
+    )  # fmt: skip
+
+
+def test_the_assignment_check_names_a_proof_bound_to_another_key_or_nonce():
+  a = make_setup().assignment(1, 2)
+  assert a.seed == proof.bound_seed(OWNER, a.nonce) and a.nonce == distributed.round_seed(0, 1, 2)
+  fields = {"seed": a.seed, "steps": a.steps, "k": a.k, "batch_size": a.batch_size, "runner": a.runner}
+  manifest = {"owner": {"public_key": OWNER, "nonce": a.nonce}, **fields}
+  assert distributed.check_assignment(manifest, a) is None
+  other = "ab" * 32  # the worker's own key: its proof would be its, not the run's
+  theirs = {**manifest, "owner": {"public_key": other, "nonce": a.nonce}, "seed": proof.bound_seed(other, a.nonce)}
+  assert distributed.check_assignment(theirs, a).startswith(f"owner.public_key '{other}', assigned '{OWNER}'; seed ")
+  stale = {**manifest, "owner": {"public_key": OWNER, "nonce": a.nonce + 1}}
+  assert distributed.check_assignment(stale, a).startswith(f"owner.nonce {a.nonce + 1}, assigned {a.nonce}")

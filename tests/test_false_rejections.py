@@ -27,7 +27,7 @@ for p in sys.argv[1:]:
   out[p] = {
     "exact, all": verify.verify(p, program, train, strategy="all").accepted,
     "exact, fiat-shamir": verify.verify(p, program, train, strategy="fiat-shamir", num_segments=2).accepted,
-    "exact, uniform (default, OS seed)": verify.verify(p, program, train, num_segments=2).accepted,
+    "exact, top-q+uniform (default, OS seed)": verify.verify(p, program, train, num_segments=2).accepted,
     "exact, uniform": verify.verify(p, program, train, strategy="uniform", num_segments=2, seed=7).accepted,
     "exact, top-q": verify.verify(p, program, train, strategy="top-q").accepted,
     "tolerance, all": verify.verify(p, program, train, strategy="all", mode="tolerance", tolerance=loose).accepted,

@@ -9,34 +9,32 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli, smoke_config
+from conftest import OWNER, OWNER_KEY, reseal, run_cli, smoke_config
+from conftest import record as record_proof
 
 from experiments import attack, build
 from pol_jax import ownership, proof
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
-EARLIER = datetime.datetime(2029, 1, 1, tzinfo=datetime.UTC)
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-  """An owner (the attack module's victim), a copier, a spoofer and a fine-tuner, with their files."""
+  """An owner (the attack module's victim, bound to the test key), thieves, a spoofer and a fine-tuner, with files."""
   root = tmp_path_factory.mktemp("dispute")
   v = attack.victim(smoke_config("cnn"), str(root))
-  owner_key = ownership.load_key(_new_key(root / "owner.key"))
   thief_key = ownership.load_key(_new_key(root / "thief.key"))
   files = {"owner": v.proof_dir}
-  files["owner_commitment"] = _write(root / "owner.json", ownership.commit(v.proof_dir, owner_key, now=EARLIER))
+  files["owner_commitment"] = _write(root / "owner.json", ownership.commit(v.proof_dir, OWNER_KEY, now=LATER))
   files["copy"] = str(root / "copy")
   shutil.copytree(v.proof_dir, files["copy"])
-  files["copy_commitment"] = _write(root / "copy.json", ownership.commit(files["copy"], thief_key, now=LATER))
   files["spoof"] = attack.spoof("infinitesimal-update", v, str(root))["proof"]
   files["finetune"] = attack.spoof("retrain-stolen", v, str(root))["proof"]
   files["model"] = str(root / "model.safetensors")
   ownership.export_safetensors(v.stolen, files["model"])
   files["msgpack"] = str(root / "model.msgpack")
   ownership.export_msgpack(v.stolen, files["msgpack"])
-  return v, files, root
+  return v, files, root, thief_key
 
 
 def _new_key(path) -> str:
@@ -49,32 +47,61 @@ def _write(path, record) -> str:
   return str(path)
 
 
-def settle(model, *claims):
-  return ownership.settle(model, [ownership.Claim(*c) for c in claims], build.rebuild)
+def _signed(key, body: dict) -> dict:
+  """A commitment record signed by ``key``, however its fields were chosen (a forger signs whatever it likes)."""
+  body = {**body, "public_key": ownership.public_key_of(key)}
+  body.pop("signature", None)
+  return {**body, "signature": key.sign(proof.canonical_json(body)).hex()}
+
+
+def settle(model, *claims, challenge=None):
+  return ownership.settle(model, [ownership.Claim(*c) for c in claims], build.rebuild, challenge=challenge)
 
 
 def by_name(findings):
   return {f.name: f for f in findings}
 
 
-def test_the_owner_wins_against_no_proof_a_later_copy_a_spoof_and_a_fine_tune(scene):
-  _, files, root = scene
+def test_the_owner_wins_against_no_proof_a_backdated_copy_a_rerun_a_reseal_a_spoof_and_a_fine_tune(scene):
+  v, files, root, thief_key = scene
+  owner_record = json.loads(open(files["owner_commitment"]).read())
+  # The thief copies the proof and signs it with its own key, with a time from 2020.
+  backdated = _write(root / "backdated.json", _signed(thief_key, dict(owner_record, time="2020-01-01T00:00:00Z")))
+  # One hour after the owner, but written with a negative offset, so that it sorts first as a string.
+  offset = _write(root / "offset.json", _signed(thief_key, dict(owner_record, time="2029-12-31T03:03:48-11:00")))
+  # A re-run of the owner's public config and nonce: a bit-identical proof, nothing copied, bound to the owner's key.
+  rerun = str(root / "rerun" / "proof")
+  record_proof(rerun, smoke_config("cnn"))
+  rerun_commitment = _write(root / "rerun.json", _signed(thief_key, dict(owner_record, time="2020-01-01T00:00:00Z")))
+  # The copy with an unused config field added, resealed: a new root.
+  resealed = str(root / "resealed")
+  shutil.copytree(files["owner"], resealed)
+  reseal(resealed, lambda m: m["config"].update(note="mine"))
   findings, verdict, status = settle(
     files["model"],
     ("owner", files["owner"], files["owner_commitment"]),
     ("no-proof", str(root / "nothing")),
-    ("copier", files["copy"], files["copy_commitment"]),
+    ("copier", files["copy"], backdated),
+    ("offset", files["copy"], offset),
+    ("rerunner", rerun, rerun_commitment),
+    ("resealer", resealed),
     ("spoofer", files["spoof"]),
     ("fine-tuner", files["finetune"]),
   )
   f = by_name(findings)
   assert status == 0 and verdict.startswith("ESTABLISHED: owner"), verdict
+  assert "decide nothing" in verdict
   assert f["owner"].established and f["owner"].model == "equal" and f["owner"].origin == "seed"
-  assert f["owner"].commitment == "valid"
+  assert f["owner"].commitment == "valid" and f["owner"].owner == OWNER
   assert not f["no-proof"].usable and "no such proof directory" in f["no-proof"].reason
-  # The copy verifies and ends on the model, but its commitment is later: it is reported as a copy.
-  assert f["copier"].verified and f["copier"].commitment == "valid" and not f["copier"].established
-  assert "a copy of owner's proof" in f["copier"].note
+  # The copy and the re-run verify and end on the model, but they are bound to the owner's key, not the thief's.
+  for name in ("copier", "rerunner"):
+    assert f[name].verified and f[name].owner == OWNER and not f[name].established, f[name]
+    assert f[name].commitment.startswith("invalid: signed by key"), f[name].commitment
+    assert f[name].training == f["owner"].training and "the same training as" in f[name].note
+  assert f["offset"].commitment.startswith("unreadable") and "expected a UTC time" in f["offset"].commitment
+  # The reseal is refused by its unknown config field, and it is still recognised as the owner's training.
+  assert not f["resealer"].usable and "config.note: unknown field" in f["resealer"].reason, f["resealer"]
   # The spoof claims the very model but fails our checks.
   assert f["spoofer"].model == "equal" and not f["spoofer"].verified and "init" in f["spoofer"].failed_checks
   # The fine-tuner's honest proof replays, but starts from the owner's model.
@@ -82,8 +109,71 @@ def test_the_owner_wins_against_no_proof_a_later_copy_a_spoof_and_a_fine_tune(sc
   assert f["fine-tuner"].origin == "derived from owner's final state"
 
 
+def test_the_owner_without_a_commitment_wins_against_a_later_committer(scene):
+  _, files, root, thief_key = scene
+  later = json.loads(open(files["owner_commitment"]).read())
+  thief = _write(root / "thief-later.json", _signed(thief_key, dict(later, time="2031-01-01T00:00:00Z")))
+  findings, verdict, status = settle(files["model"], ("owner", files["owner"]), ("thief", files["copy"], thief))
+  f = by_name(findings)
+  assert status == 0 and verdict.startswith("ESTABLISHED: owner (presents the key's proof)"), verdict
+  assert f["thief"].commitment.startswith("invalid: signed by key") and not f["thief"].established
+
+
+def test_a_copied_commitment_ties_until_a_challenge_only_the_key_holder_can_answer(scene):
+  _, files, root, thief_key = scene
+  findings, verdict, status = settle(
+    files["model"],
+    ("owner", files["owner"], files["owner_commitment"]),
+    ("thief", files["copy"], files["owner_commitment"]),
+  )
+  assert status == 1 and verdict.startswith("NOT ESTABLISHED as a claimant") and "--challenge" in verdict, verdict
+  challenge = "dispute 2031-06-01 #7"
+  answer = _write(root / "answer.json", ownership.commit(files["owner"], OWNER_KEY, challenge=challenge))
+  with pytest.raises(ownership.DisputeError, match="only the proof's owner can commit"):
+    ownership.commit(files["copy"], thief_key, challenge=challenge)
+  findings, verdict, status = settle(
+    files["model"],
+    ("owner", files["owner"], answer),
+    ("thief", files["copy"], files["owner_commitment"]),
+    challenge=challenge,
+  )
+  f = by_name(findings)
+  assert status == 0 and verdict.startswith("ESTABLISHED: owner (signed this dispute's challenge)"), verdict
+  assert f["thief"].commitment.startswith("stale") and not f["thief"].established
+
+
+def test_times_are_utc_instants_and_only_z_times_are_read(scene, tmp_path):
+  _, files, _, thief_key = scene
+  record = json.loads(open(files["owner_commitment"]).read())
+  for time in (
+    "2029-12-31T03:03:48-11:00",
+    "2029-12-31T03:03:48+00:00",
+    "2029-12-31 03:03:48Z",
+    "2029-13-01T00:00:00Z",
+  ):
+    path = _write(tmp_path / "t.json", _signed(thief_key, dict(record, time=time)))
+    with pytest.raises(ownership.DisputeError, match="expected a UTC time"):
+      ownership.read_commitment(path)
+    os.remove(path)
+  assert ownership.read_commitment(files["owner_commitment"])["time"].endswith("Z")
+
+
+def test_a_proof_cannot_be_moved_to_another_key(scene, copy_of):
+  _, files, _, thief_key = scene
+  moved = copy_of(files["owner"])
+  thief = ownership.public_key_of(thief_key)
+  reseal(moved, lambda m: (m["owner"].update(public_key=thief), m["config"].update(owner=thief)))
+  with pytest.raises(proof.IntegrityError, match="not the seed bound to owner"):
+    proof.validate_manifest(json.loads(open(os.path.join(moved, proof.MANIFEST)).read()))
+  program, train = build.rebuild(files["owner"])
+  from pol_jax import verify
+
+  verdict = verify.verify(moved, program, train, strategy="all")
+  assert not verdict.accepted and verdict.failed[0].name == "integrity", verdict.table()
+
+
 def test_a_fine_tuned_model_is_reported_as_derived_not_independent(scene):
-  v, files, root = scene
+  v, files, root, _ = scene
   program, _ = build.rebuild(files["finetune"])
   from pol_jax import recorder, verify
 
@@ -99,7 +189,7 @@ def test_a_fine_tuned_model_is_reported_as_derived_not_independent(scene):
 
 @pytest.mark.parametrize("fmt", ["model", "msgpack"])
 def test_exported_models_match_their_proof_and_one_changed_weight_does_not(scene, fmt, tmp_path):
-  _, files, _ = scene
+  _, files, _, _ = scene
   findings, _, status = settle(files[fmt], ("owner", files["owner"]))
   assert status == 0 and findings[0].model == "equal", findings[0]
   kind, arrays = ownership.load_model(files[fmt])
@@ -115,7 +205,7 @@ def test_exported_models_match_their_proof_and_one_changed_weight_does_not(scene
 
 
 def test_a_lower_precision_release_matches_after_the_stated_cast(scene, tmp_path):
-  v, files, _ = scene
+  v, files, _, _ = scene
   import jax
   import ml_dtypes
 
@@ -127,31 +217,25 @@ def test_a_lower_precision_release_matches_after_the_stated_cast(scene, tmp_path
 
 
 def test_a_forged_signature_and_a_commitment_to_another_root_are_caught(scene, tmp_path):
-  _, files, _ = scene
+  _, files, _, _ = scene
   record = json.loads(open(files["owner_commitment"]).read())
   forged = dict(record, signature=("00" if record["signature"][:2] != "00" else "11") + record["signature"][2:])
   backdated = dict(record, time="2001-01-01T00:00:00Z")  # an edited time breaks the signature too
-  elsewhere = json.loads(open(files["copy_commitment"]).read())
-  spoof_root = proof.read_json(os.path.join(files["spoof"], proof.MANIFEST), "m")["root"]
-  other = dict(elsewhere, proof_root=spoof_root)
   claims = []
-  for name, rec in (("forged", forged), ("backdated", backdated), ("other-root", other)):
+  for name, rec in (("forged", forged), ("backdated", backdated)):
     claims.append((name, files["owner"], _write(tmp_path / f"{name}.json", rec)))
-  key = ownership.load_key(_new_key(tmp_path / "k"))
-  resigned = ownership.commit(
-    files["spoof"], key
-  )  # a valid signature over the spoof's root, attached to the owner's proof
+  # A valid signature by the owner's key over the spoof's root (the spoof is bound to it), attached to the proof.
+  resigned = ownership.commit(files["spoof"], OWNER_KEY)
   claims.append(("resigned", files["owner"], _write(tmp_path / "resigned.json", resigned)))
   f = by_name(settle(files["model"], *claims)[0])
   for name in ("forged", "backdated"):
     assert f[name].commitment.startswith("invalid: the signature does not verify"), f[name]
-  assert f["other-root"].commitment.startswith("invalid"), f["other-root"]
   assert f["resigned"].commitment == "invalid: its proof root is not this proof's"
   assert ownership.check_signature(record) is None
 
 
 def test_bad_input_is_reported_per_claimant_and_the_dispute_goes_on(scene, tmp_path):
-  _, files, _ = scene
+  _, files, _, _ = scene
   mlp_dir = str(tmp_path / "mlp")
   from conftest import record as record_proof
 
@@ -175,7 +259,7 @@ def test_bad_input_is_reported_per_claimant_and_the_dispute_goes_on(scene, tmp_p
 
 
 def test_dispute_cli_reports_and_exits_0_or_2(scene, tmp_path):
-  _, files, root = scene
+  _, files, root, _ = scene
   won = run_cli(
     "experiments.dispute",
     f"--model={files['model']}",

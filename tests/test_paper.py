@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import record, run_cli, smoke_config
+from conftest import OWNER, record, run_cli, smoke_config
 
 from experiments import build
 from experiments.configs import cifar10_resnet20, cifar100_resnet50
@@ -99,7 +99,7 @@ def test_paper_configs_have_the_papers_settings():
   "args, words",
   [
     (
-      ["--config=experiments/configs/cifar10_resnet20.py:smoke", "--config.data_dir=/nonexistent"],
+      ["--config=experiments/configs/cifar10_resnet20.py:smoke", "--data_dir=/nonexistent"],
       "config.dataset: TFDS dataset 'cifar10' (split 'train') is not prepared in /nonexistent",
     ),
     (["--config.dataset=imagenet"], "config.dataset: unknown dataset 'imagenet' (known: digits, cifar10"),
@@ -117,13 +117,14 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, args, words):
   assert not os.path.exists(tmp_path / "proof")
 
 
-def test_step_time_uses_random_images_of_the_shape_when_the_data_is_absent(tmp_path):
+def test_step_time_uses_random_images_of_the_shape_when_the_data_is_absent(tmp_path, monkeypatch):
   from experiments import benchmark
 
   config = cifar10_resnet20.get_config("smoke")
   config.model = "tiny_resnet20"
   config.batch_size = 8
-  config.data_dir = str(tmp_path)  # holds no prepared cifar10
+  config.owner = OWNER
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # holds no prepared cifar10
   result = benchmark.step_time(config, steps=2)
   assert "random uint8 images (32, 32, 3)" in result["data"] and "cifar10 is not prepared" in result["data"]
   assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])

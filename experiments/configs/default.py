@@ -17,7 +17,6 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "digits"  # digits (offline) | cifar10 | cifar100 | mnist | fashion_mnist (TFDS)
-  c.data_dir = ""  # TFDS data directory ("" = TFDS's default)
   c.model = "cnn"  # cnn | mlp | resnet20/32/44/56/110 | resnet18 | resnet50 | tiny_<resnet>
   c.augment = "none"  # none | crop_flip (random 4-pixel crop and horizontal flip, in the step)
   c.widths = (16, 32)  # cnn: channels per block (stride 2 from the second)
@@ -31,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.steps = 660
   c.k = 22
-  c.seed = 0
+  c.seed = 0  # the nonce: with the owner's key it derives the run's seed (proof.bound_seed)
+  c.owner = ""  # the Ed25519 public key (hex) the proof is bound to; experiments.train sets it from --key
   c.runner = "loop"  # loop | scan
   c.numerics = "float32"  # float32 | portable (float64 rounded after every op: the same bits on any machine)
   return shrink(c) if arg == "smoke" else c

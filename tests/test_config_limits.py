@@ -1,0 +1,61 @@
+"""The verifier decides what it builds and reads: a proof's config cannot choose the data or the model size."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import reseal, run_cli
+
+from experiments import build
+from pol_jax import proof
+
+
+def test_a_proof_supplied_data_directory_is_refused(honest, copy_of):
+  forged = copy_of(honest)
+  reseal(forged, lambda m: m["config"].update(data_dir="/tmp/the-forgers-own-copy"))
+  with pytest.raises(proof.ProofError, match=r"config.data_dir: unknown field"):
+    build.rebuild(forged)
+
+
+def test_the_data_come_from_the_verifiers_own_directory(monkeypatch, tmp_path):
+  from experiments.configs import cifar10_resnet20
+
+  c = cifar10_resnet20.get_config("smoke")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "verifiers"))
+  with pytest.raises(build.ConfigError, match=str(tmp_path / "verifiers")):
+    build.dataset(c)
+
+
+@pytest.mark.parametrize(
+  "edit, words",
+  [
+    (lambda c: c.update(features=[100_000_000]), "config.model: 6,400,000,000+"),
+    (lambda c: c.update(features=[8] * 3000), "config.features: 3000 layers is over the 256-layer limit"),
+    (lambda c: c.update(features=[20_000, 20_000]), "over this verifier's limit of 250,000,000"),
+  ],
+)
+def test_a_huge_model_config_is_refused_before_it_is_built(honest, copy_of, edit, words):
+  forged = copy_of(honest)
+  reseal(forged, lambda m: edit(m["config"]))
+  t0 = time.perf_counter()
+  with pytest.raises(proof.ProofError) as e:
+    build.rebuild(forged)
+  assert time.perf_counter() - t0 < 30
+  message = str(e.value)
+  if words.endswith("+"):  # at least that many parameters
+    assert "parameters is over this verifier's limit" in message and message.startswith("manifest.json: config.model")
+  else:
+    assert words in message, message
+
+
+def test_verify_cli_refuses_a_huge_model_with_one_line_and_max_params_is_the_verifiers(honest, copy_of):
+  forged = copy_of(honest)
+  reseal(forged, lambda m: m["config"].update(features=[100_000_000]))
+  t0 = time.perf_counter()
+  result = run_cli("experiments.verify", f"--proof={forged}", "--strategy=all")
+  assert result.returncode == 2 and time.perf_counter() - t0 < 60, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "parameters is over this verifier's limit" in lines[0], result.stderr
+  small = run_cli("experiments.verify", f"--proof={honest}", "--strategy=all", "--max_params=1000")
+  assert small.returncode == 2 and "over this verifier's limit of 1,000" in small.stderr, small.stderr
