@@ -49,9 +49,9 @@ def make_setup(**changes) -> distributed.Setup:
   return distributed.Setup(**{**fields, **changes})
 
 
-def coordinate(cluster, workdir, behaviour="honest", defence="pol", dispatch=None, **setup):
+def coordinate(cluster, workdir, behaviour="honest", defence="pol", dispatch=None, behaviours=None, **setup):
   engine = cluster["engine"]
-  engine.behaviours = [behaviour] + ["honest"] * (WORKERS - 1)
+  engine.behaviours = list(behaviours or [behaviour]) + ["honest"] * (WORKERS - len(behaviours or [behaviour]))
   engine.reset()
   s = make_setup(batch_size=cluster["config"].batch_size, defence=defence, **setup)
   return distributed.coordinate(
@@ -90,35 +90,53 @@ REJECTED_BY = {
 }
 
 
+# Three Byzantine workers and one honest one per run (the free-rider copies its next worker, the honest one).
+GROUPS = [("random", "sign-flip", "scale"), ("lazy", "stale", "free-rider"), ("wrong-data", "spoof", "peek")]
+
+
 def test_every_byzantine_behaviour_has_an_expected_check():
   assert set(REJECTED_BY) == set(distributed.BEHAVIOURS) - {"honest"}
+  assert sorted(b for g in GROUPS for b in g) == sorted(REJECTED_BY)
 
 
-@pytest.mark.parametrize("behaviour", list(REJECTED_BY))
+@pytest.fixture(scope="module")
+def last_honest_only(cluster, tmp_path_factory):
+  """The run with only the honest worker 3 (workers 0..2 never submit)."""
+  engine = cluster["engine"]
+
+  def only_worker_3(r, state, assignments, dirs):
+    out = engine(r, state, {w: a for w, a in assignments.items() if w == WORKERS - 1}, dirs)
+    return {**out, **{w: "not in this run" for w in range(WORKERS - 1)}}
+
+  return coordinate(cluster, tmp_path_factory.mktemp("last-honest-only"), dispatch=only_worker_3)["state"]
+
+
+@pytest.mark.parametrize("group", GROUPS, ids="+".join)
 def test_each_byzantine_update_is_rejected_and_the_run_equals_the_honest_workers_run(
-  cluster, honest_only, tmp_path, behaviour
+  cluster, last_honest_only, tmp_path, group
 ):
-  result = coordinate(cluster, tmp_path, behaviour)
+  result = coordinate(cluster, tmp_path, behaviours=group)
   for r in result["rounds"]:
-    byzantine, *honest = r["judgements"]
-    assert all(j["status"] == "accepted" for j in honest), r
-    if behaviour == "stale" and r["round"] == 0:
-      assert byzantine["status"] == "dropped", r
-    else:
-      assert byzantine["status"] == "rejected" and byzantine["check"] == REJECTED_BY[behaviour], byzantine
-    assert r["aggregated"] == [1, 2, 3]
-  assert same(result["state"], honest_only), "the final state differs from the run with only the honest workers"
+    *byzantine, honest = r["judgements"]
+    assert honest["status"] == "accepted", r
+    for behaviour, j in zip(group, byzantine, strict=True):
+      if behaviour == "stale" and r["round"] == 0:
+        assert j["status"] == "dropped", (behaviour, j)
+      else:
+        assert j["status"] == "rejected" and j["check"] == REJECTED_BY[behaviour], (behaviour, j)
+    assert r["aggregated"] == [WORKERS - 1]
+  assert same(result["state"], last_honest_only), "the final state differs from the run with only the honest worker"
 
 
-def test_without_verification_a_byzantine_worker_hurts_accuracy(cluster, tmp_path):
+def test_without_verification_a_byzantine_worker_hurts_accuracy(cluster, honest_only, tmp_path):
   from experiments import build
 
   config = cluster["config"]
   test = build.dataset(config, "test")
-  accuracy = {}
-  for defence in ("pol", "none"):
-    state = coordinate(cluster, tmp_path / defence, "random", defence)["state"]
-    accuracy[defence] = build.evaluate(config, state, test)
+  # With PoL the run ends on the honest workers' state (the Byzantine tests show it, bit for bit).
+  accuracy = {"pol": build.evaluate(config, honest_only, test)}
+  state = coordinate(cluster, tmp_path / "none", "random", "none")["state"]
+  accuracy["none"] = build.evaluate(config, state, test)
   assert accuracy["none"] < accuracy["pol"] - 0.1, accuracy
 
 
@@ -291,13 +309,13 @@ def test_hostile_uploads_get_their_workers_rejected_and_the_round_goes_on(cluste
     return out
 
   t0 = time.perf_counter()
-  result = coordinate(cluster, tmp_path, dispatch=hostile, rounds=1, judge_seconds=30)
+  result = coordinate(cluster, tmp_path, dispatch=hostile, rounds=1, judge_seconds=15)
   (r,) = result["rounds"]
   fifo, hung, *honest = r["judgements"]
   assert fifo["status"] == "rejected" and fifo["check"] == "integrity", fifo
   assert "manifest.json" in fifo["detail"] and "FIFO" in fifo["detail"], fifo
   assert hung["status"] == "rejected" and hung["check"] == "judgement", hung
-  assert hung["detail"] == "judgement timed out after 30 s"
+  assert hung["detail"] == "judgement timed out after 15 s"
   assert all(j["status"] == "accepted" for j in honest), honest
   assert r["aggregated"] == [2, 3]
   assert json.loads((tmp_path / distributed.COORDINATOR / distributed.ROUNDS).read_text())[0]["aggregated"] == [2, 3]
@@ -329,12 +347,11 @@ def _fifo_in_a_checkpoint(d):
   os.mkfifo(os.path.join(d, "checkpoints", step, "blocks"))
 
 
-# How a judgement of each hostile upload ends: today's reading raises on some (the child reports the last line);
-# a hardened reading rejects them by integrity. Either way the worker is rejected and says why.
+# How a judgement of each hostile upload ends: rejected in one line that says why.
 HOSTILE = {
-  "deep JSON": (_deep_json, r"manifest\.json|RecursionError"),
-  "5000-digit integer": (_long_integer, r"manifest\.json|integer"),
-  "1e400": (_overflowing_float, r"manifest\.json"),
+  "deep JSON": (_deep_json, r"manifest\.json: json: nested 100000 levels deep"),
+  "5000-digit integer": (_long_integer, r"manifest\.json: json: an integer of 5000 digits"),
+  "1e400": (_overflowing_float, r"manifest\.json: json: the number 1e400 is not finite"),
   "symlink to /dev/zero": (
     _symlink_to_dev_zero,
     r"manifest\.json: file: not a regular file or directory \(a symbolic link\)",
