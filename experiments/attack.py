@@ -38,7 +38,6 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import build
 
@@ -600,7 +599,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries.
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "The victim's training config.")
+  _CONFIG = build.define_config(_DEFAULT, "The victim's training config.")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/attack", "Where the victim and the spoofs go.")
   _ATTACK = flags.DEFINE_string("attack", None, "One attack: " + ", ".join(ATTACKS) + ".")
   _ALL = flags.DEFINE_bool("all", False, "Run every attack and print the table.")

@@ -35,7 +35,6 @@ import tempfile
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import build
 
@@ -476,7 +475,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config to benchmark.")
+  _CONFIG = build.define_config(_DEFAULT, "Config to benchmark.")
   _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
   _DEVICES = flags.DEFINE_integer(
     "devices", 2, "Devices for parallel replay (CPU: forced host devices).", lower_bound=1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import jax
 import numpy as np
@@ -366,6 +367,29 @@ def set_flags_of_proof(proof_dir: str) -> None:
   jax.config.update("jax_enable_x64", settings["JAX_ENABLE_X64"] == "1")  # JAX read the variable at import
 
 
+def define_config(default: str, help_text: str):
+  """``config_flags.DEFINE_config_file("config", default, help_text)``, with a one-line error and exit 2.
+
+  ml_collections applies ``--config.FIELD=VALUE`` overrides to the default
+  config as soon as the flag is defined, so an override of a field the config
+  lacks fails there, before :func:`parse_flags`, when ``--config=`` is not given.
+  """
+  from ml_collections import config_flags
+
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text)
+  except (AttributeError, KeyError) as e:
+    _config_error(sys.argv, e)
+
+
+def _config_error(argv: list[str], e: Exception):
+  bad = [a for a in argv[1:] if a.startswith("--config.")]
+  field = str(e).strip("\"'")
+  culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + field)), f"--config.{field}")
+  print(f"error: {culprit}: the config has no field {field!r}", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error and exit status 2 for a mistyped flag.
 
@@ -373,18 +397,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   (``--config.learning_rate=abc``) or an unknown config field
   (``--config.lr=0.1``) fails before anything runs, naming the flag.
   """
-  import sys
-
   from absl import flags
 
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    message = str(e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    field = str(e).strip("\"'")
-    culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + field)), f"--config.{field}")
-    message = f"{culprit}: the config has no field {field!r}"
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+    _config_error(argv, e)

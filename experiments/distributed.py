@@ -39,7 +39,6 @@ import statistics
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import build
 
@@ -350,7 +349,7 @@ if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so it imports as a library (Ray actors do).
   from pol_jax import distributed as _d
 
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config (model, data, optimizer, batch).")
+  _CONFIG = build.define_config(_DEFAULT, "Training config (model, data, optimizer, batch).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/distributed", "Proofs and coordinator records (shared storage).")
   _FRESH = flags.DEFINE_bool("fresh", True, "Start from nothing; --nofresh resumes a killed run in --workdir.")
   _WORKERS = flags.DEFINE_integer("workers", 4, "Workers (Ray actors).", lower_bound=1)

@@ -28,7 +28,6 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import build
 
@@ -277,7 +276,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config.")
+  _CONFIG = build.define_config(_DEFAULT, "Training config.")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Where the proofs, the JSON and the PNG go.")
   _KS = flags.DEFINE_list("ks", None, "Checkpoint intervals k to record (default: k/2, k, 2k of the config).")
   _COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8", "16"], "Segments replayed, for the cost curve.")

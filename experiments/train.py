@@ -17,7 +17,6 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import build
 from pol_jax import proof, recorder
@@ -82,7 +81,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config file (and :arg).")
+  _CONFIG = build.define_config(_DEFAULT, "Training config file (and :arg).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
   _KEY = flags.DEFINE_string(

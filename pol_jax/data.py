@@ -58,6 +58,98 @@ class Dataset:
     return out
 
 
+class Examples:
+  """Examples as a pytree of ``[N, ...]`` arrays, delivered to the step in that structure.
+
+  A dict of arrays (``{"image": ..., "label": ..., "mask": ...}``), a tuple, or
+  any nesting of them: ``batch(indices)`` gives the same structure with the
+  leading axis replaced by ``indices``' shape, so a step written for dict
+  batches gets dict batches. Each example's digest covers every field: its
+  path, dtype, shape and bytes (:func:`tree_digest`).
+
+  >>> ds = Examples("toy", {"x": np.arange(6.0).reshape(3, 2), "y": np.array([0, 1, 1])})
+  >>> sorted(ds.batch(np.array([[2, 0]])))
+  ['x', 'y']
+  >>> ds.batch(np.array([[2, 0]]))["y"].tolist()
+  [[1, 0]]
+  """
+
+  def __init__(self, name: str, tree):
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+      raise ValueError(f"Examples {name!r}: expected a pytree of arrays, got no arrays.")
+    arrays = [np.asarray(leaf) for _, leaf in leaves]
+    bad = [jax.tree_util.keystr(p) for (p, _), a in zip(leaves, arrays, strict=True) if a.dtype.kind not in "biuf"]
+    if bad:
+      raise ValueError(f"Examples {name!r}: field {bad[0]} is not numeric; encode it as numbers first.")
+    sizes = {len(a) if a.ndim else None for a in arrays}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"Examples {name!r}: every field needs the same leading length, got {sorted(map(str, sizes))}.")
+    self.name = name
+    self.tree = jax.tree.unflatten(jax.tree.structure(tree), arrays)
+    self._paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+    self._arrays = arrays
+
+  def __len__(self) -> int:
+    return len(self._arrays[0])
+
+  def batch(self, indices: np.ndarray):
+    """The examples at ``indices`` (any shape), in the examples' own structure."""
+    import jax
+
+    return jax.tree.map(lambda a: a[indices], self.tree)
+
+  def digest(self, index: int) -> bytes:
+    """SHA-256 of example ``index``: every field's path, dtype, shape and bytes."""
+    return tree_digest(self._paths, [a[index] for a in self._arrays])
+
+  def digests(self, indices: np.ndarray | None = None) -> np.ndarray:
+    """``uint8 [n, 32]`` digests of the examples at ``indices`` (all by default)."""
+    indices = np.arange(len(self)) if indices is None else np.asarray(indices)
+    out = np.empty((len(indices), DIGEST_SIZE), np.uint8)
+    for row, i in enumerate(indices):
+      out[row] = np.frombuffer(self.digest(int(i)), np.uint8)
+    return out
+
+
+def from_source(name: str, source) -> Examples:
+  """Every example of an index-addressable source, read once into memory as :class:`Examples`.
+
+  ``source`` has ``__len__`` and ``__getitem__(i)`` returning one example (a
+  dict, tuple or array pytree): a Grain ``MapDataset`` or data source, a
+  ``tfds.data_source``, a Hugging Face ``datasets.Dataset`` (numeric
+  columns), a list. Examples are stacked field by field.
+
+  Raises:
+    TypeError: ``source`` cannot be indexed (a generator or an iterator: a
+      proof must name each step's examples by index).
+  """
+  import jax
+
+  if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+    raise TypeError(
+      f"{type(source).__name__} is not index-addressable: pass a source with __len__ and __getitem__(i) "
+      "(a Grain MapDataset, tfds.data_source, a datasets.Dataset, a list, or data.Examples of a dict of "
+      "arrays), not an iterator: a proof names every step's examples by index"
+    )
+  examples = [source[i] for i in range(len(source))]
+  if not examples:
+    raise ValueError(f"Examples {name!r}: the source is empty.")
+  return Examples(name, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *examples))
+
+
+def tree_digest(paths: list[str], arrays: list[np.ndarray]) -> bytes:
+  """The digest of one example given as named fields (domain-separated, canonical encoding)."""
+  h = hashlib.sha256(b"pol-jax/example-tree/v1\x00")
+  for path, a in zip(paths, arrays, strict=True):
+    a = np.asarray(a)
+    h.update(f"{len(path)}:{path}{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.digest()
+
+
 def example_digest(x: np.ndarray, y: np.ndarray) -> bytes:
   """The digest of one example (domain-separated, canonical encoding)."""
   h = hashlib.sha256(_EXAMPLE_TAG)

@@ -61,11 +61,15 @@ def nnx_program(create: Callable[[jax.Array], Any], train_step: Callable[..., di
     create: ``create(key)`` builds the objects of the loop, usually
       ``(model, nnx.Optimizer(model, tx, wrt=nnx.Param))``, drawing every
       random number from ``key`` (``nnx.Rngs(key)``).
-    train_step: ``train_step(*objects, batch, key)`` updates the objects in
+    train_step: ``train_step(*objects, batch[, key])`` updates the objects in
       place, as an NNX step does (``optimizer.update(model, grads)``), and
-      returns a dict of scalar metrics. ``key`` is the step's key: feed it to
-      dropout (``nnx.Rngs(dropout=key)``) rather than keeping RNG state in the
-      model. It may be decorated with ``nnx.jit``.
+      returns a dict of scalar metrics or nothing (the NNX tutorial's
+      ``train_step(model, optimizer, metrics, batch)`` that updates an
+      ``nnx.MultiMetric``: return it from ``create`` and it is carried as
+      state). ``key``, when the step takes one more argument than the objects
+      and the batch, is the step's key (``nnx.Rngs(dropout=key)``); a model that
+      keeps its own ``nnx.Rngs`` works too (its keys are recorded). It may be
+      decorated with ``nnx.jit``.
 
   Returns:
     A program whose ``init`` and ``step`` are pure functions of
@@ -104,10 +108,42 @@ def nnx_program(create: Callable[[jax.Array], Any], train_step: Callable[..., di
     params, rest = split(create(key))
     return NNXState(step=jnp.zeros((), jnp.int32), params=params, rest=rest)
 
+  count = 1 if single else len(abstract)
+  takes_key = _takes_key(train_step, count)
+
   def step(state: NNXState, batch, key: jax.Array):
     live = objects(state)
-    metrics = train_step(*((live,) if single else live), batch, key)
+    args = ((live,) if single else tuple(live)) + (batch,) + ((key,) if takes_key else ())
+    metrics = train_step(*args)
+    if metrics is not None and not isinstance(metrics, dict):
+      raise TypeError(
+        f"train_step returned {type(metrics).__name__}; expected None (metrics kept in an nnx.Metric object "
+        "that create returns) or a dict of scalar metrics"
+      )
     params, rest = split(live)
-    return NNXState(step=state.step + 1, params=params, rest=rest), dict(metrics)
+    return NNXState(step=state.step + 1, params=params, rest=rest), dict(metrics or {})
 
   return NNXProgram(init, step, objects)
+
+
+def _takes_key(train_step: Callable, count: int) -> bool:
+  """Whether ``train_step`` takes the step key after the ``count`` objects and the batch."""
+  import inspect
+
+  try:
+    parameters = list(inspect.signature(train_step).parameters.values())
+  except (TypeError, ValueError):
+    return True  # not introspectable: the documented form with the key
+  if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+    return True
+  positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  required = sum(p.default is p.empty for p in positional)
+  if len(positional) >= count + 2 and required <= count + 2:
+    return True
+  if required <= count + 1 <= len(positional):
+    return False
+  names = ", ".join(p.name for p in positional)
+  raise TypeError(
+    f"train_step({names}) does not fit the {count} objects create returns: expected "
+    f"train_step(<{count} objects>, batch) or train_step(<{count} objects>, batch, key)"
+  )

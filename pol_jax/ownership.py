@@ -268,15 +268,20 @@ def export_msgpack(state: Any, path: str) -> None:
 
 
 def _model_arrays(state: Any) -> dict[str, np.ndarray]:
+  """The model's arrays: ``params`` and ``model_state``, without PRNG keys (random state, not weights)."""
   return {
     proof.path_str(names): np.ascontiguousarray(np.asarray(leaf))
     for part in MODEL_PARTS
     for names, leaf in proof.flatten({part: getattr(state, part)})
+    if not training.is_key(leaf)
   }
 
 
 def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
   """``(format, {path: array})`` of a model file: safetensors, Flax msgpack, or an Orbax checkpoint directory.
+
+  An Orbax directory may also be a proof's checkpoint (``proof/checkpoints/<step>``:
+  its ``state``) or a proof (its final checkpoint's state).
 
   Keys are ``/``-separated (``.`` in safetensors keys is accepted too). The
   model is hostile input: a link, FIFO or device (anywhere in an Orbax
@@ -293,7 +298,7 @@ def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
   except OSError as e:
     raise DisputeError(f"{path}: not found" if isinstance(e, FileNotFoundError) else f"{path}: {e.strerror}") from None
   if stat.S_ISDIR(mode):
-    return "orbax", _load_orbax(path)
+    return "orbax", _load_orbax(_state_dir(path))
   try:
     data = safeio.read_bytes(path, MAX_MODEL_BYTES, path)
   except safeio.Refused as e:
@@ -311,6 +316,26 @@ def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
     raise
   except Exception as e:  # the parsers raise many kinds on a damaged file
     raise DisputeError(f"{path}: unreadable model file ({type(e).__name__})") from None
+
+
+def _state_dir(path: str) -> str:
+  """The Orbax directory of a model given as a proof (its final state), a proof's checkpoint, or itself."""
+
+  def is_dir(p: str) -> bool:
+    try:
+      return stat.S_ISDIR(os.lstat(p).st_mode)
+    except OSError:
+      return False
+
+  if os.path.lexists(os.path.join(path, proof.MANIFEST)):
+    try:
+      manifest = verify_lib.read_manifest(path)
+    except proof.ProofError as e:
+      raise DisputeError(f"{path}: a proof directory, but {e}") from None
+    return os.path.join(path, proof.CHECKPOINTS, str(manifest["steps"]), "state")
+  if is_dir(os.path.join(path, "state")) and is_dir(os.path.join(path, "meta")):
+    return os.path.join(path, "state")
+  return path
 
 
 def _load_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:

@@ -131,11 +131,44 @@ def path_str(names: Iterable[str]) -> str:
 
 
 def leaf_digest(path: str, array: np.ndarray) -> str:
-  """SHA-256 of a leaf's tree path, dtype, shape and bytes."""
-  array = np.asarray(array)
-  h = hashlib.sha256(f"{path}\x00{array.dtype.str}\x00{array.shape}\x00".encode())
+  """SHA-256 of a leaf's tree path, dtype, shape and bytes.
+
+  A typed PRNG key array is digested as its key data, under its key dtype
+  (``key<fry>`` for threefry), so the implementation is part of the digest.
+  """
+  if _is_key(array):
+    dtype, shape, array = str(array.dtype), array.shape, stored(array)
+  else:
+    array = np.asarray(array)
+    dtype, shape = array.dtype.str, array.shape
+  h = hashlib.sha256(f"{path}\x00{dtype}\x00{shape}\x00".encode())
   h.update(np.ascontiguousarray(array).tobytes())
   return h.hexdigest()
+
+
+def _is_key(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def stored(leaf: Any) -> np.ndarray:
+  """The array a checkpoint stores for a state leaf: its key data for a typed PRNG key, else itself."""
+  return np.asarray(jax.random.key_data(leaf)) if _is_key(leaf) else np.asarray(leaf)
+
+
+def _stored_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """``(shape, dtype)`` of what a checkpoint stores for a state leaf (concrete or ``jax.ShapeDtypeStruct``)."""
+  if _is_key(leaf):
+    spec = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype))
+    return tuple(spec.shape), np.dtype(spec.dtype)
+  return tuple(np.shape(leaf)), np.dtype(leaf.dtype)
+
+
+def _key_impl(leaf: Any):
+  try:
+    return jax.random.key_impl(leaf)
+  except TypeError:  # a jax.ShapeDtypeStruct of keys
+    return leaf.dtype._impl
 
 
 def leaf_digests(tree: Any) -> dict[str, str]:
@@ -154,7 +187,10 @@ def _nested(tree: Any) -> dict:
         raise ValueError(f"State path {path_str(names)!r} collides with a leaf.")
     if names[-1] in node or any("/" in n for n in names):
       raise ValueError(f"State path {path_str(names)!r} is ambiguous.")
-    node[names[-1]] = leaf if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(leaf)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      node[names[-1]] = jax.ShapeDtypeStruct(*_stored_spec(leaf)) if _is_key(leaf) else leaf
+    else:
+      node[names[-1]] = stored(leaf)
   return root
 
 
@@ -560,6 +596,12 @@ def read_meta(proof_dir: str, step: int, expected_digest: str | None) -> dict:
   return meta
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops Orbax's warnings about the step-level metadata a state item lacks (we read items, not steps)."""
+  message = record.getMessage()
+  return not (message.startswith("Metadata file does not exist") and "_CHECKPOINT_METADATA" in message)
+
+
 @functools.cache
 def _local_checkpointer(process_index: int):
   """An Orbax checkpointer that reads for this process alone.
@@ -568,8 +610,11 @@ def _local_checkpointer(process_index: int):
   restore; verifier processes read different checkpoints, so that would
   deadlock. Reading host NumPy arrays needs no coordination.
   """
+  import logging
+
   import orbax.checkpoint as ocp
 
+  logging.getLogger("absl").addFilter(_quiet_orbax)
   local = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={process_index})
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local), multiprocessing_options=local)
 
@@ -607,11 +652,11 @@ def restore(proof_dir: str, step: int, template: Any, expected_digest: str | Non
     node = stored
     for name in names:
       node = node.get(name) if isinstance(node, dict) else None
-    want = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+    want = _stored_spec(leaf)
     got = (tuple(getattr(node, "shape", ()) or ()), np.dtype(getattr(node, "dtype", None) or "V1")) if node else None
     if got != want:
       raise IntegrityError(f"{label}: {path_str(names)} is stored as {got}, expected {want}")
-    if np.dtype(leaf.dtype).itemsize * math.prod(np.shape(leaf)) > MAX_LEAF_BYTES:
+    if want[1].itemsize * math.prod(want[0]) > MAX_LEAF_BYTES:
       raise IntegrityError(f"{label}: {path_str(names)} is over the {MAX_LEAF_BYTES}-byte leaf limit")
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _nested(template))
   try:
@@ -621,11 +666,13 @@ def restore(proof_dir: str, step: int, template: Any, expected_digest: str | Non
   except Exception as e:  # A damaged array surfaces as a TensorStore/ValueError/OSError.
     raise IntegrityError(f"{label}: unreadable state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
   leaves = []
-  for names, _ in entries:
+  for names, leaf in entries:
     node = nested
     for name in names:
       node = node[name]
     array = np.asarray(node)
+    if _is_key(leaf):
+      array = jax.random.wrap_key_data(array, impl=_key_impl(leaf))
     if leaf_digest(path_str(names), array) != meta["leaves"][path_str(names)]:
       raise IntegrityError(f"{label}: digest mismatch in {path_str(names)}")
     leaves.append(array)

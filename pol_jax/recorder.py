@@ -119,6 +119,7 @@ def record(
   *,
   config: dict | None = None,
   on_segment: Callable[[int, dict], None] | None = None,
+  on_state: Callable[[int, Any, dict], None] | None = None,
 ) -> dict:
   """Trains ``plan.steps`` steps and writes a proof of it to ``proof_dir``.
 
@@ -138,7 +139,15 @@ def record(
     plan: seed, k, T, B, runner.
     config: JSON-serialisable settings the verifier needs to rebuild
       ``program`` and ``dataset`` (recorded verbatim).
-    on_segment: called as ``on_segment(step, metrics)`` after each segment.
+    on_segment: called as ``on_segment(step, metrics)`` once each segment's
+      checkpoint is saved (on the saver thread), ``metrics`` the segment's mean
+      of every metric the step returns (``{"loss": 0.31, "accuracy": 0.9}``).
+    on_state: called as ``on_state(step, state, metrics)`` on the training
+      thread after each segment, with the state at ``step`` (on device) and
+      the step's metrics of every step of the segment (arrays of length k):
+      where your own loop evaluated, logged or kept the best model. Training
+      waits while it runs; it must not change ``state`` (recording goes on from
+      the state the segment produced, whatever it does).
 
   Returns:
     The manifest.
@@ -176,6 +185,8 @@ def record(
         # writes each state while the next segments run.
         state, metrics = segment.run(state, dataset.batch(log[start:end]), keys.step)
         saver.put(state, metrics)
+        if on_state is not None:
+          on_state(end, state, {k: v for k, v in metrics.items() if k != training.STATE_FINGERPRINT})
     finally:
       saver.close()
   finally:
@@ -314,4 +325,4 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
       proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init"
     )
   state, _ = proof.restore(proof_dir, done[-1], state0)
-  return jax.tree.map(np.asarray, state)
+  return training.to_host(state)

@@ -245,8 +245,7 @@ def check_chunk_fits(job: Job, chunk: int, devices: Sequence) -> None:
   """
   state_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(job.template))
   k = int(job.manifest["k"])
-  x, y = job.dataset.batch(job.log[:1])
-  batch_bytes = k * (x.nbytes + y.nbytes)
+  batch_bytes = k * sum(np.asarray(a).nbytes for a in jax.tree.leaves(job.dataset.batch(job.log[:1])))
   need = chunk * (4 * state_bytes + batch_bytes)
   stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
   if stats and "bytes_limit" in stats:

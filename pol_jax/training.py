@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 PyTree = Any
-Batch = tuple[jax.Array, jax.Array]
+Batch = Any
+"""A pytree of arrays: what the dataset's ``batch(indices)`` returns (``(inputs, labels)``, a dict, ...)."""
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict]]
 ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
 
@@ -176,7 +177,7 @@ class Segment:
       return self.compiled(state, batches, step_root)
     metrics = []
     axis = self.step_axis
-    for i in range(batches[0].shape[axis]):
+    for i in range(jax.tree.leaves(batches)[0].shape[axis]):
       state, m = self.compiled(state, jax.tree.map(lambda a, i=i: a[(slice(None),) * axis + (i,)], batches), step_root)
       metrics.append(m)
     return state, jax.tree.map(lambda *ms: jnp.stack(ms, axis=axis), *metrics)
@@ -299,4 +300,18 @@ def to_host(tree: PyTree) -> PyTree:
   ``TrainState.create`` starts at ``step=0``) has the same leaf dtypes as the
   states the compiled step returns.
   """
-  return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(jnp.asarray, tree)))
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves = [leaf if is_key(leaf) else jnp.asarray(leaf) for leaf in leaves]
+  host = jax.device_get([None if is_key(leaf) else leaf for leaf in leaves])
+  return jax.tree.unflatten(treedef, [leaf if is_key(leaf) else np.asarray(h) for leaf, h in zip(leaves, host, strict=True)])
+
+
+def is_key(leaf: Any) -> bool:
+  """Whether ``leaf`` is a typed PRNG key array (``jax.random.key``; NNX ``Rngs`` hold them).
+
+  Keys stay JAX arrays in a host state (NumPy cannot hold them); a proof
+  stores their ``jax.random.key_data`` and restores them with the same
+  implementation (``proof.leaf_digest`` names it: ``key<fry>``).
+  """
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)

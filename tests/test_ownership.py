@@ -204,6 +204,20 @@ def test_exported_models_match_their_proof_and_one_changed_weight_does_not(scene
   assert status == 1 and findings[0].model == "different" and name in findings[0].model_detail, verdict
 
 
+def test_the_model_may_be_the_proof_itself_or_its_final_checkpoint_directory(scene):
+  _, files, _, _ = scene
+  final = os.path.join(files["owner"], proof.CHECKPOINTS, str(proof.read_json(
+    os.path.join(files["owner"], proof.MANIFEST), proof.MANIFEST)["steps"]))  # fmt: skip
+  _, exported = ownership.load_model(files["model"])
+  for model in (files["owner"], final):
+    fmt, arrays = ownership.load_model(model)
+    ours = {k: v for k, v in arrays.items() if k.split("/", 1)[0] in ownership.MODEL_PARTS}
+    assert fmt == "orbax" and ours.keys() == exported.keys(), model
+    assert all(ours[k].tobytes() == exported[k].tobytes() for k in ours), model
+  findings, verdict, status = settle(final, ("owner", files["owner"]))
+  assert status == 0 and findings[0].model == "equal", verdict
+
+
 def test_a_lower_precision_release_matches_after_the_stated_cast(scene, tmp_path):
   v, files, _, _ = scene
   import jax

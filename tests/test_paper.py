@@ -117,6 +117,14 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, args, words):
   assert not os.path.exists(tmp_path / "proof")
 
 
+@pytest.mark.parametrize("module", ["experiments.train", "experiments.attack", "experiments.reproduce"])
+def test_an_unknown_override_without_config_is_one_line_too(tmp_path, module):
+  result = run_cli(module, "--config.lr=0.1", f"--workdir={tmp_path}")
+  assert result.returncode == 2 and result.stderr.strip() == "error: --config.lr: the config has no field 'lr'", (
+    result.stderr
+  )
+
+
 def test_step_time_uses_random_images_of_the_shape_when_the_data_is_absent(tmp_path, monkeypatch):
   from experiments import benchmark
 

@@ -216,3 +216,20 @@ def test_a_short_last_segment_verifies_with_its_own_recorded_program(tmp_path):
   verdict = verify_lib.verify(path, build.program(config, train), train, strategy="all")
   assert verdict.accepted, verdict.table()
   assert [(s.start, s.end) for s in verdict.segments] == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_the_users_loop_stays_the_users_evaluation_between_segments_changes_nothing(honest, tmp_path):
+  config = smoke_config()
+  train, test = build.dataset(config, "train"), build.dataset(config, "test")
+  seen = []
+
+  def evaluate(step, state, metrics):  # what a user's loop did between epochs: held-out accuracy, logging
+    seen.append((step, build.evaluate(config, state, test), {k: np.shape(v) for k, v in metrics.items()}))
+
+  manifest = recorder.record(
+    str(tmp_path / "proof"), build.program(config, train), train, build.plan(config), config=config.to_dict(),
+    on_state=evaluate,
+  )  # fmt: skip
+  assert [s for s, _, _ in seen] == [4, 8, 12] and all(0.0 <= a <= 1.0 for _, a, _ in seen), seen
+  assert all(shapes == {"loss": (4,), "accuracy": (4,)} for _, _, shapes in seen), seen
+  assert proof.semantic_root(manifest) == proof.semantic_root(load_manifest(honest))
