@@ -291,20 +291,72 @@ def from_config(config: dict, max_params: int | None = None) -> tuple[training.P
   return program(config, train), train
 
 
-def rebuild(proof_dir: str, max_params: int | None = None) -> tuple[training.Program, data.Dataset]:
+def rebuild(
+  proof_dir: str, max_params: int | None = None, program: str | None = None
+) -> tuple[training.Program, data.Dataset]:
   """The program and training data a proof's recorded config describes.
 
+  ``program``: the verifier's own ``"package.module:function"`` (``--program``)
+  that builds ``(program, dataset)`` from the recorded config, for a proof a
+  user's program recorded (``experiments.train --program``). A proof only names
+  its builder; it is imported when the verifier names it, never because the
+  proof does.
+
   Raises:
-    proof.ProofError: the manifest is unusable or its config cannot be rebuilt.
+    proof.ProofError: the manifest is unusable, its config cannot be rebuilt,
+      or it names a builder the verifier did not pass.
+    UsageError: ``program`` cannot be imported here.
   """
   from pol_jax import proof
   from pol_jax import verify as verify_lib
 
   manifest = verify_lib.read_manifest(proof_dir)
+  recorded = manifest.get("builder")
+  if program is None and recorded is not None:
+    raise proof.ProofError(
+      proof.MANIFEST,
+      "builder",
+      f"recorded by {recorded['target']} (version {recorded['version']}); install that package and pass "
+      f"--program={recorded['target']} (pol-jax never imports code a proof names)",
+    )
+  if program is not None:
+    return _user_builder(program)(manifest["config"])
   try:
     return from_config(manifest["config"], max_params)
   except ConfigError as e:
     raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None
+
+
+def _user_builder(target: str):
+  """The user's ``build(config) -> (program, dataset)``, with its failures as one-line errors."""
+  from pol_jax import proof, workers
+
+  try:
+    fn = workers.load_builder(target)
+  except ValueError as e:
+    raise UsageError(f"--program: {e}") from None
+
+  def build_it(config: dict):
+    try:
+      program, dataset = fn(config)
+    except Exception as e:  # the user's code: say whose and what
+      raise proof.ProofError(
+        proof.MANIFEST, "config", f"{target} could not build it ({type(e).__name__}: {e})"
+      ) from None
+    return program, dataset
+
+  return build_it
+
+
+def builder_record(target: str) -> dict:
+  """What a proof records about the builder that made it: its target and its package's version."""
+  import importlib.metadata
+
+  try:
+    version = importlib.metadata.version(target.split(":")[0].split(".")[0])
+  except importlib.metadata.PackageNotFoundError:
+    version = None
+  return {"target": target, "version": version}
 
 
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")

@@ -26,6 +26,7 @@ writes everything as JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -78,7 +79,11 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   findings, verdict, status = ownership.settle(
-    _MODEL.value, claims, build.rebuild, challenge=_CHALLENGE.value, builder=build.BUILDER
+    _MODEL.value,
+    claims,
+    functools.partial(build.rebuild, program=_PROGRAM.value),
+    challenge=_CHALLENGE.value,
+    builder=_PROGRAM.value or build.BUILDER,
   )
   if status == 2:
     print(f"error: {verdict}", file=sys.stderr)
@@ -97,6 +102,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   _MODEL = flags.DEFINE_string("model", None, "The disputed model (Orbax dir, .safetensors, .msgpack).", required=True)
   _CLAIM = flags.DEFINE_multi_string("claim", None, "NAME:PROOF_DIR[:COMMITMENT], once per claimant.", required=True)
+  _PROGRAM = flags.DEFINE_string("program", None, "package.module:build that made the proofs (a user's program).")
   _CHALLENGE = flags.DEFINE_string("challenge", None, "A fresh text every claimant's commitment must answer.")
   _REPORT = flags.DEFINE_string("report", None, "Write the findings and the verdict as JSON.")
   app.run(main, flags_parser=build.parse_flags)

@@ -24,13 +24,22 @@ from pol_jax import proof, recorder
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 
-def run(config, workdir: str, progress: bool = True) -> dict:
-  """Records a proof of training ``config`` in ``workdir/proof``; returns a summary."""
+def run(config, workdir: str, progress: bool = True, user_program: str | None = None) -> dict:
+  """Records a proof of training ``config`` in ``workdir/proof``; returns a summary.
+
+  ``user_program``: ``"package.module:function"``, a ``build(config: dict) ->
+  (program, dataset)`` of your own (``--program``) that replaces this project's
+  models and data; ``config`` then needs only the plan's fields (``owner``,
+  ``seed``, ``k``, ``steps``, ``batch_size``, ``runner``) besides your own.
+  """
   from tqdm import tqdm
 
-  train = build.dataset(config, "train")
   plan = build.plan(config)
-  program = build.program(config, train)
+  if user_program:
+    program, train = build._user_builder(user_program)(config.to_dict())
+  else:
+    train = build.dataset(config, "train")
+    program = build.program(config, train)
   proof_dir = os.path.join(workdir, "proof")
   bar = tqdm(total=plan.steps, desc="train", unit="step", disable=not progress, leave=False)
   last = {"step": 0}
@@ -42,9 +51,12 @@ def run(config, workdir: str, progress: bool = True) -> dict:
 
   t0 = time.perf_counter()
   with bar:
-    manifest = recorder.record(proof_dir, program, train, plan, config=config.to_dict(), on_segment=on_segment)
+    manifest = recorder.record(
+      proof_dir, program, train, plan, config=config.to_dict(), on_segment=on_segment,
+      builder=build.builder_record(user_program) if user_program else None,
+    )  # fmt: skip
   seconds = time.perf_counter() - t0
-  final = recorder.final_state(proof_dir, program, manifest)
+  final = None if user_program else recorder.final_state(proof_dir, program, manifest)
   return {
     "proof": proof_dir,
     "root": manifest["root"],
@@ -52,7 +64,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
     "checkpoints": len(manifest["checkpoints"]),
     "seconds": seconds,
     "proof_bytes": proof.size_bytes(proof_dir),
-    "test_accuracy": build.evaluate(config, final, build.dataset(config, "test")),
+    "test_accuracy": None if final is None else build.evaluate(config, final, build.dataset(config, "test")),
   }
 
 
@@ -66,16 +78,23 @@ def main(argv) -> None:
     build.set_data_dir(_DATA_DIR.value)
     owner = build.bind_owner(_CONFIG.value, _KEY.value or os.path.join(_WORKDIR.value, "owner.key"))
     build.set_numerics(_CONFIG.value)
-    summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty())
-  except (build.ConfigError, proof.ProofError, recorder.ProofExistsError, ownership.DisputeError) as e:
+    summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty(), user_program=_PROGRAM.value)
+  except (
+    build.ConfigError,
+    build.UsageError,
+    proof.ProofError,
+    recorder.ProofExistsError,
+    ownership.DisputeError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(
     f"recorded {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['checkpoints']} checkpoints, "
     f"{summary['proof_bytes'] / 1e6:.2f} MB ({summary['proof_bytes'] / summary['steps']:.0f} bytes/step)\n"
-    f"proof:  {summary['proof']}\nroot:   {summary['root']}\n{owner}\n"
-    f"held-out accuracy: {summary['test_accuracy']:.4f}"
+    f"proof:  {summary['proof']}\nroot:   {summary['root']}\n{owner}"
   )
+  if summary["test_accuracy"] is not None:
+    print(f"held-out accuracy: {summary['test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":
@@ -84,6 +103,7 @@ if __name__ == "__main__":
   _CONFIG = build.define_config(_DEFAULT, "Training config file (and :arg).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
+  _PROGRAM = flags.DEFINE_string("program", None, "Your package.module:build, build(config) -> (program, dataset).")
   _KEY = flags.DEFINE_string(
     "key", None, "The owner's Ed25519 private key (PEM); created if missing (default WORKDIR/owner.key)."
   )

@@ -77,12 +77,17 @@ def run(
   versions_matched: str | None = None,
   detect: float = challenge.DETECT,
   faked_fraction: float = challenge.FAKED_FRACTION,
+  user_program: str | None = None,
 ) -> verify_lib.Verdict:
-  """Verifies ``proof_dir`` with the program its recorded config describes."""
+  """Verifies ``proof_dir`` with the program its recorded config describes.
+
+  ``user_program``: ``"package.module:function"`` that builds it (``--program``),
+  for a proof a user's own program recorded; default: this project's configs.
+  """
   import jax
   from tqdm import tqdm
 
-  program, train = build.rebuild(proof_dir)
+  program, train = build.rebuild(proof_dir, program=user_program)
   if strategy in ("uniform", challenge.DEFAULT) and seed is None and jax.process_count() > 1:
     raise build.UsageError(f"--strategy={strategy} across processes needs --seed, so that every process draws alike")
   try:
@@ -107,7 +112,7 @@ def run(
         chunk=chunk,
         integrity=integrity,
         on_segment=lambda _: bar.update(1),
-        builder=build.BUILDER,
+        builder=user_program or build.BUILDER,
         max_workers=workers,
         versions_matched=versions_matched,
       )
@@ -204,6 +209,7 @@ def main(argv) -> None:
       _VERSIONS_MATCHED.value,
       _DETECT.value,
       _FAKED_FRACTION.value,
+      user_program=_PROGRAM.value,
     )
   except (proof.ProofError, build.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -258,6 +264,9 @@ if __name__ == "__main__":
     "~/.cache/pol-jax, needs the package index) and verify in a virtual environment with the recorded versions.",
   )
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
+  _PROGRAM = flags.DEFINE_string(
+    "program", None, "package.module:build, build(config) -> (program, dataset): the user program that made the proof."
+  )
   _MAX_PARAMS = flags.DEFINE_integer(
     "max_params", None, "Refuse a proof whose model has more parameters (default 250M).", lower_bound=1
   )

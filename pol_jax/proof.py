@@ -55,6 +55,7 @@ MAX_FILES = 1 << 20
 MAX_FILE_BYTES = 1 << 40
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ProofError(Exception):
@@ -428,6 +429,16 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
     )
   programs = _field(body, "programs", dict, label)
   _hex(programs, "segment", label, "programs.")
+  if "builder" in body:
+    builder = _field(body, "builder", dict, label)
+    if sorted(builder) != ["target", "version"]:
+      raise ProofError(label, "builder", f"expected the fields target and version, got {sorted(builder)!r:.80}")
+    target = _field(builder, "target", str, label, "builder.")
+    if not _TARGET.match(target):
+      raise ProofError(label, "builder.target", f"expected 'package.module:function', got {target!r:.80}")
+    version = builder["version"]
+    if version is not None and not (isinstance(version, str) and len(version) <= 64 and version.isprintable()):
+      raise ProofError(label, "builder.version", f"expected a short version string or null, got {version!r:.40}")
   return body
 
 

@@ -86,7 +86,7 @@ def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dat
 
 
 def start_body(
-  program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None
+  program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None, builder: dict | None = None
 ) -> tuple[dict, Any]:
   """The part of the manifest fixed before training starts, and the initial state."""
   keys = training.derive_keys(plan.seed)
@@ -108,6 +108,8 @@ def start_body(
     "environment": fingerprint.environment(),
     "programs": program_digests(segment, state0, dataset, plan, keys.step),
   }
+  if builder is not None:
+    body["builder"] = builder
   return body, (state0, segment, keys)
 
 
@@ -120,6 +122,7 @@ def record(
   config: dict | None = None,
   on_segment: Callable[[int, dict], None] | None = None,
   on_state: Callable[[int, Any, dict], None] | None = None,
+  builder: dict | None = None,
 ) -> dict:
   """Trains ``plan.steps`` steps and writes a proof of it to ``proof_dir``.
 
@@ -148,6 +151,10 @@ def record(
       where your own loop evaluated, logged or kept the best model. Training
       waits while it runs; it must not change ``state`` (recording goes on from
       the state the segment produced, whatever it does).
+    builder: ``{"target": "package.module:function", "version": ...}``, the
+      function that rebuilds ``(program, dataset)`` from ``config``
+      (``experiments.train --program``); recorded so a verifier knows what to
+      pass its own ``--program`` (it never imports what a proof names).
 
   Returns:
     The manifest.
@@ -164,7 +171,7 @@ def record(
   os.makedirs(proof_dir, exist_ok=True)
 
   digests = dataset.digests()
-  body, (state, segment, keys) = start_body(program, dataset, plan, config)
+  body, (state, segment, keys) = start_body(program, dataset, plan, config, builder)
   body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
   _commit_start(proof_dir, body)
   log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)

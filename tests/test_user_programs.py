@@ -37,7 +37,9 @@ tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_de
 
 def create(key):
   variables = CNN().init(key, jnp.zeros((1, 8, 8, 1)), train=False)
-  return TrainState.create(apply_fn=CNN().apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])
+  return TrainState.create(
+    apply_fn=CNN().apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+  )
 
 
 @jax.jit
@@ -189,3 +191,33 @@ def test_a_step_that_does_not_fit_the_objects_says_the_signature_it_needs():
 
   with pytest.raises(TypeError, match=r"train_step\(model, batch\) does not fit the 3 objects create returns"):
     integrations.nnx_program(tutorial_create, wrong)
+
+
+def _cli(module: str, *args: str):
+  import os
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_the_program(tmp_path):
+  from conftest import ROOT
+
+  config = f"--config={ROOT}/tests/user_project/config.py"
+  trained = _cli("experiments.train", "--program=user_project:build", config, f"--workdir={tmp_path}")
+  assert trained.returncode == 0, trained.stderr
+  path = str(tmp_path / "proof")
+  assert verify.read_manifest(path)["builder"] == {"target": "user_project:build", "version": None}
+  unnamed = _cli("experiments.verify", f"--proof={path}")  # the proof names its builder; it is never imported
+  assert unnamed.returncode == 2 and unnamed.stderr.strip().splitlines() == [
+    "error: manifest.json: builder: recorded by user_project:build (version None); install that package and pass "
+    "--program=user_project:build (pol-jax never imports code a proof names)"
+  ], unnamed.stderr
+  named = _cli("experiments.verify", f"--proof={path}", "--program=user_project:build", "--strategy=all")
+  assert named.returncode == 0 and named.stdout.startswith("ACCEPTED: 3 of 3 segments"), named.stdout + named.stderr
+  missing = _cli("experiments.verify", f"--proof={path}", "--program=no_such_project:build")
+  assert missing.returncode == 2 and "--program: builder 'no_such_project:build': cannot import it" in missing.stderr
