@@ -350,6 +350,59 @@ def read_npy(path: str, label: str, shape: tuple[int, ...], dtype: np.dtype) -> 
   return np.frombuffer(data, dtype).reshape(shape)
 
 
+PROGRAMS = "programs"
+MAX_PROGRAM_BYTES = 64 << 20
+
+
+def write_program(proof_dir: str, name: str, text: str) -> None:
+  """Stores a lowered program's text (gzip, no timestamp: the same bytes on every run) in ``programs/``."""
+  import gzip
+
+  os.makedirs(os.path.join(proof_dir, PROGRAMS), exist_ok=True)
+  path = os.path.join(proof_dir, PROGRAMS, f"{name}.stablehlo.gz")
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(gzip.compress(text.encode(), mtime=0))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_program(proof_dir: str, name: str, expected_digest: str) -> str | None:
+  """The recorded text of program ``name``, or None when absent, oversized or not the digested one.
+
+  Bounded: at most :data:`MAX_PROGRAM_BYTES` read, and decompressed.
+  """
+  import zlib
+
+  from pol_jax import safeio
+
+  path = os.path.join(proof_dir, PROGRAMS, f"{name}.stablehlo.gz")
+  try:
+    packed = safeio.read_bytes(path, MAX_PROGRAM_BYTES, f"{PROGRAMS}/{name}.stablehlo.gz")
+    inflate = zlib.decompressobj(wbits=31)
+    raw = inflate.decompress(packed, MAX_PROGRAM_BYTES)
+    if inflate.unconsumed_tail:
+      return None
+    text = raw.decode()
+  except (safeio.Refused, OSError, zlib.error, UnicodeDecodeError):
+    return None
+  return text if hashlib.sha256(text.encode()).hexdigest() == expected_digest else None
+
+
+def first_difference(recorded: str, ours: str) -> str:
+  """Where two program texts first differ, as one line.
+
+  >>> first_difference("a\nb\nc", "a\nx\nc")
+  "line 2: recorded 'b', the verifier's 'x'"
+  """
+  a, b = recorded.splitlines(), ours.splitlines()
+  for i, (x, y) in enumerate(zip(a, b, strict=False)):
+    if x != y:
+      return f"line {i + 1}: recorded {x.strip()[:160]!r}, the verifier's {y.strip()[:160]!r}"
+  return f"the recorded program has {len(a)} lines, the verifier's {len(b)}"
+
+
 # ----------------------------------------------------------------------------
 # Manifest
 

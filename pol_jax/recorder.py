@@ -73,16 +73,22 @@ def segments(plan: Plan) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
-  """Digests of the lowered programs a run executes, at their input shapes."""
+def program_texts(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
+  """The lowered StableHLO text of every program a run executes, at their input shapes."""
   out = {}
   lengths = {"segment": plan.k}
   if plan.runner == "scan" and plan.steps % plan.k:
     lengths["tail"] = plan.steps % plan.k
   for name, length in lengths.items():
     batches = dataset.batch(np.zeros((length, plan.batch_size), np.int32))
-    out[name] = fingerprint.program_digest(segment.program_text(state, batches, step_root))
+    out[name] = segment.program_text(state, batches, step_root)
   return out
+
+
+def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
+  """Digests of the lowered programs a run executes, at their input shapes."""
+  texts = program_texts(segment, state, dataset, plan, step_root)
+  return {name: fingerprint.program_digest(text) for name, text in texts.items()}
 
 
 def start_body(
@@ -174,6 +180,8 @@ def record(
   body, (state, segment, keys) = start_body(program, dataset, plan, config, builder)
   body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
   _commit_start(proof_dir, body)
+  for name, text in program_texts(segment, state, dataset, plan, keys.step).items():  # for a verifier's diff
+    proof.write_program(proof_dir, name, text)
   log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
 
   writer = proof.Writer(proof_dir)

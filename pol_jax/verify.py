@@ -386,7 +386,8 @@ def verify(
 
   # 3. Program: the verifier's step lowers to the recorded program.
   segment = training.make_segment(program.step, plan.runner)
-  ours = recorder.program_digests(segment, template, dataset, plan, keys.step)
+  texts = recorder.program_texts(segment, template, dataset, plan, keys.step)
+  ours = {name: fingerprint.program_digest(text) for name, text in texts.items()}
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
   if program.numerics != manifest["numerics"]["kind"]:
     checks["program"] = Check(
@@ -408,11 +409,18 @@ def verify(
         "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
       )
     else:
+      name = (bad or ["segment"])[0]
+      recorded = proof.read_program(proof_dir, name, manifest["programs"].get(name, ""))
+      where = (
+        f"; first difference at {proof.first_difference(recorded, texts[name])}"
+        if recorded is not None and name in texts
+        else ""
+      )
       checks["program"] = Check(
         "program",
         False,
         f"the verifier's {', '.join(bad) or 'segment'} program differs from the recorded one "
-        "(model, loss, optimizer, schedule or versions differ)",
+        f"(model, loss, optimizer, schedule or versions differ){where}",
       )
   else:
     checks["program"] = Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
@@ -565,7 +573,10 @@ def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
     for s, e in zip(unsure, exact, strict=True):
       s.match = s.within = e.match
       s.differing, s.first_differing, s.diverged_step, s.diverged_leaf = (
-        e.differing, e.first_differing, e.diverged_step, e.diverged_leaf
+        e.differing,
+        e.first_differing,
+        e.diverged_step,
+        e.diverged_leaf,
       )
     escalated, unsure = len(unsure), []
   bad = [s for s in segments if s.within is False]
@@ -613,7 +624,9 @@ def _check_environment(
   lacking = fingerprint.lacking_isa(str(recorded.get("xla_flags", "")))
   if lacking:
     return None, Check(
-      "environment", None, f"the proof pins XLA:CPU to {lacking}, which this CPU lacks ({detail}): verify on a CPU with it"
+      "environment",
+      None,
+      f"the proof pins XLA:CPU to {lacking}, which this CPU lacks ({detail}): verify on a CPU with it",
     )
   if "hardware" in kinds:
     return None, Check("environment", None, f"exact replay needs the prover's hardware ({detail})")
@@ -663,7 +676,15 @@ def reproduction(
       how = "reported: does not change bits"
     rows.append({"field": field, "proof": proof_value, "here": here_value, "how": how})
   if versions_matched:
-    rows.insert(0, {"field": "jax, jaxlib", "proof": recorded.get("jax"), "here": here.get("jax"), "how": f"matched ({versions_matched})"})
+    rows.insert(
+      0,
+      {
+        "field": "jax, jaxlib",
+        "proof": recorded.get("jax"),
+        "here": here.get("jax"),
+        "how": f"matched ({versions_matched})",
+      },
+    )
   return rows
 
 

@@ -221,3 +221,33 @@ def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_th
   assert named.returncode == 0 and named.stdout.startswith("ACCEPTED: 3 of 3 segments"), named.stdout + named.stderr
   missing = _cli("experiments.verify", f"--proof={path}", "--program=no_such_project:build")
   assert missing.returncode == 2 and "--program: builder 'no_such_project:build': cannot import it" in missing.stderr
+
+
+def test_a_program_mismatch_names_the_first_differing_line(user_proof):
+  import os
+
+  from pol_jax import proof
+
+  path, _, examples = user_proof
+  assert "programs/segment.stablehlo.gz" in verify.read_manifest(path)["files"]
+  assert os.path.getsize(os.path.join(path, "programs", "segment.stablehlo.gz")) < 200_000
+
+  @jax.jit
+  def unclipped(state, batch, rng):  # the verifier forgot the gradient clipping
+    def loss_fn(params):
+      logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        rngs={"dropout": rng}, mutable=["batch_stats"],
+      )  # fmt: skip
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      return (losses * batch["weight"]).sum() / batch["weight"].sum(), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=jax.tree.map(lambda g: g * 1.0001, grads)).replace(
+      batch_stats=updates["batch_stats"]
+    ), {"loss": loss}
+
+  verdict = verify.verify(path, training.Program(create, unclipped), examples, strategy="all")
+  (failed,) = [c for c in verdict.failed if c.name == "program"]
+  assert "first difference at line" in failed.detail and "recorded" in failed.detail, failed.detail
+  assert proof.first_difference("x\ny", "x\ny\nz") == "the recorded program has 2 lines, the verifier's 3"
