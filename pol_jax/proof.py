@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -608,6 +609,7 @@ class Writer:
   def __init__(self, proof_dir: str):
     import orbax.checkpoint as ocp
 
+    logging.getLogger("absl").addFilter(_quiet_orbax)
     self._ocp = ocp
     self.directory = os.path.join(os.path.abspath(proof_dir), CHECKPOINTS)
     options = ocp.CheckpointManagerOptions(
@@ -661,9 +663,12 @@ def read_meta(proof_dir: str, step: int, expected_digest: str | None) -> dict:
 
 
 def _quiet_orbax(record) -> bool:
-  """Drops Orbax's warnings about the step-level metadata a state item lacks (we read items, not steps)."""
+  """Drops two Orbax warnings that say nothing to a user: the step-level metadata a state item lacks
+  (we read items, not steps) and its object-size logging being off for a process-local checkpointer."""
   message = record.getMessage()
-  return not (message.startswith("Metadata file does not exist") and "_CHECKPOINT_METADATA" in message)
+  if message.startswith("Metadata file does not exist") and "_CHECKPOINT_METADATA" in message:
+    return False
+  return not message.startswith("Global object size logging disabled")
 
 
 @functools.cache
@@ -674,8 +679,6 @@ def _local_checkpointer(process_index: int):
   restore; verifier processes read different checkpoints, so that would
   deadlock. Reading host NumPy arrays needs no coordination.
   """
-  import logging
-
   import orbax.checkpoint as ocp
 
   logging.getLogger("absl").addFilter(_quiet_orbax)

@@ -60,3 +60,25 @@ class _OtherLearningRate:
 
   def adamw(self, learning_rate, **kwargs):
     return optax.adamw(learning_rate * 1.5, **kwargs)
+
+
+def test_nnx_tutorial_example_records_and_verifies_from_the_cli(tmp_path):
+  import subprocess
+  import sys
+
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "examples"), os.environ.get("PYTHONPATH", "")]),
+  }
+
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+  trained = cli(
+    "experiments.train", "--program=nnx_tutorial:build", "--config=examples/nnx_tutorial.py",
+    "--config.steps=60", f"--workdir={tmp_path}",
+  )  # fmt: skip
+  assert trained.returncode == 0 and "WARNING" not in trained.stderr, trained.stderr
+  verified = cli("experiments.verify", f"--proof={tmp_path}/proof", "--program=nnx_tutorial:build")
+  assert verified.returncode == 0 and verified.stdout.startswith("ACCEPTED: 3 of 3"), verified.stdout + verified.stderr
+  assert "WARNING" not in verified.stderr, verified.stderr
