@@ -392,7 +392,7 @@ def read_program(proof_dir: str, name: str, expected_digest: str) -> str | None:
 
 
 def first_difference(recorded: str, ours: str) -> str:
-  """Where two program texts first differ, as one line.
+  r"""Where two program texts first differ, as one line.
 
   >>> first_difference("a\nb\nc", "a\nx\nc")
   "line 2: recorded 'b', the verifier's 'x'"

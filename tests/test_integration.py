@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import optax
+import pytest
 from conftest import ROOT, load_manifest
 
 from pol_jax import data, integrations, proof, recorder, training, verify
@@ -62,7 +63,8 @@ class _OtherLearningRate:
     return optax.adamw(learning_rate * 1.5, **kwargs)
 
 
-def test_nnx_tutorial_example_records_and_verifies_from_the_cli(tmp_path):
+@pytest.mark.parametrize("example", ["nnx_tutorial", "linen_flax_style"])
+def test_flax_style_examples_record_and_verify_from_the_cli(tmp_path, example):
   import subprocess
   import sys
 
@@ -75,10 +77,10 @@ def test_nnx_tutorial_example_records_and_verifies_from_the_cli(tmp_path):
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
   trained = cli(
-    "experiments.train", "--program=nnx_tutorial:build", "--config=examples/nnx_tutorial.py",
+    "experiments.train", f"--program={example}:build", f"--config=examples/{example}.py",
     "--config.steps=60", f"--workdir={tmp_path}",
   )  # fmt: skip
   assert trained.returncode == 0 and "WARNING" not in trained.stderr, trained.stderr
-  verified = cli("experiments.verify", f"--proof={tmp_path}/proof", "--program=nnx_tutorial:build")
+  verified = cli("experiments.verify", f"--proof={tmp_path}/proof", f"--program={example}:build")
   assert verified.returncode == 0 and verified.stdout.startswith("ACCEPTED: 3 of 3"), verified.stdout + verified.stderr
   assert "WARNING" not in verified.stderr, verified.stderr
