@@ -320,14 +320,14 @@ def rebuild(
       f"--program={recorded['target']} (pol-jax never imports code a proof names)",
     )
   if program is not None:
-    return _user_builder(program)(manifest["config"])
+    return user_builder(program)(manifest["config"])
   try:
     return from_config(manifest["config"], max_params)
   except ConfigError as e:
     raise proof.ProofError(proof.MANIFEST, f"config.{e.field}", str(e).split(": ", 1)[1]) from None
 
 
-def _user_builder(target: str):
+def user_builder(target: str):
   """The user's ``build(config) -> (program, dataset)``, with its failures as one-line errors."""
   from pol_jax import proof, workers
 

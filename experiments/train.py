@@ -36,7 +36,7 @@ def run(config, workdir: str, progress: bool = True, user_program: str | None = 
 
   plan = build.plan(config)
   if user_program:
-    program, train = build._user_builder(user_program)(config.to_dict())
+    program, train = build.user_builder(user_program)(config.to_dict())
   else:
     train = build.dataset(config, "train")
     program = build.program(config, train)

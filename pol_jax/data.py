@@ -51,11 +51,7 @@ class Dataset:
 
   def digests(self, indices: np.ndarray | None = None) -> np.ndarray:
     """``uint8 [n, 32]`` digests of the examples at ``indices`` (all by default)."""
-    indices = np.arange(len(self)) if indices is None else np.asarray(indices)
-    out = np.empty((len(indices), DIGEST_SIZE), np.uint8)
-    for row, i in enumerate(indices):
-      out[row] = np.frombuffer(self.digest(int(i)), np.uint8)
-    return out
+    return _digests(self, indices)
 
 
 class Examples:
@@ -107,11 +103,7 @@ class Examples:
 
   def digests(self, indices: np.ndarray | None = None) -> np.ndarray:
     """``uint8 [n, 32]`` digests of the examples at ``indices`` (all by default)."""
-    indices = np.arange(len(self)) if indices is None else np.asarray(indices)
-    out = np.empty((len(indices), DIGEST_SIZE), np.uint8)
-    for row, i in enumerate(indices):
-      out[row] = np.frombuffer(self.digest(int(i)), np.uint8)
-    return out
+    return _digests(self, indices)
 
 
 def from_source(name: str, source) -> Examples:
@@ -148,6 +140,14 @@ def tree_digest(paths: list[str], arrays: list[np.ndarray]) -> bytes:
     h.update(f"{len(path)}:{path}{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.digest()
+
+
+def _digests(dataset, indices: np.ndarray | None) -> np.ndarray:
+  indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+  out = np.empty((len(indices), DIGEST_SIZE), np.uint8)
+  for row, i in enumerate(indices):
+    out[row] = np.frombuffer(dataset.digest(int(i)), np.uint8)
+  return out
 
 
 def example_digest(x: np.ndarray, y: np.ndarray) -> bytes:

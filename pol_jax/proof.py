@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import numerics, safeio
+from pol_jax import numerics, safeio, training
 
 SCHEMA = "pol-jax/proof/v3"
 MANIFEST = "manifest.json"
@@ -138,7 +138,7 @@ def leaf_digest(path: str, array: np.ndarray) -> str:
   A typed PRNG key array is digested as its key data, under its key dtype
   (``key<fry>`` for threefry), so the implementation is part of the digest.
   """
-  if _is_key(array):
+  if training.is_key(array):
     dtype, shape, array = str(array.dtype), array.shape, stored(array)
   else:
     array = np.asarray(array)
@@ -148,19 +148,14 @@ def leaf_digest(path: str, array: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def _is_key(leaf: Any) -> bool:
-  dtype = getattr(leaf, "dtype", None)
-  return dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key)
-
-
 def stored(leaf: Any) -> np.ndarray:
   """The array a checkpoint stores for a state leaf: its key data for a typed PRNG key, else itself."""
-  return np.asarray(jax.random.key_data(leaf)) if _is_key(leaf) else np.asarray(leaf)
+  return np.asarray(jax.random.key_data(leaf)) if training.is_key(leaf) else np.asarray(leaf)
 
 
 def _stored_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
   """``(shape, dtype)`` of what a checkpoint stores for a state leaf (concrete or ``jax.ShapeDtypeStruct``)."""
-  if _is_key(leaf):
+  if training.is_key(leaf):
     spec = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype))
     return tuple(spec.shape), np.dtype(spec.dtype)
   return tuple(np.shape(leaf)), np.dtype(leaf.dtype)
@@ -190,7 +185,7 @@ def _nested(tree: Any) -> dict:
     if names[-1] in node or any("/" in n for n in names):
       raise ValueError(f"State path {path_str(names)!r} is ambiguous.")
     if isinstance(leaf, jax.ShapeDtypeStruct):
-      node[names[-1]] = jax.ShapeDtypeStruct(*_stored_spec(leaf)) if _is_key(leaf) else leaf
+      node[names[-1]] = jax.ShapeDtypeStruct(*_stored_spec(leaf)) if training.is_key(leaf) else leaf
     else:
       node[names[-1]] = stored(leaf)
   return root
@@ -738,7 +733,7 @@ def restore(proof_dir: str, step: int, template: Any, expected_digest: str | Non
     for name in names:
       node = node[name]
     array = np.asarray(node)
-    if _is_key(leaf):
+    if training.is_key(leaf):
       array = jax.random.wrap_key_data(array, impl=_key_impl(leaf))
     if leaf_digest(path_str(names), array) != meta["leaves"][path_str(names)]:
       raise IntegrityError(f"{label}: digest mismatch in {path_str(names)}")

@@ -95,11 +95,18 @@ def start_body(
   program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None, builder: dict | None = None
 ) -> tuple[dict, Any]:
   """The part of the manifest fixed before training starts, and the initial state."""
+  body, start, _ = _start(program, dataset, plan, config, builder)
+  return body, start
+
+
+def _start(program, dataset, plan: Plan, config, builder):
+  """:func:`start_body`, and the lowered program texts its digests are of (written to the proof)."""
   keys = training.derive_keys(plan.seed)
   # Round-trip through the host so the prover and a verifier (which restores
   # host arrays) call the compiled program with identical argument types.
   state0 = training.to_host(program.init(keys.init))
   segment = training.make_segment(program.step, plan.runner)
+  texts = program_texts(segment, state0, dataset, plan, keys.step)
   body = {
     "schema": proof.SCHEMA,
     "config": config or {},
@@ -112,11 +119,11 @@ def start_body(
     "numerics": numerics.describe(program.numerics),
     "dataset": {"name": dataset.name, "size": len(dataset), "merkle_root": None},
     "environment": fingerprint.environment(),
-    "programs": program_digests(segment, state0, dataset, plan, keys.step),
+    "programs": {name: fingerprint.program_digest(text) for name, text in texts.items()},
   }
   if builder is not None:
     body["builder"] = builder
-  return body, (state0, segment, keys)
+  return body, (state0, segment, keys), texts
 
 
 def record(
@@ -177,10 +184,10 @@ def record(
   os.makedirs(proof_dir, exist_ok=True)
 
   digests = dataset.digests()
-  body, (state, segment, keys) = start_body(program, dataset, plan, config, builder)
+  body, (state, segment, keys), texts = _start(program, dataset, plan, config, builder)
   body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
   _commit_start(proof_dir, body)
-  for name, text in program_texts(segment, state, dataset, plan, keys.step).items():  # for a verifier's diff
+  for name, text in texts.items():  # for a verifier's diff
     proof.write_program(proof_dir, name, text)
   log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
 

@@ -172,18 +172,22 @@ def read_bytes(path: str, limit: int, label: str) -> bytes:
   return data
 
 
-def _read_at_most(f: BinaryIO, n: int, label: str) -> bytes:
-  chunks, got = [], 0
+def _chunks(f: BinaryIO, n: int, label: str):
+  """The bytes of ``f``, in chunks, until its end or ``n`` bytes."""
+  got = 0
   while got < n:
     try:
       chunk = f.read(min(_CHUNK, n - got))
     except OSError as e:
       raise Refused(label, "file", f"unreadable ({e.strerror})") from None
     if not chunk:
-      break
-    chunks.append(chunk)
+      return
     got += len(chunk)
-  return b"".join(chunks)
+    yield chunk
+
+
+def _read_at_most(f: BinaryIO, n: int, label: str) -> bytes:
+  return b"".join(_chunks(f, n, label))
 
 
 def file_digest(path: str, size: int, label: str | None = None) -> str:
@@ -198,13 +202,7 @@ def file_digest(path: str, size: int, label: str | None = None) -> str:
   label = label or path
   h, got = hashlib.sha256(), 0
   with open_regular(path, label) as f:
-    while got <= size:
-      try:
-        chunk = f.read(min(_CHUNK, size + 1 - got))
-      except OSError as e:
-        raise Refused(label, "file", f"unreadable ({e.strerror})") from None
-      if not chunk:
-        break
+    for chunk in _chunks(f, size + 1, label):
       h.update(chunk)
       got += len(chunk)
   if got != size:

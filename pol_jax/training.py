@@ -248,7 +248,7 @@ _ONE_PASS_WORDS = 1 << 18
 
 def _leaf_words(x: jax.Array) -> jax.Array:
   """A leaf's bits as a flat uint32 vector (one word per element of 4 bytes or less)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+  if is_key(x):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
@@ -303,7 +303,9 @@ def to_host(tree: PyTree) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   leaves = [leaf if is_key(leaf) else jnp.asarray(leaf) for leaf in leaves]
   host = jax.device_get([None if is_key(leaf) else leaf for leaf in leaves])
-  return jax.tree.unflatten(treedef, [leaf if is_key(leaf) else np.asarray(h) for leaf, h in zip(leaves, host, strict=True)])
+  return jax.tree.unflatten(
+    treedef, [leaf if is_key(leaf) else np.asarray(h) for leaf, h in zip(leaves, host, strict=True)]
+  )
 
 
 def is_key(leaf: Any) -> bool:
