@@ -65,7 +65,10 @@ def _mutate(p: str, kind: str, draw) -> str:
       target = target[key]
       key = draw(st.sampled_from(sorted(target)))
       keys.append(key)
-    target[key] = draw(VALUES)
+    value = draw(VALUES)
+    if type(value) is type(target[key]) and value == target[key]:
+      return ".".join(keys)  # the same value: no mutation (the file stays as it was)
+    target[key] = value
     out = proof.seal(body) if kind == "json-resealed" else {**body, "root": manifest["root"]}
     open(path, "w").write(json.dumps(out))
     return ".".join(keys)
