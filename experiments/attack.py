@@ -502,18 +502,31 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
 
   program, train = build.rebuild(proof_dir)
   manifest = verify_lib.read_manifest(proof_dir)
-  everything = verify_lib.verify(proof_dir, program, train, strategy="all")
+  everything = verify_lib.verify(proof_dir, program, train, strategy="all", builder=build.BUILDER)
   unmoved = []
   if everything.checks[verify_lib.CHECKS.index("progress")].passed is False:
     unmoved = verify_lib.unmoved_segments(proof_dir, manifest, range(everything.num_segments))
   bad = {r.index for r in everything.segments if not r.match} | set(unmoved)
   # Every array of every checkpoint was checked by `everything`; the sampled verifiers check what they replay.
-  out = {"ours": _drawn(verify_lib.verify(proof_dir, program, train, num_segments=segments), bad)}
+  out = {
+    "ours": _drawn(verify_lib.verify(proof_dir, program, train, num_segments=segments, builder=build.BUILDER), bad)
+  }
   out["ours-uniform"] = _drawn(
-    verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled"), bad
+    verify_lib.verify(
+      proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled", builder=build.BUILDER
+    ),
+    bad,
   )
   out["ours-fiat-shamir"] = _outcome(
-    verify_lib.verify(proof_dir, program, train, strategy="fiat-shamir", num_segments=segments, integrity="sampled")
+    verify_lib.verify(
+      proof_dir,
+      program,
+      train,
+      strategy="fiat-shamir",
+      num_segments=segments,
+      integrity="sampled",
+      builder=build.BUILDER,
+    )
   )
   out["ours-all"] = {**_outcome(everything), "unmoved_segments": unmoved}
   forged = _forged_data(proof_dir, manifest)
@@ -522,9 +535,11 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
     # What exact replay alone says of the prover's own data (the data order check would reject it first:
     # its batches are not the seed's order of any dataset the verifier knows).
     out["ours-all"]["given_prover_data"] = _outcome(
-      verify_lib.verify(proof_dir, program, forged, strategy="all", order_check=False)
+      verify_lib.verify(proof_dir, program, forged, strategy="all", order_check=False, builder=build.BUILDER)
     )
-  out["paper"] = _outcome(verify_lib.paper(proof_dir, program, forged or train, integrity="sampled"))
+  out["paper"] = _outcome(
+    verify_lib.paper(proof_dir, program, forged or train, integrity="sampled", builder=build.BUILDER)
+  )
   return out
 
 

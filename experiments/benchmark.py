@@ -284,7 +284,9 @@ def fingerprint_cost(config, steps: int = 200, repeats: int = 11) -> dict:
 
 def _child(args: list[str], env: dict | None = None, cores: set[int] | None = None) -> subprocess.CompletedProcess:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  launch = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+  launch = (
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+  )
   if cores is not None:
     launch = f"import os; os.sched_setaffinity(0, {sorted(cores)!r}); " + launch
   return subprocess.run(
@@ -308,9 +310,7 @@ def isa_cost(config_arg: list[str], steps: int = 10, repeats: int = 5) -> dict:
       flags = pin if name == "pinned" else ""
       env = {**os.environ, "XLA_FLAGS": flags, "POL_JAX_NO_ISA_PIN": "" if name == "pinned" else "1"}
       with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = _child(
-          ["experiments.benchmark", *config_arg, f"--step_time={steps}", f"--out={out.name}"], env
-        )
+        done = _child(["experiments.benchmark", *config_arg, f"--step_time={steps}", f"--out={out.name}"], env)
         if done.returncode:
           raise RuntimeError(f"step_time child failed: {done.stderr.strip().splitlines()[-1:]}")
         times[name].append(json.load(open(out.name))["median_step_seconds"])

@@ -348,17 +348,6 @@ def user_builder(target: str):
   return build_it
 
 
-def builder_record(target: str) -> dict:
-  """What a proof records about the builder that made it: its target and its package's version."""
-  import importlib.metadata
-
-  try:
-    version = importlib.metadata.version(target.split(":")[0].split(".")[0])
-  except importlib.metadata.PackageNotFoundError:
-    version = None
-  return {"target": target, "version": version}
-
-
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")
 
 

@@ -21,7 +21,9 @@ from pol_jax import distances, proof
 from pol_jax import verify as verify_lib
 
 
-def run(proof_dir: str, segments: int | None = None, margin: float = 10.0, chunk: int = 16, devices: int | None = None) -> dict:
+def run(
+  proof_dir: str, segments: int | None = None, margin: float = 10.0, chunk: int = 16, devices: int | None = None
+) -> dict:
   program, train = build.rebuild(proof_dir)
   return verify_lib.calibrate(
     proof_dir, program, train, num_segments=segments, margin=margin, chunk=chunk, devices=devices

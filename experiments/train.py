@@ -19,7 +19,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import build
-from pol_jax import proof, recorder
+from pol_jax import proof, recorder, workers
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -53,7 +53,7 @@ def run(config, workdir: str, progress: bool = True, user_program: str | None = 
   with bar:
     manifest = recorder.record(
       proof_dir, program, train, plan, config=config.to_dict(), on_segment=on_segment,
-      builder=build.builder_record(user_program) if user_program else None,
+      builder=workers.builder_record(user_program) if user_program else None,
     )  # fmt: skip
   seconds = time.perf_counter() - t0
   final = None if user_program else recorder.final_state(proof_dir, program, manifest)

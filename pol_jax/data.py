@@ -106,30 +106,84 @@ class Examples:
     return _digests(self, indices)
 
 
-def from_source(name: str, source) -> Examples:
-  """Every example of an index-addressable source, read once into memory as :class:`Examples`.
+class Source:
+  """An index-addressable source, read on demand: only the examples a batch or a digest needs.
 
   ``source`` has ``__len__`` and ``__getitem__(i)`` returning one example (a
   dict, tuple or array pytree): a Grain ``MapDataset`` or data source, a
-  ``tfds.data_source``, a Hugging Face ``datasets.Dataset`` (numeric
-  columns), a list. Examples are stacked field by field.
+  ``tfds.data_source``, a Hugging Face ``datasets.Dataset`` with numeric
+  columns (``.with_format("numpy")``), a list. ``batch(indices)`` stacks the
+  examples field by field in the source's own structure; each digest is the
+  one :class:`Examples` gives the same example (every field's path, dtype,
+  shape and bytes). Nothing is held in memory but the example being read, so
+  the source may be larger than memory; recording reads every example once
+  for its digest, a verifier only the examples its segments use.
+
+  The index order stays pol-jax's (a permutation the committed seed derives,
+  which the verifier recomputes), not a data loader's sampler: a sampler's
+  algorithm may change between its versions, and the data order check must
+  not.
+  """
+
+  def __init__(self, name: str, source):
+    import jax
+
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+      raise TypeError(
+        f"{type(source).__name__} is not index-addressable: pass a source with __len__ and __getitem__(i) "
+        "(a Grain MapDataset, tfds.data_source, a datasets.Dataset, a list, or data.Examples of a dict of "
+        "arrays), not an iterator: a proof names every step's examples by index"
+      )
+    self.name, self.source, self._size = name, source, len(source)
+    if not self._size:
+      raise ValueError(f"Examples {name!r}: the source is empty.")
+    leaves, self._structure = jax.tree_util.tree_flatten_with_path(source[0])
+    self._paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+    if not leaves:
+      raise ValueError(f"Examples {name!r}: example 0 holds no arrays.")
+
+  def __len__(self) -> int:
+    return self._size
+
+  def example(self, index: int) -> list[np.ndarray]:
+    """The fields of example ``index``, in the order of the first example's."""
+    import jax
+
+    leaves, structure = jax.tree.flatten(self.source[index])
+    if structure != self._structure:
+      raise ValueError(f"Examples {self.name!r}: example {index} has another structure than example 0: {structure}")
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    bad = [p for p, a in zip(self._paths, arrays, strict=True) if a.dtype.kind not in "biuf"]
+    if bad:
+      raise ValueError(f"Examples {self.name!r}: field {bad[0]} of example {index} is not numeric.")
+    return arrays
+
+  def batch(self, indices: np.ndarray):
+    """The examples at ``indices`` (any shape), in the source's own structure."""
+    import jax
+
+    indices = np.asarray(indices)
+    rows = [self.example(int(i)) for i in indices.ravel()] or [[a[:0] for a in self.example(0)]]
+    fields = [np.stack(column).reshape(indices.shape + column[0].shape) for column in zip(*rows, strict=True)]
+    return jax.tree.unflatten(self._structure, fields)
+
+  def digest(self, index: int) -> bytes:
+    """SHA-256 of example ``index``: every field's path, dtype, shape and bytes."""
+    return tree_digest(self._paths, self.example(index))
+
+  def digests(self, indices: np.ndarray | None = None) -> np.ndarray:
+    """``uint8 [n, 32]`` digests of the examples at ``indices`` (all by default)."""
+    return _digests(self, indices)
+
+
+def from_source(name: str, source) -> Source:
+  """The examples of an index-addressable ``source``, read on demand (see :class:`Source`).
 
   Raises:
     TypeError: ``source`` cannot be indexed (a generator or an iterator: a
       proof must name each step's examples by index).
   """
-  import jax
-
-  if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-    raise TypeError(
-      f"{type(source).__name__} is not index-addressable: pass a source with __len__ and __getitem__(i) "
-      "(a Grain MapDataset, tfds.data_source, a datasets.Dataset, a list, or data.Examples of a dict of "
-      "arrays), not an iterator: a proof names every step's examples by index"
-    )
-  examples = [source[i] for i in range(len(source))]
-  if not examples:
-    raise ValueError(f"Examples {name!r}: the source is empty.")
-  return Examples(name, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *examples))
+  return Source(name, source)
 
 
 def tree_digest(paths: list[str], arrays: list[np.ndarray]) -> bytes:

@@ -225,7 +225,9 @@ def reproducible_flags(recorded: dict) -> str:
     if name == ISA_FLAG and value not in _ISA_FEATURES:
       raise ValueError(f"environment.xla_flags: {f[:80]!r} names an ISA XLA does not know ({', '.join(_ISA_FEATURES)})")
     if name not in REPRODUCIBLE_FLAGS or not eq or not _FLAG_VALUE.match(value):
-      raise ValueError(f"environment.xla_flags: {f[:80]!r} is not a flag a verifier sets (it sets {', '.join(REPRODUCIBLE_FLAGS)})")
+      raise ValueError(
+        f"environment.xla_flags: {f[:80]!r} is not a flag a verifier sets (it sets {', '.join(REPRODUCIBLE_FLAGS)})"
+      )
     out.append(f)
   return " ".join(out)
 

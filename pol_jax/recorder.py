@@ -126,6 +126,15 @@ def _start(program, dataset, plan: Plan, config, builder):
   return body, (state0, segment, keys), texts
 
 
+class _Stop:
+  def __repr__(self) -> str:
+    return "recorder.STOP"
+
+
+STOP = _Stop()
+"""What ``on_state`` returns to stop training early (:func:`record`)."""
+
+
 def record(
   proof_dir: str,
   program: training.Program,
@@ -163,7 +172,11 @@ def record(
       the step's metrics of every step of the segment (arrays of length k):
       where your own loop evaluated, logged or kept the best model. Training
       waits while it runs; it must not change ``state`` (recording goes on from
-      the state the segment produced, whatever it does).
+      the state the segment produced, whatever it does). Returning
+      :data:`STOP` ends training there (early stopping): the proof is then a
+      complete proof of the ``step`` steps trained (its manifest's ``steps``).
+      A recording killed after that decision resumes to ``plan.steps``
+      unless ``on_state`` says ``STOP`` again at the same step.
     builder: ``{"target": "package.module:function", "version": ...}``, the
       function that rebuilds ``(program, dataset)`` from ``config``
       (``experiments.train --program``); recorded so a verifier knows what to
@@ -208,7 +221,10 @@ def record(
         state, metrics = segment.run(state, dataset.batch(log[start:end]), keys.step)
         saver.put(state, metrics)
         if on_state is not None:
-          on_state(end, state, {k: v for k, v in metrics.items() if k != training.STATE_FINGERPRINT})
+          said = on_state(end, state, {k: v for k, v in metrics.items() if k != training.STATE_FINGERPRINT})
+          if said is STOP and end < plan.steps:  # early stopping: the proof is of the steps trained
+            body["steps"], log = end, log[:end]
+            break
     finally:
       saver.close()
   finally:

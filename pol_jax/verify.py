@@ -196,7 +196,7 @@ def verify(
   Checks, in order: integrity (the manifest root, every checkpoint, the index
   log and the data digests against their digests), environment (every field
   that changes bits matches the prover's), program (the segment program this
-  verifier compiles is the one the prover recorded), init (the initial state
+  verifier compiles is the one the prover recorded; see ``builder``), init (the initial state
   is the one the seed derives), data order (the index log is the seed-derived
   order), data (the verifier's own copy of every example the chosen segments
   use has the recorded digest, and the Merkle root holds), replay (each
@@ -282,7 +282,14 @@ def verify(
       reproduces a proof whose CPU thread count, XLA flags or x64 differ from
       this process's by replaying in worker processes pinned to the proof's
       thread count (``pol_jax.workers``), ``floor(cores / threads)`` at once;
-      without it such a proof is undecided here.
+      without it such a proof is undecided here. Giving it also says that
+      ``program`` is what it builds from the recorded config: a program that
+      differs from the recorded one (same environment, same builder version)
+      then shows the proof false (exit 1). Without it a differing program
+      only says that this verifier's program differs: exact replay still
+      decides if it reproduces every state (a step merely wrapped in another
+      ``jax.jit`` lowers to other text but computes the same bits), and the
+      verdict is undecided (exit 2) if it does not.
     max_workers: at most this many worker processes (default: as many as the
       cores allow).
     versions_matched: set by a caller that re-ran this verification in a
@@ -384,7 +391,10 @@ def verify(
   unlike = fingerprint.mismatches(recorded_env, here) if portable else differ
   foreign = {fingerprint.KINDS[f] for f, _, _ in unlike} & {"versions", "hardware"}
 
-  # 3. Program: the verifier's step lowers to the recorded program.
+  # 3. Program: the verifier's step lowers to the recorded program. Where it
+  # does not and the verifier's program was not rebuilt from the recorded
+  # config, an exact replay still decides if it reproduces every state.
+  text_differs = None  # what differs, where exact replay is to decide despite it
   segment = training.make_segment(program.step, plan.runner)
   texts = recorder.program_texts(segment, template, dataset, plan, keys.step)
   ours = {name: fingerprint.program_digest(text) for name, text in texts.items()}
@@ -412,16 +422,26 @@ def verify(
       name = (bad or ["segment"])[0]
       recorded = proof.read_program(proof_dir, name, manifest["programs"].get(name, ""))
       where = (
-        f"; first difference at {proof.first_difference(recorded, texts[name])}"
+        f"first difference at {proof.first_difference(recorded, texts[name])}"
         if recorded is not None and name in texts
-        else ""
+        else "the recorded text is not in the proof"
       )
-      checks["program"] = Check(
-        "program",
-        False,
-        f"the verifier's {', '.join(bad) or 'segment'} program differs from the recorded one "
-        f"(model, loss, optimizer, schedule or versions differ){where}",
-      )
+      other = _other_source(manifest, builder)
+      if other is None:  # rebuilt from the recorded config, as the prover's builder builds it
+        checks["program"] = Check(
+          "program",
+          False,
+          f"the recorded {', '.join(bad) or 'segment'} program is not the one its recorded config builds ({where})",
+        )
+      else:
+        differs = f"this verifier's {', '.join(bad) or 'segment'} program differs from the recorded one ({where})"
+        exact = mode == "exact"
+        checks["program"] = Check(
+          "program",
+          None,
+          f"{differs}; {other}" + ("; the replay decides whether it reproduces the recorded states" if exact else ""),
+        )
+        text_differs = differs if exact else None
   else:
     checks["program"] = Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
 
@@ -502,7 +522,7 @@ def verify(
   # 7. Replay, only where it can decide and the inputs are the recorded ones.
   needed = ("environment", "program", "data") if mode == "exact" else ("program", "data")
   failed = [n for n in needed if checks[n].passed is False]
-  comparable = mode == "exact" and not portable  # else an incomparable program text leaves it to the replay
+  comparable = mode == "exact" and not portable and text_differs is None  # else the replay decides
   undecided = [n for n in needed if checks[n].passed is None and (comparable or n != "program")]
   if failed or undecided:
     why = f"the {', '.join(failed)} check failed" if failed else f"the {', '.join(undecided)} check could not decide"
@@ -536,6 +556,21 @@ def verify(
     bad = [s for s in verdict.segments if not s.match]
     why = lambda s: f"does not reproduce the recorded state: {s.mismatch}"  # noqa: E731
     passed = f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})"
+    if text_differs and bad:  # the verifier's own program: it cannot tell a false proof from its difference
+      checks["replay"] = Check(
+        "replay",
+        None,
+        f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) {why(bad[0])}; this verifier's program "
+        "differs from the recorded one, so this does not show the proof false: verify with the program "
+        "rebuilt from the recorded config (builder=, the CLI's --program)",
+      )
+      return done()
+    if text_differs:
+      checks["program"] = Check(
+        "program",
+        True,
+        f"{text_differs}, but it reproduces every replayed state bit for bit: the states follow from it",
+      )
   else:
     verdict.tolerance = {**tolerance.to_json(), "bounds": tolerance.bounds}
     bad, why, passed, undecided = _judge_tolerance(verdict.segments, tolerance, job, local, escalate=not differ)
@@ -605,6 +640,23 @@ def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
       "verify exactly on the prover's environment"
     )
   return bad, why, passed, undecided
+
+
+def _other_source(manifest: dict, builder: str | None) -> str | None:
+  """Why the verifier's program may differ from the recorded one although the
+  environment matches (None: it was rebuilt from the recorded config by the
+  builder the prover used, at the prover's version)."""
+  if builder is None:
+    return "it was not rebuilt from the recorded config (builder=None)"
+  recorded = manifest.get("builder")
+  if recorded is None:
+    return None
+  ours = workers.builder_record(builder)
+  if recorded.get("target") != ours["target"]:
+    return f"the proof was built by {recorded.get('target')}, this verifier's program by {ours['target']}"
+  if recorded.get("version") != ours["version"]:
+    return f"{ours['target']} is version {ours['version']} here, {recorded.get('version')} in the proof"
+  return None
 
 
 def _check_environment(

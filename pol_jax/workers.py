@@ -206,6 +206,17 @@ def load_builder(target: str) -> Callable:
   return fn
 
 
+def builder_record(target: str) -> dict:
+  """What a proof records about the builder that made it: its target and its package's version."""
+  import importlib.metadata
+
+  try:
+    version = importlib.metadata.version(target.split(":")[0].split(".")[0])
+  except importlib.metadata.PackageNotFoundError:
+    version = None
+  return {"target": target, "version": version}
+
+
 def _work(job: dict) -> None:
   """The worker: check this process reproduces the proof, then replay its share."""
   import numpy as np

@@ -233,3 +233,27 @@ def test_the_users_loop_stays_the_users_evaluation_between_segments_changes_noth
   assert [s for s, _, _ in seen] == [4, 8, 12] and all(0.0 <= a <= 1.0 for _, a, _ in seen), seen
   assert all(shapes == {"loss": (4,), "accuracy": (4,)} for _, _, shapes in seen), seen
   assert proof.semantic_root(manifest) == proof.semantic_root(load_manifest(honest))
+
+
+def test_early_stopping_in_the_users_loop_leaves_a_complete_proof_of_the_steps_trained(honest, tmp_path):
+  config = smoke_config()
+  train, test = build.dataset(config, "train"), build.dataset(config, "test")
+  best = {"accuracy": -1.0}
+
+  def evaluate(step, state, metrics):  # stop when held-out accuracy stops improving, or at step 8 at the latest
+    accuracy = build.evaluate(config, state, test)
+    worse, best["accuracy"] = accuracy <= best["accuracy"], max(accuracy, best["accuracy"])
+    return recorder.STOP if worse or step == 8 else None
+
+  path = str(tmp_path / "proof")
+  manifest = recorder.record(
+    path, build.program(config, train), train, build.plan(config), config=config.to_dict(), on_state=evaluate
+  )
+  stopped = manifest["steps"]
+  assert stopped in (4, 8) and sorted(manifest["checkpoints"], key=int) == [str(s) for s in range(0, stopped + 1, 4)]
+  # The same states as the run that went on, and a proof that verifies on its own.
+  full = load_manifest(honest)["checkpoints"]
+  assert all(manifest["checkpoints"][s] == full[s] for s in manifest["checkpoints"]), (manifest["checkpoints"], full)
+  verdict = verify_lib.verify(path, build.program(config, train), train, strategy="all")
+  assert verdict.accepted and len(verdict.segments) == stopped // 4, verdict.table()
+  assert proof.read_index_log(path, manifest).shape == (stopped, config.batch_size)

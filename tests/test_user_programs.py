@@ -15,7 +15,7 @@ from conftest import OWNER
 from flax import nnx
 from flax.training import train_state
 
-from pol_jax import data, recorder, training, verify
+from pol_jax import attacks, data, recorder, training, verify
 
 
 class CNN(nn.Module):
@@ -107,12 +107,46 @@ def test_every_field_of_an_example_is_in_its_digest(user_proof):
   assert [c.name for c in verdict.failed] == ["data"], verdict.table()
 
 
-def test_an_index_addressable_source_gives_the_same_examples_and_an_iterator_is_refused_in_one_line():
+def test_a_grain_source_records_a_proof_that_the_dict_of_arrays_verifies_and_an_iterator_is_refused(tmp_path):
+  import grain
+
   examples = digits_with_weights()
-  loaded = data.from_source(examples.name, IndexedSource(examples))
-  assert np.array_equal(loaded.digests(np.arange(50)), examples.digests(np.arange(50)))
+  rows = IndexedSource(examples)
+  source = grain.MapDataset.source([rows[i] for i in range(len(rows))]).map(lambda ex: {**ex, "weight": ex["weight"]})
+  loaded = data.from_source(examples.name, source)
+  assert len(loaded) == len(examples) and np.array_equal(loaded.digests(), examples.digests())
+  indices = np.array([[5, 0, len(examples) - 1], [3, 3, 2]])
+  got, want = loaded.batch(indices), examples.batch(indices)
+  assert set(got) == set(want) and all(np.array_equal(got[f], want[f]) and got[f].dtype == want[f].dtype for f in want)
+  # Recorded from the Grain source, verified with the same examples as a dict of arrays: the same digests.
+  plan = recorder.Plan(owner=OWNER, nonce=1, k=4, steps=8, batch_size=32, runner="loop")
+  recorder.record(str(tmp_path / "proof"), training.Program(create, train_step), loaded, plan, config={})
+  verdict = verify.verify(str(tmp_path / "proof"), training.Program(create, train_step), examples, strategy="all")
+  assert verdict.accepted, verdict.table()
+  # A source whose examples change structure is named; an iterator is refused in one line.
+  ragged = data.from_source("ragged", [{"x": np.zeros(2)}, {"x": np.zeros(2), "y": np.ones(1)}])
+  with pytest.raises(ValueError, match="example 1 has another structure than example 0"):
+    ragged.batch(np.array([0, 1]))
   with pytest.raises(TypeError, match="not index-addressable: pass a source with __len__ and __getitem__"):
     data.from_source("gen", (examples.batch(np.array(i)) for i in range(3)))
+
+
+def test_a_tfds_data_source_is_read_by_index_in_its_own_structure():
+  import tensorflow_datasets as tfds
+
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = data.from_source("mnist:train (mock)", tfds.data_source("mnist", split="train"))
+    batch = source.batch(np.array([[0, 19], [7, 7]]))
+    assert len(source) == 20 and set(batch) == {"image", "label"}
+    assert batch["image"].shape == (2, 2, 28, 28, 1) and batch["image"].dtype == np.uint8
+    assert np.array_equal(batch["image"][1, 0], batch["image"][1, 1]) and not np.array_equal(
+      batch["image"][0, 0], batch["image"][0, 1]
+    )
+    tree = {
+      "image": np.stack([source.source[i]["image"] for i in range(20)]),
+      "label": np.array([source.source[i]["label"] for i in range(20)]),
+    }
+    assert np.array_equal(source.digests(), data.Examples("same", tree).digests())
 
 
 class NNXNet(nnx.Module):
@@ -226,6 +260,15 @@ def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_th
   assert named.returncode == 0 and named.stdout.startswith("ACCEPTED: 3 of 3 segments"), named.stdout + named.stderr
   missing = _cli("experiments.verify", f"--proof={path}", "--program=no_such_project:build")
   assert missing.returncode == 2 and "--program: builder 'no_such_project:build': cannot import it" in missing.stderr
+  # A proof whose recorded program is not the one its recorded config builds (trained at another learning
+  # rate, the manifest resealed to claim this one) is false: exit 1, with the first differing line.
+  attacks.reseal(path, lambda m: m["config"].update(learning_rate=0.02))
+  tampered = _cli("experiments.verify", f"--proof={path}", "--program=user_project:build", "--strategy=all")
+  assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+  assert tampered.stdout.startswith(
+    "REJECTED by the program check: the recorded segment program is not the one its "
+    "recorded config builds (first difference at line"
+  ), tampered.stdout
 
 
 def test_a_program_mismatch_names_the_first_differing_line(user_proof):
@@ -239,7 +282,19 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
 
   unclipped = jax.jit(functools.partial(_train_step, grad_scale=1.0001))  # the verifier's step differs
 
+  # Not rebuilt from the recorded config (no builder): this verifier's program differs, so it cannot tell
+  # a false proof from its own difference: undecided (exit 2), never rejected.
   verdict = verify.verify(path, training.Program(create, unclipped), examples, strategy="all")
-  (failed,) = [c for c in verdict.failed if c.name == "program"]
-  assert "first difference at line" in failed.detail and "recorded" in failed.detail, failed.detail
+  program, replayed = verdict.checks[verify.CHECKS.index("program")], verdict.checks[verify.CHECKS.index("replay")]
+  assert verdict.status == "undecided" and not verdict.failed, verdict.table()
+  assert program.passed is None and "this verifier's segment program differs from the recorded one" in program.detail
+  assert "first difference at line" in program.detail and "builder=None" in program.detail, program.detail
+  assert replayed.passed is None and "does not show the proof false" in replayed.detail, replayed.detail
   assert proof.first_difference("x\ny", "x\ny\nz") == "the recorded program has 2 lines, the verifier's 3"
+
+  # A step wrapped in one more jax.jit lowers to other text but computes the same bits: exact replay decides.
+  rewrapped = jax.jit(lambda state, batch, key: train_step(state, batch, key))
+  verdict = verify.verify(path, training.Program(create, rewrapped), examples, strategy="all")
+  program = verdict.checks[verify.CHECKS.index("program")]
+  assert verdict.accepted, verdict.table()
+  assert "first difference at line" in program.detail and "reproduces every replayed state" in program.detail

@@ -328,7 +328,13 @@ OTHER_PYTHON, OTHER_JAX, OTHER_FLAX = "3.12", "0.12.0.1", "0.12.12"
 
 def _other_environment() -> dict:
   """What a proof recorded under jax 0.12 on Python 3.12 records (the other packages as here)."""
-  return {**_own_environment(), "python": OTHER_PYTHON + ".1", "jax": OTHER_JAX, "jaxlib": OTHER_JAX, "flax": OTHER_FLAX}
+  return {
+    **_own_environment(),
+    "python": OTHER_PYTHON + ".1",
+    "jax": OTHER_JAX,
+    "jaxlib": OTHER_JAX,
+    "flax": OTHER_FLAX,
+  }
 
 
 @pytest.fixture(scope="module")

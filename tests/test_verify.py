@@ -286,7 +286,11 @@ def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
   log = proof.read_index_log(p, manifest)
   segment = training.make_segment(program.step, "loop")
   state, first = segment.run(state, train.batch(log[4:6]), keys.step)
-  leaf = "params/head/bias" if "params/head/bias" in proof.leaf_digests(template) else sorted(proof.leaf_digests(template))[-1]
+  leaf = (
+    "params/head/bias"
+    if "params/head/bias" in proof.leaf_digests(template)
+    else sorted(proof.leaf_digests(template))[-1]
+  )
   names = dict((proof.path_str(n), i) for i, (n, _) in enumerate(proof.flatten(template)))
   leaves = jax.tree.leaves(training.to_host(state))
   leaves[names[leaf]] = leaves[names[leaf]] + np.float32(1e-3)

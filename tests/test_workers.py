@@ -74,7 +74,9 @@ def test_one_thread_proof_verifies_in_two_pinned_workers_and_needs_them(one_thre
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
   log = proof.read_index_log(one_thread_proof, manifest)
-  job = replay.Job(one_thread_proof, manifest, training.make_segment(program.step, "loop"), template, train, log, keys.step)
+  job = replay.Job(
+    one_thread_proof, manifest, training.make_segment(program.step, "loop"), template, train, log, keys.step
+  )
   unpinned = replay.replay(job, [(i, s, e) for i, (s, e) in enumerate(recorder.segments(plan))])
   assert not any(r.match for r in unpinned), [r.mismatch for r in unpinned]
   assert all(r.diverged_step == r.start + 1 for r in unpinned), [r.mismatch for r in unpinned]

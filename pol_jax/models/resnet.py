@@ -44,6 +44,7 @@ VARIANTS.update(
   }
 )
 
+
 def _he(key, shape, dtype=jnp.float32):
   """kaiming_normal(mode="fan_out"), as PyTorch's: normal with variance 2 / fan_out.
 
