@@ -17,6 +17,8 @@ of each repeat run back to back, so machine noise hits all of them alike):
 
 ``--step_time=N`` only times N training steps of the config (for the paper's
 ResNets on a machine without CIFAR: random images of the same shape).
+``--torch`` times them against the official PoL code's PyTorch step
+(:mod:`experiments.torch_baseline`), side by side in alternating processes.
 
 On CPU, ``--devices=N`` (default 2) makes XLA expose N host devices; it is set
 before JAX starts, for the prover and the verifiers alike.
@@ -372,6 +374,39 @@ def worker_rate(config_arg: list[str], repeats: int = 3) -> dict:
   }
 
 
+def torch_comparison(config_arg: list[str], steps: int = 10, repeats: int = 3) -> dict:
+  """pol-jax's training step against the official PoL code's PyTorch step, side by side.
+
+  Alternates fresh processes, ``repeats`` of each: this config's ``--step_time``
+  (with the flags every CLI sets) and :mod:`experiments.torch_baseline` (the
+  paper's ResNet-20 step in PyTorch, ``OMP_WAIT_POLICY=PASSIVE``), so machine
+  noise hits both alike. Returns each one's median step seconds and their ratio.
+  """
+  seconds = {"pol-jax": [], "torch": []}
+  details = {}
+  for _ in range(repeats):
+    for name, args in (
+      ("pol-jax", ["experiments.benchmark", *config_arg, f"--step_time={steps}"]),
+      ("torch", ["experiments.torch_baseline", f"--steps={steps}"]),
+    ):
+      with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        done = _child([*args, f"--out={out.name}"], env)
+        if done.returncode:
+          raise RuntimeError(f"{' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+        with open(out.name) as f:
+          details[name] = json.load(f)
+      seconds[name].append(details[name]["median_step_seconds"])
+  med = {name: statistics.median(v) for name, v in seconds.items()}
+  return {
+    "step_seconds": med,
+    "ratio": med["pol-jax"] / med["torch"],
+    "runs": seconds,
+    "torch": {k: v for k, v in details["torch"].items() if k != "step_seconds"},
+    "pol-jax": {k: v for k, v in details["pol-jax"].items() if k != "step_seconds"},
+  }
+
+
 def table(result: dict) -> str:
   c = result["config"]
   width = f"widths {tuple(c['widths'])}" if c["model"] == "cnn" else f"features {tuple(c['features'])}"
@@ -445,6 +480,30 @@ def main(argv) -> None:
         with open(_OUT.value, "w") as f:
           json.dump(result, f, indent=1)
       return
+    if _TORCH.value:
+      try:
+        import torch  # noqa: F401  (only to say what to install; the timing runs in its own process)
+      except ImportError:
+        print(
+          "error: --torch needs PyTorch: pip install 'pol-jax[bench]' (the CPU wheel: pip install torch "
+          "--index-url https://download.pytorch.org/whl/cpu)",
+          file=sys.stderr,
+        )
+        sys.exit(2)
+      config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]
+      result = torch_comparison(config_arg, _STEP_TIME.value or 10, _REPEATS.value)
+      result["environment"] = fingerprint.environment()
+      med = result["step_seconds"]
+      print(
+        f"{result['pol-jax']['model']} step, batch {result['pol-jax']['batch_size']}, "
+        f"augment {result['pol-jax']['augment']}: pol-jax {med['pol-jax']:.3f} s (jax {result['environment']['jax']}), "
+        f"PyTorch {med['torch']:.3f} s ({result['torch']['framework']}, {result['torch']['threads']} threads): "
+        f"{result['ratio']:.2f}x (medians of {_REPEATS.value} alternating processes)"
+      )
+      if _OUT.value:
+        with open(_OUT.value, "w") as f:
+          json.dump(result, f, indent=1)
+      return
     if _STEP_TIME.value:
       build.set_numerics(_CONFIG.value)
       result = step_time(_CONFIG.value, _STEP_TIME.value)
@@ -491,6 +550,12 @@ if __name__ == "__main__":
   )
   _PORTABLE = flags.DEFINE_integer(
     "portable", 0, "Only compare this many steps in portable numerics against float32 (step time).", lower_bound=0
+  )
+  _TORCH = flags.DEFINE_bool(
+    "torch",
+    False,
+    "Only time this config's step (--step_time steps, default 10) against the official PoL code's PyTorch "
+    "ResNet-20 step, in alternating processes (needs PyTorch: the bench extra).",
   )
   _ENVIRONMENT = flags.DEFINE_bool(
     "environment",

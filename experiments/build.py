@@ -351,12 +351,14 @@ def user_builder(target: str):
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")
 
 
-def deterministic_xla_flags(flags: str, has_cuda: bool, isa: str | None = None) -> str:
-  """``flags`` plus XLA's deterministic GPU flags when CUDA is present, and the
-  CPU ISA pin ``isa`` (``--xla_cpu_max_isa=...``), each unless already set."""
+def deterministic_xla_flags(flags: str, has_cuda: bool, isa: str | None = None, speed: tuple[str, ...] = ()) -> str:
+  """``flags`` plus XLA's deterministic GPU flags when CUDA is present, the
+  CPU ISA pin ``isa`` (``--xla_cpu_max_isa=...``) and the ``speed`` flags,
+  each unless already set."""
   add = list(fingerprint.DETERMINISTIC_GPU_FLAGS) if has_cuda else []
   if isa:
     add.append(isa)
+  add.extend(speed)
   add = [f for f in add if f.split("=")[0] not in flags]
   return " ".join([flags, *add]).strip()
 
@@ -366,14 +368,16 @@ def set_deterministic_flags() -> None:
 
   Deterministic GPU flags where CUDA is present, and the portable CPU vector
   ISA (``fingerprint.CPU_ISA``: AVX2 on x86, NEON on ARM), so a proof made on
-  an AVX-512 machine replays on an AVX2 one. Recorded in the proof's
-  environment fingerprint; the verifier sets the proof's own flags instead
-  (:func:`set_flags_of_proof`).
+  an AVX-512 machine replays on an AVX2 one, and the XLA:CPU flags that
+  measure faster (``fingerprint.CPU_SPEED_FLAGS``; ``POL_JAX_NO_SPEED_FLAGS=1``
+  leaves them out). Recorded in the proof's environment fingerprint; the
+  verifier sets the proof's own flags instead (:func:`set_flags_of_proof`).
   """
   import importlib.util
 
   has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
-  flags = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda, fingerprint.cpu_isa_flag())
+  speed = () if os.environ.get("POL_JAX_NO_SPEED_FLAGS") else fingerprint.CPU_SPEED_FLAGS
+  flags = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda, fingerprint.cpu_isa_flag(), speed)
   os.environ["XLA_FLAGS"] = flags
 
 

@@ -184,7 +184,7 @@ def test_dropout_key_changes_every_step_and_replays(runner):
   np.testing.assert_array_equal(np.asarray(again["loss"]), losses)
 
 
-def test_deterministic_gpu_flags_are_added_once_and_only_with_cuda():
+def test_deterministic_gpu_flags_and_the_cpu_speed_flags_are_added_once():
   from experiments import build
 
   assert build.deterministic_xla_flags("--xla_foo=1", has_cuda=False) == "--xla_foo=1"
@@ -192,6 +192,10 @@ def test_deterministic_gpu_flags_are_added_once_and_only_with_cuda():
   assert flags == "--xla_foo=1 --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
   assert build.deterministic_xla_flags(flags, has_cuda=True) == flags
   assert "--xla_gpu_autotune_level=2" in build.deterministic_xla_flags("--xla_gpu_autotune_level=2", True)
+  speed = fingerprint.CPU_SPEED_FLAGS
+  assert build.deterministic_xla_flags("", False, speed=speed) == " ".join(speed)
+  assert build.deterministic_xla_flags("--xla_cpu_experimental_ynn_fusion_type=", False, speed=speed).count("ynn") == 1
+  assert all(f.split("=")[0] in fingerprint.REPRODUCIBLE_FLAGS for f in speed)  # a verifier sets them again
 
 
 def test_state_fingerprint_names_the_changed_leaf_and_is_the_same_in_both_passes(monkeypatch):
@@ -203,3 +207,31 @@ def test_state_fingerprint_names_the_changed_leaf_and_is_the_same_in_both_passes
   changed = {**state, "c": state["c"].at[2].set(np.nextafter(np.float32(1), np.float32(2)))}
   differs = np.asarray(training.state_fingerprint(changed)) != per_leaf
   assert differs.tolist() == [False, False, True, False], differs  # leaves in tree order: a, b, c, k
+
+
+def test_the_fused_batchnorm_computes_nnx_batchnorms_values_gradients_and_statistics():
+  from flax import nnx
+
+  from pol_jax.models._norm import BatchNorm
+
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 12)) * 3 + 1
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  ours, ref = BatchNorm(12, momentum=0.9, rngs=nnx.Rngs(0)), nnx.BatchNorm(12, momentum=0.9, rngs=nnx.Rngs(0))
+  assert [p for p, _ in nnx.state(ours).flat_state()] == [p for p, _ in nnx.state(ref).flat_state()]  # same leaves
+
+  def loss(module, x):
+    y = module(x)
+    return (y * w).sum() + (y**2).sum()
+
+  grads = {}
+  for name, module in (("ours", ours), ("ref", ref)):
+    module.train()
+    grads[name] = nnx.grad(loss, argnums=(0, 1))(module, x)
+  (gm, gx), (rm, rx) = grads["ours"], grads["ref"]
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * float(jnp.abs(rx).max()))
+  np.testing.assert_allclose(gm.scale[...], rm.scale[...], rtol=1e-5)
+  np.testing.assert_allclose(gm.bias[...], rm.bias[...], rtol=1e-5)
+  np.testing.assert_allclose(ours.mean[...], ref.mean[...], rtol=1e-6)
+  np.testing.assert_allclose(ours.var[...], ref.var[...], rtol=1e-6)
+  ours.eval(), ref.eval()
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)

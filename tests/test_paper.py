@@ -137,3 +137,20 @@ def test_step_time_uses_random_images_of_the_shape_when_the_data_is_absent(tmp_p
   assert "random uint8 images (32, 32, 3)" in result["data"] and "cifar10 is not prepared" in result["data"]
   assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
   assert result["runner"] == "loop" and result["augment"] == "crop_flip"
+
+
+def test_the_torch_comparison_says_what_to_install_when_torch_is_absent():
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  hide_torch = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['benchmark', '--torch', '--step_time=1']; "
+    "runpy.run_module('experiments.benchmark', run_name='__main__', alter_sys=True)"
+  )
+  done = subprocess.run([sys.executable, "-c", hide_torch], cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+    "error: --torch needs PyTorch: pip install 'pol-jax[bench]' (the CPU wheel: pip install torch "
+    "--index-url https://download.pytorch.org/whl/cpu)"
+  ], done.stderr

@@ -1,4 +1,4 @@
-"""A small CNN: strided convolutions, BatchNorm, global average pooling.
+"""A small CNN: strided convolutions, BatchNorm (fused backward: ``_norm``), global average pooling.
 
 Down-sampling uses stride-2 convolutions and the head uses average pooling:
 max-pool's backward (select-and-scatter) has no deterministic GPU kernel.
@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from pol_jax.models._functional import functional
+from pol_jax.models._norm import BatchNorm
 
 
 class CNN(nnx.Module):
@@ -23,7 +24,7 @@ class CNN(nnx.Module):
     for i, width in enumerate(widths):
       stride = 1 if i == 0 else 2
       convs.append(nnx.Conv(channels, width, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs))
-      norms.append(nnx.BatchNorm(width, momentum=0.9, rngs=rngs))
+      norms.append(BatchNorm(width, momentum=0.9, rngs=rngs))
       channels = width
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)

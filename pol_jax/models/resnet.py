@@ -8,6 +8,7 @@ blocks, expansion 4) for CIFAR-100: a 3x3 stride-1 stem and no max-pool,
 projection (1x1 conv + BatchNorm) shortcuts. ``tiny_<name>`` keeps the block
 type and shortcut with one block per stage and a quarter of the width, for
 tests. No max-pool anywhere (its GPU backward is not deterministic); BatchNorm
+(``_norm.BatchNorm``: nnx.BatchNorm's parameters and rule with a fused backward)
 statistics are part of the recorded state.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pol_jax.models._functional import functional
+from pol_jax.models._norm import BatchNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _conv(cin, cout, kernel, stride, rngs):
 
 
 def _norm(c, rngs):
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  return BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 class _Shortcut(nnx.Module):
