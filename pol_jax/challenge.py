@@ -378,3 +378,135 @@ def select(
     chosen, certain = including_last(num_segments, draws + 1, draw), [num_segments - 1]
   guarantee = Guarantee(strategy, num_segments, tuple(certain), draws, faked, detect if n is None else None)
   return chosen, guarantee
+
+
+# The strategies as typed values: each a frozen dataclass with one method,
+# ``select(segments)``, over what a verifier knows of the proof's segments.
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+  """What a challenge chooses from: the proof's segments and what is recorded of them.
+
+  ``update_sizes`` (``{metric: [S]}``) and ``epochs`` (``[S]``, the epoch each
+  segment starts in) are needed by the top-q strategies only; ``root`` (the
+  proof's root digest) by Fiat-Shamir only.
+  """
+
+  count: int
+  root: str | None = None
+  update_sizes: dict[str, np.ndarray] | None = None
+  epochs: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class All:
+  """Replay every segment."""
+
+  name = "all"
+  needs_update_sizes = False
+
+  def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
+    return select(self.name, segments.count)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopQ:
+  """The paper's: per epoch and metric, the ``q`` segments with the largest recorded update."""
+
+  q: int = 1
+  name = "top-q"
+  needs_update_sizes = True
+
+  def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
+    return select(self.name, segments.count, update_sizes=segments.update_sizes, epochs=segments.epochs, q=self.q)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """``n`` segments (the last included) drawn from the verifier's ``seed``; n None: sized for ``detect``."""
+
+  n: int | None = None
+  seed: int | None = None
+  detect: float = DETECT
+  faked_fraction: float = FAKED_FRACTION
+  name = "uniform"
+  needs_update_sizes = False
+
+  def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
+    return select(
+      self.name, segments.count, n=self.n, seed=self.seed, detect=self.detect, faked_fraction=self.faked_fraction
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FiatShamir:
+  """``n`` segments (the last included) drawn from the proof's root: repeatable by anyone, re-rollable by a forger."""
+
+  n: int | None = None
+  detect: float = DETECT
+  faked_fraction: float = FAKED_FRACTION
+  name = "fiat-shamir"
+  needs_update_sizes = False
+
+  def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
+    return select(
+      self.name, segments.count, n=self.n, root=segments.root, detect=self.detect, faked_fraction=self.faked_fraction
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopQUniform:
+  """The default: top-q, the last segment, and ``n`` others from the verifier's ``seed`` (None: sized)."""
+
+  q: int = 1
+  n: int | None = None
+  seed: int | None = None
+  detect: float = DETECT
+  faked_fraction: float = FAKED_FRACTION
+  name = DEFAULT
+  needs_update_sizes = True
+
+  def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
+    return select(
+      self.name,
+      segments.count,
+      n=self.n,
+      seed=self.seed,
+      update_sizes=segments.update_sizes,
+      epochs=segments.epochs,
+      q=self.q,
+      detect=self.detect,
+      faked_fraction=self.faked_fraction,
+    )
+
+
+Challenge = All | TopQ | Uniform | FiatShamir | TopQUniform
+"""Any of the strategies, as a value."""
+
+
+def from_name(
+  strategy: str,
+  *,
+  n: int | None = None,
+  seed: int | None = None,
+  q: int = 1,
+  detect: float = DETECT,
+  faked_fraction: float = FAKED_FRACTION,
+) -> Challenge:
+  """The typed challenge a strategy name and its settings describe (the CLI's ``--strategy``).
+
+  >>> from_name("uniform", n=8, seed=3)
+  Uniform(n=8, seed=3, detect=0.99, faked_fraction=0.05)
+  """
+  if strategy == "all":
+    return All()
+  if strategy == "top-q":
+    return TopQ(q)
+  if strategy == "uniform":
+    return Uniform(n, seed, detect, faked_fraction)
+  if strategy == "fiat-shamir":
+    return FiatShamir(n, detect, faked_fraction)
+  if strategy == DEFAULT:
+    return TopQUniform(q, n, seed, detect, faked_fraction)
+  raise ValueError(f"Expected strategy in {STRATEGIES}, got {strategy!r}.")
