@@ -15,9 +15,10 @@ returns a proof of them; the first ``--byzantine`` workers play
 * ``median``: the coordinate-wise median of every returned update.
 
 Every submission is judged in a child process under ``--judge_seconds`` and
-``--judge_memory_gib``, so a hostile upload (a FIFO, a bomb, a hang) gets its
-worker rejected, not the run stopped. Every worker proof is bound to the
-run's owner key: ``--key`` (created if missing; keep it off the shared
+``--judge_memory_gib`` (``--judges`` children, started once for the three
+coordinators), so a hostile upload (a FIFO, a bomb, a hang) gets its worker
+rejected and its child replaced, not the run stopped. Every worker proof is
+bound to the run's owner key: ``--key`` (created if missing; keep it off the shared
 ``--workdir``: a worker that reads it could claim the run's proofs), else
 ``--config.owner``, else the owner a resumed run recorded, else a throwaway
 key nobody can claim the proofs with.
@@ -37,6 +38,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -153,7 +155,8 @@ def run(
 
   The proofs are bound to the owner :func:`bind_owner` picks (``key``, a
   private key file kept off ``workdir``). Each judgement runs in a child
-  process with ``judge_seconds`` and ``judge_memory`` bytes, ``judges`` at once.
+  process (``judges`` of them, started once for every coordinator) with
+  ``judge_seconds`` and ``judge_memory`` bytes.
   """
   from tqdm import tqdm
 
@@ -179,12 +182,24 @@ def run(
   elif own_engine:
     engine = distributed.RayEngine(behaviours, make, config.to_dict(), address=address, timeout=timeout)
   out = {"config": config.to_dict(), "owner": owner, "behaviours": behaviours, "coordinators": {}}
+  private = tempfile.mkdtemp(prefix="pol-jax-judges-")  # the judging children's files and compilation cache
+  shared = []  # the judging children, started once for every coordinator
   try:
     for defence in defences:
       setup = setup_for(
         config, workers, rounds, steps, k, defence, strategy, segments, exclude and defence == "pol",
         judge_seconds, judge_memory,
       )  # fmt: skip
+      shared = shared or [
+        distributed.Judge(
+          builder=build.BUILDER,
+          config=config.to_dict(),
+          limits=setup.limits,
+          scratch=private,
+          compilation_cache=os.path.join(private, "xla-cache"),
+        )  # fmt: skip
+        for _ in range(judges)
+      ]
       engine.reset()
       directory = os.path.join(workdir, defence)
       with tqdm(total=rounds, desc=f"coordinator {defence}", disable=not progress, leave=False) as bar:
@@ -203,10 +218,13 @@ def run(
           config=config.to_dict(),
           evaluate=lambda s: build.evaluate(config, s, test),
           on_round=after,
-          parallel=judges,
+          judges=shared,
         )
       out["coordinators"][defence] = {"rounds": result["rounds"]}
   finally:
+    for j in shared:
+      j.close()
+    shutil.rmtree(private, ignore_errors=True)
     if own_engine:
       engine.shutdown()
   return out
@@ -369,13 +387,16 @@ if __name__ == "__main__":
     "key", None, "The run's Ed25519 private key (PEM), created if missing; not under --workdir (workers read it)."
   )
   _JUDGE_SECONDS = flags.DEFINE_float(
-    "judge_seconds", 600.0, "Wall-clock limit of one judgement (a child process, ~3 s start-up).", lower_bound=1.0
+    "judge_seconds",
+    600.0,
+    "Wall-clock limit of one judgement, and of a judging child's start-up (~3 s).",
+    lower_bound=1.0,
   )
   _JUDGE_MEMORY_GIB = flags.DEFINE_float(
     "judge_memory_gib", 8.0, "Address-space limit of one judgement's child process, GiB (0: none; 0 on GPU).",
     lower_bound=0.0,
   )  # fmt: skip
-  _JUDGES = flags.DEFINE_integer("judges", 1, "Judgements run at once (child processes).", lower_bound=1)
+  _JUDGES = flags.DEFINE_integer("judges", 1, "Judgements run at once (judging child processes).", lower_bound=1)
   _OUT = flags.DEFINE_string("out", None, "Write every round as JSON to this file.")
   _PLOT = flags.DEFINE_string("plot", None, "Write accuracy against round for the coordinators as a PNG.")
   app.run(main, flags_parser=build.parse_flags)
