@@ -92,7 +92,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
   from pol_jax import proof, recorder, tolerance
   from pol_jax import verify as verify_lib
 
-  train = build.dataset(config, "train")
+  train, source = training_data(config)
   plan = build.plan(config)
   devices = min(devices, jax.local_device_count())
   chunk = max(devices, chunk // devices * devices)
@@ -135,7 +135,8 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
         )
         t.setdefault(f"strategy: {name}", []).append(seconds)
         steps_replayed[name] = sum(s.end - s.start for s in verdict.segments)
-    peak = _verifier_peak_rss_mib(path)
+    # The CLI verifier rebuilds the data from the config: only for data prepared here.
+    peak = _verifier_peak_rss_mib(path) if source == train.name else None
   med = {name: statistics.median(v) for name, v in t.items()}
   train_rate = plan.steps / med["train"]
   replay = {}
@@ -150,6 +151,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     }
   return {
     "config": config.to_dict(),
+    "data": source,
     "steps": plan.steps,
     "k": plan.k,
     "runner": plan.runner,
@@ -184,6 +186,29 @@ SHAPES = {
 }
 
 
+def training_data(config) -> tuple:
+  """The config's training data, or random uint8 images of its shape when its TFDS data is not prepared here.
+
+  Returns ``(dataset, what it is)``. A step's time does not depend on the pixel values.
+  """
+  import numpy as np
+
+  from pol_jax import data
+
+  try:
+    train = build.dataset(config, "train")
+    return train, train.name
+  except build.ConfigError:
+    shape = SHAPES[config.dataset]
+    rng = np.random.default_rng(0)
+    n = max(config.batch_size * 4, 512)
+    classes = data.TFDS_DATASETS.get(config.dataset, 10)
+    train = data.Dataset(
+      "synthetic", rng.integers(0, 256, (n, *shape), np.uint8), rng.integers(0, classes, n).astype(np.int64)
+    )
+    return train, f"random uint8 images {shape} ({config.dataset} is not prepared here)"
+
+
 def step_time(config, steps: int = 10) -> dict:
   """Median seconds per training step of a config, on its data or on random images of its shape.
 
@@ -195,22 +220,10 @@ def step_time(config, steps: int = 10) -> dict:
   depend on the pixel values. No proof is written.
   """
   import jax
-  import numpy as np
 
-  from pol_jax import data, sampling, training
+  from pol_jax import sampling, training
 
-  try:
-    train = build.dataset(config, "train")
-    source = train.name
-  except build.ConfigError:
-    shape = SHAPES[config.dataset]
-    rng = np.random.default_rng(0)
-    n = max(config.batch_size * 4, 512)
-    classes = data.TFDS_DATASETS.get(config.dataset, 10)
-    train = data.Dataset(
-      "synthetic", rng.integers(0, 256, (n, *shape), np.uint8), rng.integers(0, classes, n).astype(np.int64)
-    )
-    source = f"random uint8 images {shape} ({config.dataset} is not prepared here)"
+  train, source = training_data(config)
   plan = build.plan(config)
   program = build.program(config, train)
   keys = training.derive_keys(plan.seed)
@@ -409,13 +422,18 @@ def torch_comparison(config_arg: list[str], steps: int = 10, repeats: int = 3) -
 
 def table(result: dict) -> str:
   c = result["config"]
-  width = f"widths {tuple(c['widths'])}" if c["model"] == "cnn" else f"features {tuple(c['features'])}"
+  width = {"cnn": f" (widths {tuple(c.get('widths', ()))})", "mlp": f" (features {tuple(c.get('features', ()))})"}
   lines = [
-    f"{c['model']} ({width}), {result['runner']} runner, T={result['steps']}, k={result['k']}, B={c['batch_size']}",
+    f"{c['model']}{width.get(c['model'], '')} on {result['data']}, {result['runner']} runner, T={result['steps']}, k={result['k']}, B={c['batch_size']}",
     f"  train without proof {result['train_seconds']:.2f} s ({result['train_steps_per_second']:.0f} steps/s), "
     f"record with proof {result['record_seconds']:.2f} s: overhead {result['recording_overhead']:.3f}x",
     f"  proof {result['proof_bytes'] / 1e6:.2f} MB, {result['proof_bytes_per_step']:.0f} bytes/step; "
-    f"verifier peak RSS {result['verifier_peak_rss_mib']:.0f} MiB",
+    "verifier peak RSS "
+    + (
+      "not measured (synthetic data)"
+      if result["verifier_peak_rss_mib"] is None
+      else f"{result['verifier_peak_rss_mib']:.0f} MiB"
+    ),
     "",
     f"  {'verify all segments':<32} {'seconds':>8} {'steps/s':>8} {'x training':>10} {'x sequential':>12}",
   ]
