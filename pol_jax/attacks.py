@@ -117,23 +117,32 @@ def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
 
 
 def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray | None = None) -> dict:
-  """Replaces the checkpoint at ``state.step`` by ``state`` (host arrays) and reseals.
+  """Replaces the recorded state at ``state.step`` by ``state`` (host arrays) and reseals.
 
-  ``fingerprints``: the per-step state fingerprints to record for the segment
-  that ends there (none by default, as a forger that omits them).
+  The batch that holds it is rewritten with the other states as they were
+  (their metas, hence their digests, unchanged). ``fingerprints``: the
+  per-step state fingerprints to record for the segment that ends there
+  (none by default, as a forger that omits them).
   """
-  step = str(int(np.asarray(state.step)))
+  step = int(np.asarray(state.step))
+  batch = proof.batch_of(step, proof.batches(proof_dir))
+  metas = proof.read_batch_meta(proof_dir, batch)["states"]
+  recorded = proof.restore_batch(proof_dir, batch, state, dict.fromkeys(map(int, metas)))
   scratch = os.path.abspath(proof_dir) + ".replace"
-  writer = proof.Writer(scratch)
+  writer = proof.Writer(scratch, flush_seconds=float("inf"), flush_states=len(recorded) + 1)
   try:
-    digest = writer.save(state, {}, fingerprints)
+    for s, (old, meta) in sorted(recorded.items()):
+      if s == step:
+        digest = writer.save(state, {}, fingerprints)
+      else:
+        writer.save(old, meta["metrics"], meta.get("fingerprints"))
   finally:
     writer.close()
-  target = os.path.join(proof_dir, proof.CHECKPOINTS, step)
+  target = os.path.join(proof_dir, proof.CHECKPOINTS, str(batch))
   shutil.rmtree(target)
-  shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, step), target)
+  shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, str(batch)), target)
   shutil.rmtree(scratch)
-  return reseal(proof_dir, lambda body: body["checkpoints"].update({step: digest}))
+  return reseal(proof_dir, lambda body: body["checkpoints"].update({str(step): digest}))
 
 
 def splice_stolen(

@@ -280,8 +280,10 @@ def _model_arrays(state: Any) -> dict[str, np.ndarray]:
 def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
   """``(format, {path: array})`` of a model file: safetensors, Flax msgpack, or an Orbax checkpoint directory.
 
-  An Orbax directory may also be a proof's checkpoint (``proof/checkpoints/<step>``:
-  its ``state``) or a proof (its final checkpoint's state).
+  An Orbax directory may also be a proof (its final state) or a recorded
+  state of one, ``proof/checkpoints/<step>``: the state at that step, read
+  from the batch that holds it (since ``pol-jax/proof/v4`` a directory
+  ``checkpoints/<b>`` holds a batch of states, the last at step b).
 
   Keys are ``/``-separated (``.`` in safetensors keys is accepted too). The
   model is hostile input: a link, FIFO or device (anywhere in an Orbax
@@ -293,6 +295,9 @@ def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
   Raises:
     DisputeError: the model is missing, refused or unreadable (one line).
   """
+  recorded = _recorded_state(path)
+  if recorded is not None:
+    return "orbax", _load_recorded(*recorded)
   try:
     mode = os.lstat(path).st_mode
   except OSError as e:
@@ -318,22 +323,84 @@ def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
     raise DisputeError(f"{path}: unreadable model file ({type(e).__name__})") from None
 
 
-def _state_dir(path: str) -> str:
-  """The Orbax directory of a model given as a proof (its final state), a proof's checkpoint, or itself."""
+def _is_dir(p: str) -> bool:
+  try:
+    return stat.S_ISDIR(os.lstat(p).st_mode)
+  except OSError:
+    return False
 
-  def is_dir(p: str) -> bool:
-    try:
-      return stat.S_ISDIR(os.lstat(p).st_mode)
-    except OSError:
-      return False
 
+def _recorded_state(path: str) -> tuple[str, int] | None:
+  """``(batch directory, step)`` of a model given as a proof (its final state) or ``proof/checkpoints/<step>``.
+
+  None for any other path.
+  """
+  parent, name = os.path.split(os.path.normpath(path))
   if os.path.lexists(os.path.join(path, proof.MANIFEST)):
-    try:
-      manifest = verify_lib.read_manifest(path)
-    except proof.ProofError as e:
-      raise DisputeError(f"{path}: a proof directory, but {e}") from None
-    return os.path.join(path, proof.CHECKPOINTS, str(manifest["steps"]), "state")
-  if is_dir(os.path.join(path, "state")) and is_dir(os.path.join(path, "meta")):
+    proof_dir, step = path, None
+  elif (
+    os.path.basename(parent) == proof.CHECKPOINTS
+    and name.isascii()
+    and name.isdigit()
+    and os.path.lexists(os.path.join(os.path.dirname(parent), proof.MANIFEST))
+  ):
+    proof_dir, step = os.path.dirname(parent), int(name)
+  else:
+    return None
+  try:  # the proof's layout is its schema's: an older one is named, not misread
+    manifest = verify_lib.read_manifest(proof_dir)
+  except proof.ProofError as e:
+    raise DisputeError(f"{path}: in a proof directory, but {e}") from None
+  step = int(manifest["steps"]) if step is None else step
+  try:
+    batch = proof.batch_of(step, proof.batches(proof_dir))
+  except (proof.IntegrityError, proof.ProofError) as e:
+    raise DisputeError(f"{path}: {e}") from None
+  if batch is None:
+    raise DisputeError(
+      f"{path}: no recorded state at step {step} (checkpoints/<b> holds the batch of states up to step b; "
+      "give the proof directory for its final state)"
+    )
+  return os.path.join(proof_dir, proof.CHECKPOINTS, str(batch)), step
+
+
+def _load_recorded(batch_dir: str, step: int) -> dict[str, np.ndarray]:
+  """The state at ``step`` in a proof's batch directory, split by the batch's layout once its sizes are bounded."""
+  try:
+    files = safeio.walk(batch_dir, max_entries=MAX_MODEL_FILES)
+    for name in ("meta/metadata", "state/_METADATA", "_CHECKPOINT_METADATA"):  # strict JSON before Orbax parses
+      if name in files:
+        safeio.loads_json(safeio.read_bytes(os.path.join(batch_dir, name), proof.MAX_JSON_BYTES, name), name)
+  except safeio.Refused as e:
+    raise DisputeError(f"{batch_dir}: {e}") from None
+  label = f"{batch_dir} (the state at step {step})"
+  try:
+    meta = proof.read_batch_meta(os.path.dirname(os.path.dirname(batch_dir)), int(os.path.basename(batch_dir)))
+    if str(step) not in meta["states"]:
+      raise proof.IntegrityError(f"holds no state at step {step}")
+    import orbax.checkpoint as ocp
+
+    state_dir = os.path.join(batch_dir, "state")
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.abspath(state_dir)).item_metadata.tree
+    if not isinstance(tree, dict):
+      raise proof.IntegrityError("holds no stored buffers")
+    _check_declared(tree, label)  # the whole batch is read: its arrays are bounded
+    if any(len(getattr(m, "shape", ()) or ()) != 2 for m in tree.values()):
+      raise proof.IntegrityError("a stored buffer is not [states, elements]")
+    per_state = {d: int(m.shape[1]) for d, m in tree.items()}
+    buffers = proof.stored_buffers(state_dir, proof.batch_rows(meta), [step], per_state, label)[step]
+    return proof.unpack_layout(meta["layout"], buffers, label, MAX_MODEL_ARRAYS)
+  except DisputeError:
+    raise
+  except proof.IntegrityError as e:
+    raise DisputeError(f"{label}: {e}") from None
+  except Exception as e:  # Orbax raises many kinds on a damaged directory
+    raise DisputeError(f"{label}: not a readable Orbax checkpoint ({type(e).__name__})") from None
+
+
+def _state_dir(path: str) -> str:
+  """The Orbax directory of a model: a checkpoint's ``state`` item, or the directory itself."""
+  if _is_dir(os.path.join(path, "state")) and _is_dir(os.path.join(path, "meta")):
     return os.path.join(path, "state")
   return path
 

@@ -149,13 +149,27 @@ def record(
   """Trains ``plan.steps`` steps and writes a proof of it to ``proof_dir``.
 
   Records the whole training state at step 0, every ``plan.k`` steps and at the
-  end (Orbax, saved asynchronously while the next segment runs), the index
-  log, the per-example data digests and their Merkle root, and the manifest,
-  written last and atomically.
+  end, the index log, the per-example data digests and their Merkle root, and
+  the manifest, written last and atomically. A worker thread copies each
+  state to the host as one flat buffer per dtype with its leaf digests, and
+  saves the states in batches, one asynchronous Orbax checkpoint per batch
+  (:class:`proof.Writer`), while training goes on.
 
   If ``proof_dir`` holds a partial proof of the same run (a killed recording),
-  training resumes from its last complete checkpoint; the finished proof is
-  identical to an uninterrupted run's.
+  training resumes from its last durable state; the finished proof's
+  semantic root (``proof.semantic_root``: every state, log and data digest)
+  is identical to an uninterrupted run's.
+
+  Crash-loss bound: a state is durable once its batch's save is finalised.
+  The save of a batch starts ``proof.FLUSH_SECONDS`` (2 s) after its first
+  state reached the worker thread, or as soon as it holds
+  ``proof.FLUSH_STATES`` (64) states or ``proof.FLUSH_BYTES`` (256 MiB), and
+  once the one save in flight has finished. A killed recording therefore
+  loses at most the states handed to the worker within the last 2 s plus the
+  time of two saves (the one in flight, and the one its batch waited for),
+  and the up to 3 segments queued for or held by the worker (the queue is 2
+  deep); every earlier state is durable, and a resumed recording starts from
+  the last of them.
 
   Args:
     proof_dir: where to write; created if needed.
@@ -165,7 +179,7 @@ def record(
     config: JSON-serialisable settings the verifier needs to rebuild
       ``program`` and ``dataset`` (recorded verbatim).
     on_segment: called as ``on_segment(step, metrics)`` once each segment's
-      checkpoint is saved (on the saver thread), ``metrics`` the segment's mean
+      state is handed to the writer (on the saver thread), ``metrics`` the segment's mean
       of every metric the step returns (``{"loss": 0.31, "accuracy": 0.9}``).
     on_state: called as ``on_state(step, state, metrics)`` on the training
       thread after each segment, with the state at ``step`` (on device) and
@@ -266,11 +280,13 @@ def final_state(proof_dir: str, program: training.Program, manifest: dict) -> tr
 
 
 class _Saver:
-  """Copies, hashes and saves recorded states in order, on a worker thread.
+  """Copies, hashes and hands recorded states to the writer in order, on a worker thread.
 
-  The queue is bounded, so a slow disk slows training down instead of
-  buffering states without limit; ``close`` waits for every queued state to
-  be saved and re-raises the worker's error, if any.
+  The writer keeps them on the host and saves them in batches; this thread
+  also starts the save of a batch that comes due while no state arrives. The
+  queue is bounded, so a slow disk slows training down instead of buffering
+  states without limit; ``close`` waits for every queued state to be saved
+  and re-raises the worker's error, if any.
   """
 
   def __init__(self, writer: proof.Writer, checkpoints: dict, on_segment, depth: int = 2):
@@ -292,20 +308,31 @@ class _Saver:
       raise self._error
 
   def _work(self) -> None:
-    while (item := self._queue.get()) is not None:
-      if self._error is not None:
-        continue  # Drain, so that put() never blocks forever.
+    while True:
       try:
-        state, metrics = item
-        host = training.to_host(state)
-        metrics = training.to_host(metrics)
-        fingerprints = metrics.pop(training.STATE_FINGERPRINT, np.zeros((0, len(jax.tree.leaves(host))), np.uint32))
-        summary = {name: float(np.mean(v)) for name, v in metrics.items()}
-        self._checkpoints[str(int(host.step))] = self._writer.save(host, summary, fingerprints)
-        if self._on_segment is not None and int(host.step) > 0:
-          self._on_segment(int(host.step), summary)
-      except BaseException as e:  # noqa: BLE001 - re-raised on the training thread.
-        self._error = e
+        item = self._queue.get(timeout=self._writer.seconds_left() if self._error is None else None)
+      except queue.Empty:  # the pending batch came due between two states
+        self._guard(self._writer.flush)
+        continue
+      if item is None:
+        return
+      if self._error is None:  # else drain, so that put() never blocks forever
+        self._guard(lambda item=item: self._save(*item))
+
+  def _guard(self, action) -> None:
+    try:
+      action()
+    except BaseException as e:  # noqa: BLE001 - re-raised on the training thread.
+      self._error = e
+
+  def _save(self, state, metrics) -> None:
+    host = training.to_host(state)
+    metrics = training.to_host(metrics)
+    fingerprints = metrics.pop(training.STATE_FINGERPRINT, np.zeros((0, len(jax.tree.leaves(host))), np.uint32))
+    summary = {name: float(np.mean(v)) for name, v in metrics.items()}
+    self._checkpoints[str(int(host.step))] = self._writer.save(host, summary, fingerprints)
+    if self._on_segment is not None and int(host.step) > 0:
+      self._on_segment(int(host.step), summary)
 
 
 def _drop_leftover_run(proof_dir: str) -> None:
@@ -348,12 +375,12 @@ def _commit_start(proof_dir: str, body: dict) -> None:
 
 
 def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
-  """Restores the last complete checkpoint of a partial proof, if any."""
+  """Restores the last durable state of a partial proof, if any (its batches' states, each checked)."""
   wanted = set(proof.checkpoint_steps(plan.k, plan.steps))
   done = [s for s in writer.completed_steps() if s in wanted]
   if not done:
     return state0
-  metas = {step: proof.read_meta(proof_dir, step, None) for step in done}
+  metas = proof.read_metas(proof_dir, dict.fromkeys(done))
   for step, meta in metas.items():
     checkpoints[str(step)] = proof.digest_json(meta)
   if done != sorted(wanted)[: len(done)]:

@@ -10,7 +10,10 @@ runner's MLP bit for bit but not the loop runner's BatchNorm CNN, whose
 BatchNorm statistics differed in every segment; the same function dispatched
 to each device matched in both.
 
-Only the segments in flight (one per device) are held in memory.
+The recorded states the segments need are read ahead, each batch of the
+proof once, when they fit in :data:`KEEP_BYTES` (states the verifier's
+integrity pass already checked are taken as they are); beyond that, only the
+segments in flight (one per device) are held in memory.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class Job:
   dataset: data_lib.Dataset
   log: np.ndarray
   step_root: jax.Array
+  checked: dict | None = None
+  """``{step: (state, meta)}``: states the integrity pass already restored and checked, used as they are."""
 
 
 def local_devices(count: int | None = None) -> list:
@@ -124,6 +129,7 @@ def replay(
   replaying the segments one after another on one device.
   """
   devices = list(devices or local_devices())
+  job = _prefetch(job, segments)
   results = []
   cache: dict[int, tuple] = {}
   for w in range(0, len(segments), len(devices)):
@@ -135,8 +141,12 @@ def replay(
       if isinstance(cache[start], str):
         wave.append((index, start, end, None, None, device, t0))
         continue
-      inputs = jax.device_put((cache[start][0], job.dataset.batch(job.log[start:end]), job.step_root), device)
-      state, metrics = job.segment.run(*inputs)  # dispatched asynchronously: the wave runs in parallel
+      # The batches stay host arrays, as the prover passed them: the loop runner slices them per step
+      # in NumPy (slicing a device array dispatches an op per step and array), and the committed state
+      # takes them to its device.
+      state, root = jax.device_put((cache[start][0], job.step_root), device)
+      batches = job.dataset.batch(job.log[start:end])
+      state, metrics = job.segment.run(state, batches, root)  # dispatched asynchronously: the wave runs in parallel
       wave.append((index, start, end, cache[start][0], (state, metrics), device, t0))
     for index, start, end, begin, out, device, t0 in wave:
       if out is None or isinstance(cache[end], str):
@@ -155,18 +165,55 @@ def replay(
 def _restore_once(job: Job, group, cache: dict) -> dict:
   """The recorded states ``group`` needs, each restored (and digest-checked) once.
 
-  Keeps from ``cache`` what is needed again; a checkpoint that fails its
+  Takes what ``job.checked`` holds and keeps from ``cache`` what is needed
+  again; the rest is read in one restore per batch. A checkpoint that fails its
   integrity check is kept as its error message.
   """
   needed = sorted({s for _, s, _ in group} | {e for _, _, e in group})
-  kept = {step: cache[step] for step in needed if step in cache}
-  for step in needed:
-    if step not in kept:
-      try:
-        kept[step] = proof.restore(job.proof_dir, step, job.template, job.manifest["checkpoints"][str(step)])
-      except proof.IntegrityError as e:
-        kept[step] = str(e)
+  checked = job.checked or {}
+  kept = {step: cache[step] if step in cache else checked[step] for step in needed if step in cache or step in checked}
+  missing = [step for step in needed if step not in kept]
+  if not missing:
+    return kept
+  digests = job.manifest["checkpoints"]
+  try:
+    names = proof.batches(job.proof_dir)
+  except proof.IntegrityError as e:
+    return {**kept, **dict.fromkeys(missing, str(e))}
+  by_batch: dict = {}
+  for step in missing:
+    by_batch.setdefault(proof.batch_of(step, names), []).append(step)
+  for batch, steps in by_batch.items():
+    try:
+      if batch is None:
+        raise proof.IntegrityError("")
+      kept.update(proof.restore_batch(job.proof_dir, batch, job.template, {s: digests[str(s)] for s in steps}))
+    except proof.IntegrityError:
+      for step in steps:  # one at a time, so that each error names its own checkpoint
+        try:
+          kept[step] = proof.restore(job.proof_dir, step, job.template, digests[str(step)])
+        except proof.IntegrityError as e:
+          kept[step] = str(e)
   return kept
+
+
+KEEP_BYTES = 1 << 30
+"""Replay reads the states its segments need ahead, each batch once, when they fit in this many bytes."""
+
+
+def _prefetch(job: Job, segments) -> Job:
+  """``job`` with the states ``segments`` need and ``job.checked`` lacks restored ahead, each batch once.
+
+  Only when they fit in :data:`KEEP_BYTES`; else each wave of segments
+  restores its own (a batch is then read once per wave that needs it).
+  """
+  checked = job.checked or {}
+  missing = sorted({step for _, start, end in segments for step in (start, end)} - set(checked))
+  state_bytes = sum(proof.stored(leaf).nbytes for leaf in jax.tree.leaves(job.template))
+  if not missing or len(missing) * state_bytes > KEEP_BYTES:
+    return job
+  ahead = _restore_once(job, [(None, step, step) for step in missing], {})
+  return dataclasses.replace(job, checked={**checked, **ahead})
 
 
 def _unusable(index, start, end, cache) -> SegmentResult:
@@ -201,6 +248,7 @@ def replay_batched(
       f"chunk={chunk} does not divide over {len(devices)} devices; pass --chunk as a multiple of {len(devices)}"
     )
   check_chunk_fits(job, chunk, devices)
+  job = _prefetch(job, segments)
   mesh = Mesh(np.array(devices), ("segments",))
   split, whole = NamedSharding(mesh, PartitionSpec("segments")), NamedSharding(mesh, PartitionSpec())
   by_length: dict[int, list] = {}

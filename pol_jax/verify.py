@@ -364,7 +364,27 @@ def verify(
       raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: Merkle root does not match dataset.merkle_root")
     if log.min(initial=0) < 0 or log.max(initial=0) >= size:
       raise proof.IntegrityError(f"{proof.INDICES}: an index is outside [0, {size})")
-    sizes = _check_checkpoints(proof_dir, manifest, template, bounds, full=integrity == "full" or strategy == "top-q")
+    full = integrity == "full" or strategy in ("top-q", challenge.DEFAULT)
+    per_epoch = sampling.steps_per_epoch(manifest["dataset"]["size"], plan.batch_size)
+
+    def draw(sizes):
+      return challenge.select(
+        strategy,
+        len(bounds),
+        n=num_segments,
+        seed=seed,
+        root=verdict.root,
+        update_sizes=sizes,
+        epochs=np.array([start // per_epoch for start, _ in bounds]),
+        q=q,
+        detect=detect,
+        faked_fraction=faked_fraction,
+      )
+
+    # A draw that needs no update sizes is made first, so the integrity pass keeps just the states it replays.
+    known = None if strategy in ("top-q", challenge.DEFAULT) else draw(None)
+    keep = None if known is None else {step for i in known[0] for step in bounds[i]}
+    sizes, checked = _check_checkpoints(proof_dir, manifest, template, bounds, full=full, keep=keep)
   except proof.IntegrityError as e:
     checks["integrity"] = Check("integrity", False, str(e))
     return done()
@@ -448,7 +468,7 @@ def verify(
   # 4. Init: the recorded step 0 is the state the seed derives.
   if init_check == "ks":
     try:
-      state0, _ = proof.restore(proof_dir, 0, template, manifest["checkpoints"]["0"])
+      state0, _ = checked[0] if 0 in checked else proof.restore(proof_dir, 0, template, manifest["checkpoints"]["0"])
     except proof.IntegrityError as e:
       checks["integrity"] = Check("integrity", False, str(e))
       return done()
@@ -482,19 +502,9 @@ def verify(
     checks["data order"] = Check("data order", None, "not checked: the prover chose the batches (paper's verifier)")
 
   # Segment selection, then 6. data: the verifier's copy of what they use.
-  per_epoch = sampling.steps_per_epoch(size, plan.batch_size)
-  chosen, verdict.guarantee = challenge.select(
-    strategy,
-    len(bounds),
-    n=num_segments,
-    seed=seed,
-    root=verdict.root,
-    update_sizes=sizes,
-    epochs=np.array([start // per_epoch for start, _ in bounds]),
-    q=q,
-    detect=detect,
-    faked_fraction=faked_fraction,
-  )
+  chosen, verdict.guarantee = known or draw(sizes)
+  needed = {step for i in chosen for step in bounds[i]}
+  checked = {step: v for step, v in checked.items() if step in needed}  # drop what no chosen segment uses
   if progress_check:
     try:
       checks["progress"] = _check_progress(proof_dir, manifest, bounds, chosen)
@@ -528,7 +538,7 @@ def verify(
     why = f"the {', '.join(failed)} check failed" if failed else f"the {', '.join(undecided)} check could not decide"
     checks["replay"] = Check("replay", None, f"not run: {why}")
     return done()
-  job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step)
+  job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step, checked)
   work = [(i, *bounds[i]) for i in chosen]
   mine = work[jax.process_index() :: jax.process_count()]
   local = replay.local_devices(devices)
@@ -740,29 +750,57 @@ def reproduction(
   return rows
 
 
-def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool):
-  """Checks every checkpoint's meta against the manifest, and with ``full``
-  every array against its digest (two checkpoints in memory at a time).
+KEEP_BYTES = replay.KEEP_BYTES
+"""The integrity pass keeps at most this many bytes of checked states for replay; beyond, replay restores again."""
 
-  Returns the update size of every segment (``top-q`` needs them) when
-  ``full``, else None.
+
+def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: set | None = None):
+  """Checks every checkpoint's meta against the manifest, and with ``full``
+  every array against its digest, restoring each batch once.
+
+  Keeps, for replay, the checked states at the steps of ``keep`` (every step
+  when None: the segments are chosen afterwards), up to :data:`KEEP_BYTES`.
+
+  Returns ``(update size of every segment or None, {step: (state, meta)} kept)``:
+  the sizes (``top-q`` needs them) when ``full``.
   """
   steps = proof.checkpoint_steps(manifest["k"], manifest["steps"])
+  digests = {step: manifest["checkpoints"][str(step)] for step in steps}
   if not full:
-    for step in steps:
-      proof.read_meta(proof_dir, step, manifest["checkpoints"][str(step)])
-    return None
+    proof.read_metas(proof_dir, digests)
+    return None, {}
+  names = proof.batches(proof_dir)
+  by_batch: dict = {}
+  for step in steps:
+    batch = proof.batch_of(step, names)
+    if batch is None:
+      raise proof.IntegrityError(f"checkpoint {step}: missing (no batch {proof.CHECKPOINTS}/<b> with b >= {step})")
+    by_batch.setdefault(batch, []).append(step)
+  state_bytes = sum(proof.stored(leaf).nbytes for leaf in jax.tree.leaves(template))
   sizes = {m: np.zeros(len(bounds)) for m in distances.METRICS}
+  kept: dict = {}
   previous = None
-  for i, step in enumerate(steps):
-    state, _ = proof.restore(proof_dir, step, template, manifest["checkpoints"][str(step)])
-    if int(state.step) != step:
-      raise proof.IntegrityError(f"checkpoint {step}: holds the state of step {int(state.step)}")
-    if previous is not None:
-      for metric, value in distances.distances(previous.params, state.params).items():
-        sizes[metric][i - 1] = value
-    previous = state
-  return sizes
+  i = 0
+  for batch, members in by_batch.items():
+    try:
+      restored = proof.restore_batch(proof_dir, batch, template, {s: digests[s] for s in members})
+    except proof.IntegrityError as e:
+      message = str(e)
+      raise proof.IntegrityError(
+        message if message.startswith("checkpoint ") else f"checkpoint {members[0]}: {message}"
+      ) from None
+    for step in members:
+      state, meta = restored[step]
+      if int(state.step) != step:
+        raise proof.IntegrityError(f"checkpoint {step}: holds the state of step {int(state.step)}")
+      if previous is not None:
+        for metric, value in distances.distances(previous.params, state.params).items():
+          sizes[metric][i - 1] = value
+      if (keep is None or step in keep) and (len(kept) + 1) * state_bytes <= KEEP_BYTES:
+        kept[step] = (state, meta)
+      previous = state
+      i += 1
+  return sizes, kept
 
 
 KS_SEED = 20210524
@@ -840,15 +878,10 @@ def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
     proof.IntegrityError: a checkpoint's meta does not match its digest.
   """
   bounds = recorder.segments(recorder.Plan.from_manifest(manifest))
-  params = {}
-
-  def of(step):
-    if step not in params:
-      leaves = proof.read_meta(proof_dir, step, manifest["checkpoints"][str(step)])["leaves"]
-      params[step] = {p: d for p, d in leaves.items() if p.startswith("params/")}
-    return params[step]
-
-  return [i for i in indices if of(bounds[i][0]) == of(bounds[i][1])]
+  steps = {step for i in indices for step in bounds[i]}
+  metas = proof.read_metas(proof_dir, {step: manifest["checkpoints"][str(step)] for step in steps})
+  params = {step: {p: d for p, d in meta["leaves"].items() if p.startswith("params/")} for step, meta in metas.items()}
+  return [i for i in indices if params[bounds[i][0]] == params[bounds[i][1]]]
 
 
 def _check_progress(proof_dir, manifest, bounds, chosen) -> Check:

@@ -82,3 +82,20 @@ def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.Completed
   return subprocess.run(
     [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
   )
+
+
+def batch_path(proof_dir: str, step: int) -> str:
+  """The relative path of the batch directory that holds the recorded state at ``step``."""
+  return f"{proof.CHECKPOINTS}/{proof.batch_of(step, proof.batches(proof_dir))}"
+
+
+def splice_state(proof_dir: str, source: str, step: int) -> str:
+  """Copies ``source``'s recorded state at ``step`` into ``proof_dir`` (its batch rewritten) and reseals, as a
+  forger would; returns the spliced state's meta digest."""
+  from pol_jax import attacks, training
+
+  program, _ = build.rebuild(source)
+  manifest = load_manifest(source)
+  template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
+  state, meta = proof.restore(source, step, template, manifest["checkpoints"][str(step)])
+  return attacks.replace_checkpoint(proof_dir, state, meta.get("fingerprints"))["checkpoints"][str(step)]

@@ -72,13 +72,22 @@ def _mutate(p: str, kind: str, draw) -> str:
     out = proof.seal(body) if kind == "json-resealed" else {**body, "root": manifest["root"]}
     open(path, "w").write(json.dumps(out))
     return ".".join(keys)
-  elif kind == "swap-checkpoints":
-    steps = sorted(os.listdir(os.path.join(p, proof.CHECKPOINTS)), key=int)
-    a, b = draw(st.lists(st.sampled_from(steps), min_size=2, max_size=2, unique=True))
-    ca, cb = (os.path.join(p, proof.CHECKPOINTS, s) for s in (a, b))
-    os.rename(ca, ca + ".tmp")
-    os.rename(cb, ca)
-    os.rename(ca + ".tmp", cb)
+  elif kind == "swap-checkpoints":  # two recorded states trade places: two batches, or two metas in a batch
+    batches = [str(b) for b in proof.batches(p)]
+    if len(batches) >= 2 and draw(st.booleans()):
+      a, b = draw(st.lists(st.sampled_from(batches), min_size=2, max_size=2, unique=True))
+      ca, cb = (os.path.join(p, proof.CHECKPOINTS, s) for s in (a, b))
+      os.rename(ca, ca + ".tmp")
+      os.rename(cb, ca)
+      os.rename(ca + ".tmp", cb)
+    else:
+      path = os.path.join(p, proof.CHECKPOINTS, draw(st.sampled_from(batches)), "meta", "metadata")
+      meta = json.load(open(path))
+      states = meta["states"]
+      if len(states) >= 2:
+        a, b = draw(st.lists(st.sampled_from(sorted(states, key=int)), min_size=2, max_size=2, unique=True))
+        states[a], states[b] = states[b], states[a]
+        open(path, "w").write(json.dumps(meta))
   elif kind == "absurd-shape":
     path = os.path.join(p, proof.INDICES)
     shape = draw(st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)))

@@ -13,7 +13,7 @@ from conftest import OWNER, OWNER_KEY, reseal, run_cli, smoke_config
 from conftest import record as record_proof
 
 from experiments import attack, build
-from pol_jax import ownership, proof
+from pol_jax import ownership, proof, training
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
@@ -285,3 +285,22 @@ def test_dispute_cli_reports_and_exits_0_or_2(scene, tmp_path):
   assert json.loads((tmp_path / "report.json").read_text())["status"] == 0
   unusable = run_cli("experiments.dispute", f"--model={tmp_path / 'none.safetensors'}", f"--claim=a:{files['owner']}")
   assert unusable.returncode == 2 and "not found" in unusable.stderr and "Traceback" not in unusable.stderr
+
+
+def test_a_recorded_state_inside_a_batch_is_loaded_by_its_step_and_an_old_proof_is_named(scene, tmp_path):
+  _, files, _, _ = scene
+  owner = files["owner"]
+  manifest = proof.read_json(os.path.join(owner, proof.MANIFEST), proof.MANIFEST)
+  step = int(manifest["k"])  # a state inside the batch that ends at the last step
+  program, _ = build.rebuild(owner)
+  template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
+  state, _ = proof.restore(owner, step, template, manifest["checkpoints"][str(step)])
+  fmt, arrays = ownership.load_model(os.path.join(owner, proof.CHECKPOINTS, str(step)))
+  assert fmt == "orbax" and ownership.compare(arrays, state)[0] == "equal"
+  with pytest.raises(ownership.DisputeError, match="no recorded state at step"):
+    ownership.load_model(os.path.join(owner, proof.CHECKPOINTS, str(manifest["steps"] + 1)))
+  old = str(tmp_path / "old")
+  shutil.copytree(owner, old)
+  reseal(old, lambda body: body.update(schema="pol-jax/proof/v3"))
+  with pytest.raises(ownership.DisputeError, match=r"schema 'pol-jax/proof/v3' is not supported .*'pol-jax/proof/v4'"):
+    ownership.load_model(os.path.join(old, proof.CHECKPOINTS, str(step)))

@@ -10,9 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load_manifest, reseal
-
-from pol_jax import proof
+from conftest import ROOT, batch_path, splice_state
 
 _FOUR_DEVICES = """
 import json, os, sys
@@ -69,12 +67,7 @@ def _record_eight_segment_proofs(base, devices: int | None) -> dict:
   # A forger splices another run's state in at step 16, the end of segment 3.
   paths["tampered"] = str(base / "tampered")
   shutil.copytree(paths["mlp"], paths["tampered"])
-  shutil.rmtree(os.path.join(paths["tampered"], proof.CHECKPOINTS, "16"))
-  shutil.copytree(
-    os.path.join(other, proof.CHECKPOINTS, "16"), os.path.join(paths["tampered"], proof.CHECKPOINTS, "16")
-  )
-  spliced = load_manifest(other)["checkpoints"]["16"]
-  reseal(paths["tampered"], lambda b: b["checkpoints"].update({"16": spliced}))
+  splice_state(paths["tampered"], other, 16)
   return paths
 
 
@@ -157,13 +150,15 @@ def test_two_process_distributed_verification(eight_segments, tmp_path):
 def test_two_process_verification_reports_a_damaged_checkpoint_found_by_one_process(eight_segments, tmp_path):
   damaged = str(tmp_path / "damaged")
   shutil.copytree(eight_segments["mlp"], damaged)
-  data_dir = os.path.join(damaged, proof.CHECKPOINTS, "20", "state", "ocdbt.process_0", "d")
+  batch = batch_path(damaged, 20)
+  data_dir = os.path.join(damaged, batch, "state", "ocdbt.process_0", "d")
   name = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
   raw = bytearray(open(os.path.join(data_dir, name), "rb").read())
   raw[len(raw) // 2] ^= 0x01
   open(os.path.join(data_dir, name), "wb").write(bytes(raw))
-  # Sampled integrity: only the process replaying segments 4 (16-20, on process 0) and 5 (20-24,
-  # on process 1) reads checkpoint 20; the gathered verdict names it on both.
+  # Sampled integrity: every process checks every file's digest first; the verdict names the batch on both.
   for r in _verify_on_two_processes(damaged, tmp_path, "--integrity=sampled"):
     assert r.returncode == 1, r.stdout + r.stderr[-2000:]
-    assert "REJECTED by the integrity check: checkpoint 20" in r.stdout, r.stdout
+    assert f"REJECTED by the integrity check: checkpoint batch {batch.split('/')[1]}: {batch}/state/" in r.stdout, (
+      r.stdout
+    )

@@ -23,7 +23,8 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import smoke_config
 from experiments import build
-from pol_jax import recorder
+from pol_jax import proof, recorder
+proof.FLUSH_STATES = 1  # every state its own batch, so that the kill comes after some are durable
 config = smoke_config({model!r}, steps=24, k=4)
 train = build.dataset(config, "train")
 
@@ -68,11 +69,17 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, tmp_path, model, k
   assert killed.returncode == -9, killed.stderr
   assert not os.path.exists(os.path.join(path, proof.MANIFEST))
   assert os.path.exists(os.path.join(path, proof.RUN))
+  durable = [s for b in proof.batches(path) for s in proof.read_batch_meta(path, b)["states"]]
+  assert kill_at < 8 or durable, "the resume starts from a recorded state, not from the init"
+  leftover = os.path.join(path, proof.CHECKPOINTS, "16.orbax-checkpoint-tmp-1700000000000000")
+  os.makedirs(os.path.join(leftover, "state"), exist_ok=True)  # what a save killed midway leaves
+  open(os.path.join(leftover, "state", "_METADATA"), "w").write("{")
   # The partial proof is refused, not verified.
   result = run_cli("experiments.verify", f"--proof={path}")
   assert result.returncode == 2 and "partial proof" in result.stderr, result.stderr
   resumed = record(path, smoke_config(model, steps=24, k=4))
   assert proof.semantic_root(resumed) == uninterrupted[model]
+  assert not os.path.exists(leftover) and proof.validate_manifest(resumed)
   assert not os.path.exists(os.path.join(path, proof.RUN))
 
 
@@ -257,3 +264,32 @@ def test_early_stopping_in_the_users_loop_leaves_a_complete_proof_of_the_steps_t
   verdict = verify_lib.verify(path, build.program(config, train), train, strategy="all")
   assert verdict.accepted and len(verdict.segments) == stopped // 4, verdict.table()
   assert proof.read_index_log(path, manifest).shape == (stopped, config.batch_size)
+
+
+def test_states_are_saved_in_few_batches_of_flat_buffers(honest):
+  manifest = load_manifest(honest)
+  batches = proof.batches(honest)
+  assert batches[-1] == manifest["steps"] and len(batches) < len(manifest["checkpoints"]), batches
+  held = [int(s) for b in batches for s in proof.read_batch_meta(honest, b)["states"]]
+  assert held == [int(s) for s in sorted(manifest["checkpoints"], key=int)], held
+  on_disk = [f for f in manifest["files"] if f.startswith(proof.CHECKPOINTS + "/")]
+  assert len(on_disk) <= 13 * len(batches), on_disk  # Orbax writes about 13 files a checkpoint
+  layout = proof.read_batch_meta(honest, batches[-1])["layout"]
+  assert {dtype for _, dtype, _ in layout} == {"float32", "int32"}, layout  # one buffer per dtype
+
+
+def test_a_writer_saves_a_batch_when_due_and_reads_back_every_state(tmp_path):
+  path = str(tmp_path / "proof")
+  writer = proof.Writer(path, flush_states=2)
+  states = {
+    s: training.TrainState(np.int32(s), {"w": np.arange(3, dtype=np.float32) + s}, (np.zeros(2, np.float32),), {})
+    for s in (0, 4, 8)
+  }
+  try:
+    digests = {s: writer.save(state) for s, state in states.items()}
+  finally:
+    writer.close()
+  assert proof.batches(path) == [4, 8] and writer.completed_steps() == [0, 4, 8]
+  for s, state in states.items():
+    back, _ = proof.restore(path, s, state, digests[s])
+    assert proof.leaf_digests(back) == proof.leaf_digests(state)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from conftest import load_manifest, record, reseal, run_cli, smoke_config
 
 from experiments import build
-from pol_jax import proof, tolerance, training
+from pol_jax import attacks, proof, tolerance, training
 from pol_jax import verify as verify_lib
 
 
@@ -77,11 +76,7 @@ def _perturb_end_of_segment(p: str, end: int, scale: float) -> None:
   norm = np.sqrt(sum(d.size for d in direction))
   moved = [(a + (scale * update / norm) * d).astype(a.dtype) for a, d in zip(leaves, direction, strict=True)]
   state = end_state.replace(params=jax.tree.unflatten(jax.tree.structure(end_state.params), moved))
-  shutil.rmtree(os.path.join(p, proof.CHECKPOINTS, str(end)))
-  writer = proof.Writer(p)
-  digest = writer.save(state)
-  writer.close()
-  reseal(p, lambda b: b["checkpoints"].update({str(end): digest}))
+  attacks.replace_checkpoint(p, state)
 
 
 def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, calibration, copy_of):

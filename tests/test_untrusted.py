@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, record, reseal, run_cli, smoke_config
+from conftest import ROOT, batch_path, record, reseal, run_cli, smoke_config
 
 from experiments import build
 from pol_jax import ownership, proof, safeio
@@ -36,8 +36,8 @@ def rebuilt():
 
 
 def _ocdbt_data_file(p: str, step: int = 4) -> str:
-  """A TensorStore data file of checkpoint ``step`` (relative path): what a restore reads."""
-  d = os.path.join(proof.CHECKPOINTS, str(step), "state", "ocdbt.process_0", "d")
+  """A TensorStore data file of the batch that holds ``step`` (relative path): what a restore reads."""
+  d = os.path.join(batch_path(p, step), "state", "ocdbt.process_0", "d")
   return os.path.join(d, sorted(os.listdir(os.path.join(p, d)))[0])
 
 
@@ -117,8 +117,8 @@ def test_semantic_root_is_reproducible_and_root_is_not(honest, tmp_path):
 FIFO_TARGETS = {
   "manifest": lambda p: proof.MANIFEST,
   "index log": lambda p: proof.INDICES,
-  "meta": lambda p: "checkpoints/4/meta/metadata",
-  "state metadata": lambda p: "checkpoints/4/state/_METADATA",
+  "meta": lambda p: f"{batch_path(p, 4)}/meta/metadata",
+  "state metadata": lambda p: f"{batch_path(p, 4)}/state/_METADATA",
   "ocdbt data": _ocdbt_data_file,
 }
 
@@ -230,9 +230,9 @@ def test_hostile_json_manifest_cli(honest, copy_of):
 def test_resealed_deep_json_in_a_checkpoint_meta_fails_integrity(honest, copy_of, rebuilt):
   """A forger re-hashes the listing: the file is covered, and still parsed strictly."""
   p = copy_of(honest)
-  open(os.path.join(p, "checkpoints/4/meta/metadata"), "w").write("[" * 100_000 + "]" * 100_000)
+  open(os.path.join(p, batch_path(p, 4), "meta/metadata"), "w").write("[" * 100_000 + "]" * 100_000)
   reseal(p, lambda body: None)
-  _check_integrity_fails(verify_lib.verify(p, *rebuilt, strategy="all"), "checkpoint 4: meta", "nested")
+  _check_integrity_fails(verify_lib.verify(p, *rebuilt, strategy="all"), f"{batch_path(p, 4)}: meta", "nested")
 
 
 # ------------------------------------------------------------------ every byte accounted for
@@ -245,21 +245,21 @@ def _flip(path: str, at: int = -3) -> None:
 
 
 @pytest.mark.parametrize(
-  "rel",
-  ["checkpoints/4/_CHECKPOINT_METADATA", "checkpoints/4/commit_success.txt", "checkpoints/8/state/commit_success.txt"],
+  "step, rel", [(4, "_CHECKPOINT_METADATA"), (4, "commit_success.txt"), (8, "state/commit_success.txt")]
 )
-def test_changed_byte_in_orbax_bookkeeping_fails_integrity(honest, copy_of, rebuilt, rel):
+def test_changed_byte_in_orbax_bookkeeping_fails_integrity(honest, copy_of, rebuilt, step, rel):
   p = copy_of(honest)
+  rel = f"{batch_path(p, step)}/{rel}"
   _flip(os.path.join(p, rel))
   _check_integrity_fails(verify_lib.verify(p, *rebuilt, strategy="all"), rel, "does not match its SHA-256")
 
 
 def test_extra_file_fails_integrity(honest, copy_of, rebuilt):
   p = copy_of(honest)
-  open(os.path.join(p, "checkpoints/4/state/notes.txt"), "w").write("unlisted")
+  open(os.path.join(p, batch_path(p, 4), "state/notes.txt"), "w").write("unlisted")
   _check_integrity_fails(
     verify_lib.verify(p, *rebuilt, strategy="all"),
-    "checkpoints/4/state/notes.txt is not in the manifest's file listing",
+    f"{batch_path(p, 4)}/state/notes.txt is not in the manifest's file listing",
   )
 
 
@@ -287,7 +287,7 @@ def test_extra_file_cli_exits_1(honest, copy_of):
     (lambda f: f[proof.INDICES].update(size=-1), "files.indices.npy.size: -1 is outside"),
     (lambda f: f[proof.INDICES].update(sha256="zz"), "files.indices.npy.sha256: expected 64 lowercase hex"),
     (lambda f: f.pop(proof.DATA_DIGESTS), "files: does not list data_digests.npy"),
-    (lambda f: f.pop("checkpoints/8/meta/metadata"), "files: does not list checkpoints/8/meta/metadata"),
+    (lambda f: f.pop("checkpoints/12/meta/metadata"), "files: does not list checkpoints/12/meta/metadata"),
   ],
 )
 def test_file_listing_is_validated(honest, edit, words):

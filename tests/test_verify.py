@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import load_manifest, reseal, run_cli, smoke_config
+from conftest import batch_path, load_manifest, reseal, run_cli, smoke_config, splice_state
 
 from experiments import build
 from pol_jax import data, proof
@@ -81,8 +81,8 @@ def test_the_default_draw_is_top_q_and_uniform_from_a_fresh_verifier_seed_that_t
 
 
 def _flip_array_byte(proof_dir: str, step: int) -> None:
-  """Flips one byte inside the stored data of a checkpoint's arrays."""
-  data_dir = os.path.join(proof_dir, proof.CHECKPOINTS, str(step), "state", "ocdbt.process_0", "d")
+  """Flips one byte inside the stored data of the arrays of the batch that holds ``step``."""
+  data_dir = os.path.join(proof_dir, batch_path(proof_dir, step), "state", "ocdbt.process_0", "d")
   name = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
   path = os.path.join(data_dir, name)
   raw = bytearray(open(path, "rb").read())
@@ -93,7 +93,7 @@ def _flip_array_byte(proof_dir: str, step: int) -> None:
 def test_flipped_byte_in_a_checkpoint_array(honest, copy_of):
   p = copy_of(honest)
   _flip_array_byte(p, 8)
-  _check_rejected_by(_verify(p), "integrity", "checkpoint 8")
+  _check_rejected_by(_verify(p), "integrity", f"checkpoint batch 12: {batch_path(p, 8)}/state/")
 
 
 def _swap_index_rows(p: str, a: int, b: int) -> np.ndarray:
@@ -150,21 +150,21 @@ def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):
 
 
 def _splice(p: str, source: str, step: int) -> None:
-  shutil.rmtree(os.path.join(p, proof.CHECKPOINTS, str(step)))
-  shutil.copytree(os.path.join(source, proof.CHECKPOINTS, str(step)), os.path.join(p, proof.CHECKPOINTS, str(step)))
+  """Puts ``source``'s batch that holds ``step`` in place of ``p``'s."""
+  shutil.rmtree(os.path.join(p, batch_path(p, step)))
+  shutil.copytree(os.path.join(source, batch_path(source, step)), os.path.join(p, batch_path(source, step)))
 
 
 def _splice_resealed(p: str, source: str, step: int) -> None:
-  """Splices ``source``'s checkpoint in and records its digest, as a forger would."""
-  _splice(p, source, step)
-  spliced = load_manifest(source)["checkpoints"][str(step)]
-  reseal(p, lambda b: b["checkpoints"].update({str(step): spliced}))
+  """Splices ``source``'s state at ``step`` in and records its digest, as a forger would."""
+  splice_state(p, source, step)
 
 
 def test_spliced_checkpoint_unsealed(honest, other_seed, copy_of):
   p = copy_of(honest)
   _splice(p, other_seed, 8)
-  _check_rejected_by(_verify(p), "integrity", "checkpoint 8: checkpoints/8/")  # the first file unlike the listing
+  # the first file unlike the listing
+  _check_rejected_by(_verify(p), "integrity", f"checkpoint batch 12: {batch_path(p, 8)}/")
 
 
 def test_spliced_checkpoint_resealed(honest, other_seed, copy_of):
@@ -223,7 +223,10 @@ def test_partial_proof_is_never_accepted(honest, copy_of):
   [
     ("missing", "not found"),
     ("unparseable", "manifest.json: json: does not parse"),
-    ("schema", "manifest.json: schema: proof schema 'pol-jax/proof/v0' is not supported"),
+    (
+      "schema",  # a proof in the previous layout (one checkpoint per state)
+      "manifest.json: schema: proof schema 'pol-jax/proof/v3' is not supported (this pol-jax reads 'pol-jax/proof/v4')",
+    ),
     ("model", "manifest.json: config.model: unknown model 'resnet9000' (known: mlp, cnn, resnet20"),
     ("steps", "manifest.json: steps: expected an integer"),
     ("truncated", "indices.npy"),
@@ -237,7 +240,7 @@ def test_bad_input_gives_one_line_and_exit_status(honest, copy_of, tmp_path, dam
   elif damage == "unparseable":
     open(m, "w").write('{"schema": "pol-jax/proof/v1", ')
   elif damage == "schema":
-    reseal(p, lambda b: b.update(schema="pol-jax/proof/v0"))
+    reseal(p, lambda b: b.update(schema="pol-jax/proof/v3"))
   elif damage == "model":
     reseal(p, lambda b: b["config"].update(model="resnet9000"))
   elif damage == "steps":
@@ -336,4 +339,38 @@ def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
   else:  # The damaged checkpoint is not used by the sampled segment, as documented.
     assert sampled.accepted, sampled.table()
   every = verify_lib.verify(p, program, train, strategy="all", integrity="sampled")
-  _check_rejected_by(every, "integrity", "checkpoint 8")
+  _check_rejected_by(every, "integrity", f"checkpoint batch 12: {batch_path(p, 8)}/state/")
+
+
+@pytest.mark.parametrize("strategy", ["all", "top-q+uniform", "uniform"])
+def test_each_batch_is_restored_once_and_replay_uses_the_checked_states(honest, monkeypatch, strategy):
+  reads = []
+  restore_batch = proof.restore_batch
+  monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
+  monkeypatch.setattr(proof, "restore", lambda *a, **k: pytest.fail("a state was restored a second time"))
+  verdict = _verify(honest, strategy=strategy)
+  assert verdict.accepted, verdict.table()
+  assert sorted(reads) == proof.batches(honest), reads  # the integrity pass, once per batch; replay reads nothing
+
+
+def test_a_state_missing_from_its_batch_is_named(honest, copy_of):
+  p = copy_of(honest)
+  path = os.path.join(p, batch_path(p, 8), "meta", "metadata")
+  meta = json.load(open(path))
+  del meta["states"]["8"]
+  open(path, "w").write(json.dumps(meta))
+  reseal(p, lambda body: None)
+  _check_rejected_by(_verify(p), "integrity", f"checkpoint 8: not in {batch_path(p, 8)}, the batch that must hold it")
+
+
+def test_sampled_integrity_reads_each_batch_the_chosen_segments_use_once(honest, monkeypatch):
+  from ml_collections import ConfigDict
+
+  reads = []
+  restore_batch = proof.restore_batch
+  monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
+  config = ConfigDict(load_manifest(honest)["config"])
+  train = build.dataset(config, "train")
+  verdict = verify_lib.verify(honest, build.program(config, train), train, strategy="all", integrity="sampled")
+  assert verdict.accepted, verdict.table()
+  assert sorted(reads) == proof.batches(honest), reads
