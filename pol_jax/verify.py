@@ -346,7 +346,7 @@ def verify(
 
   def done() -> Verdict:
     verdict.checks = list(checks.values())
-    verdict.accepted = checks["replay"].passed is True and not verdict.failed
+    verdict.accepted = checks["replay"].passed is True and checks["init"].passed is True and not verdict.failed
     return verdict
 
   keys = training.derive_keys(plan.seed)
@@ -481,13 +481,16 @@ def verify(
     )
   else:
     recorded0 = proof.read_meta(proof_dir, 0, manifest["checkpoints"]["0"])["leaves"]
-    derived0 = proof.leaf_digests(template)
-    bad = [p for p in derived0 if recorded0.get(p) != derived0[p]]
-    checks["init"] = (
-      Check("init", False, f"step 0 is not the seed's initialisation: {len(bad)} leaves differ, first {bad[0]}")
-      if bad
-      else Check("init", True, f"step 0 equals init from seed {plan.seed}, bound to key {plan.owner[:16]}...")
-    )
+    checks["init"] = _check_init(recorded0, proof.leaf_digests(template), plan)
+    if checks["init"].passed is False and differ and not portable:
+      # This process's flags or threads derive other bits than the prover's: a worker in its environment decides.
+      fields = ", ".join(f for f, _, _ in differ)
+      checks["init"] = Check(
+        "init",
+        None,
+        f"step 0 differs from this process's initialisation, but {fields} differ from the prover's"
+        + ("; checked in a worker with the prover's environment" if mode == "exact" and pinning else ": not decided"),
+      )
 
   # 5. Data order: the index log is the seed-derived order.
   if order_check:
@@ -543,8 +546,11 @@ def verify(
   mine = work[jax.process_index() :: jax.process_count()]
   local = replay.local_devices(devices)
   if mode == "exact" and pinning is not None:
+    init = {} if checks["init"].passed is None else None
     try:
-      results = workers.replay(proof_dir, verdict.root, builder, mine, pinning, on_segment)
+      results = workers.replay(proof_dir, verdict.root, builder, mine, pinning, on_segment, init)
+      if init is not None:
+        checks["init"] = _check_init(recorded0, init, plan, where=" (in a worker with the prover's environment)")
     except workers.Unreproducible as e:
       checks["environment"] = Check("environment", None, f"not reproduced: {e}")
       checks["replay"] = Check("replay", None, "not run: the environment could not be reproduced")
@@ -650,6 +656,16 @@ def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
       "verify exactly on the prover's environment"
     )
   return bad, why, passed, undecided
+
+
+def _check_init(recorded: dict, derived: dict, plan, where: str = "") -> Check:
+  """The init check: the recorded step 0's leaf digests against those of the state the seed derives."""
+  bad = [p for p in derived if recorded.get(p) != derived[p]]
+  if bad:
+    return Check(
+      "init", False, f"step 0 is not the seed's initialisation{where}: {len(bad)} leaves differ, first {bad[0]}"
+    )
+  return Check("init", True, f"step 0 equals init from seed {plan.seed}, bound to key {plan.owner[:16]}...{where}")
 
 
 def _other_source(manifest: dict, builder: str | None) -> str | None:

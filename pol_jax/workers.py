@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 _RESULT = "POL-JAX-RESULT "
+_INIT = "POL-JAX-INIT "
 _ERROR = "POL-JAX-ERROR "
 
 # Sets the CPU affinity before anything imports JAX, then runs the worker.
@@ -127,12 +128,16 @@ def replay(
   segments: Sequence[tuple[int, int, int]],
   pinning: Pinning,
   on_result: Callable | None = None,
+  init: dict | None = None,
 ) -> list:
   """Replays ``(index, start, end)`` segments exactly in pinned workers.
 
   Segments are dealt round-robin to the workers; each result is passed to
   ``on_result`` as it arrives and all are returned in the order of
-  ``segments``.
+  ``segments``. With ``init`` (a dict), the first worker also fills it with
+  the leaf digests of the initial state it derives from the seed in the
+  prover's environment (the init check, where this process's flags or
+  threads would derive other bits).
 
   Raises:
     Unreproducible: a worker could not reproduce the environment or build
@@ -148,7 +153,13 @@ def replay(
   def serve(w: int, cores: tuple[int, ...]) -> None:
     if not shares[w]:
       return
-    job = {"proof": os.path.abspath(proof_dir), "root": root, "builder": builder, "segments": shares[w]}
+    job = {
+      "proof": os.path.abspath(proof_dir),
+      "root": root,
+      "builder": builder,
+      "segments": shares[w],
+      "init": init is not None and w == 0,
+    }
     proc = _spawn(pinning, cores)
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
@@ -164,6 +175,8 @@ def replay(
             results[result.index] = result
             if on_result is not None:
               on_result(result)
+        elif line.startswith(_INIT) and init is not None and w == 0:
+          init.update(json.loads(line[len(_INIT) :]))
         elif line.startswith(_ERROR):
           with lock:
             errors.append(f"worker {w}: {line[len(_ERROR) :].strip()}")
@@ -182,6 +195,8 @@ def replay(
     t.join()
   if errors:
     raise Unreproducible(errors[0])
+  if init is not None and not init and shares[0]:
+    raise Unreproducible("the first worker did not report the initial state it derives")
   missing = [i for i, _, _ in segments if i not in results]
   if missing:
     raise Unreproducible(f"the workers returned no result for segments {missing[:5]}")
@@ -251,6 +266,8 @@ def _work(job: dict) -> None:
   if (dataset.digests(used) != digests[used]).any():
     raise Unreproducible("the worker's copy of the data differs from the recorded digests")
   job_ = replay_lib.Job(proof_dir, manifest, segment, template, dataset, log, keys.step)
+  if job.get("init"):
+    print(_INIT + json.dumps(proof.leaf_digests(template)), flush=True)
 
   def emit(result) -> None:
     print(_RESULT + json.dumps(dataclasses.asdict(result)), flush=True)

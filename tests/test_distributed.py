@@ -226,7 +226,10 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
   kwargs = dict(workers=2, byzantine=1, behaviour="sign-flip", rounds=2, steps=4, k=2, defences=("pol",), local=True)
   experiment.run(smoke_config("mlp"), str(whole), **kwargs)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen([*args, f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  env = {**os.environ, "POL_JAX_NO_SPEED_FLAGS": "1"}  # the CLI computes as this process does (no YNNPACK fusion)
+  proc = subprocess.Popen(
+    [*args, f"--workdir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
   rounds = killed / "pol" / distributed.COORDINATOR / distributed.ROUNDS
   deadline = time.monotonic() + 240
   while not (rounds.exists() and len(json.loads(rounds.read_text())) >= 1) and time.monotonic() < deadline:
@@ -235,7 +238,7 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
   proc.wait(timeout=60)
   assert len(json.loads(rounds.read_text())) < 2, "the coordinator finished before it could be killed"
   resumed = subprocess.run(
-    [*args, "--nofresh", f"--workdir={killed}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    [*args, "--nofresh", f"--workdir={killed}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   digests = [

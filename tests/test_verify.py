@@ -20,7 +20,8 @@ def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str =
 
   config = ConfigDict(load_manifest(proof_dir)["config"])
   train = build.dataset(config, "train") if dataset is None else dataset
-  return verify_lib.verify(proof_dir, build.program(config, train), train, strategy=strategy)
+  # Rebuilt from the recorded config, as the CLI does (builder=): a program that differs shows the proof false.
+  return verify_lib.verify(proof_dir, build.program(config, train), train, strategy=strategy, builder=build.BUILDER)
 
 
 def _check_rejected_by(verdict: verify_lib.Verdict, check: str, words: str = "") -> None:
@@ -127,7 +128,7 @@ def test_learning_rate_edited_unsealed(honest, copy_of):
 def test_learning_rate_edited_resealed(honest, copy_of):
   p = copy_of(honest)
   reseal(p, lambda b: b["config"].update(learning_rate=0.2))
-  _check_rejected_by(_verify(p), "program", "differs from the recorded one")
+  _check_rejected_by(_verify(p), "program", "is not the one its recorded config builds (first difference at line")
 
 
 def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):

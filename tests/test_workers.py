@@ -89,6 +89,11 @@ def test_library_without_a_builder_leaves_the_thread_mismatch_undecided(one_thre
   assert "builder=" in verdict.checks[1].detail
   with_builder = verify_lib.verify(one_thread_proof, program, train, strategy="all", builder=build.BUILDER)
   assert with_builder.status == "accepted", with_builder.summary()
+  # The CLI recorded with its speed flags, which this process lacks: they change the initialisation's bits, so
+  # step 0 is checked against the init a worker derives in the prover's environment, not this process's.
+  init = with_builder.checks[verify_lib.CHECKS.index("init")]
+  assert init.passed and "(in a worker with the prover's environment)" in init.detail, init.detail
+  assert "step 0 differs from this process's initialisation" in verdict.checks[verify_lib.CHECKS.index("init")].detail
 
 
 def test_two_thread_proof_on_one_core_is_refused_naming_the_cores(honest):
