@@ -632,10 +632,10 @@ def pack(state: Any) -> tuple[dict[str, np.ndarray], list, dict[str, str]]:
     if path in leaves or any("/" in n for n in names):
       raise ValueError(f"State path {path!r} is ambiguous.")
     leaves[path] = leaf_digest(path, leaf)
-    array = np.ascontiguousarray(stored(leaf))
+    array = np.asarray(stored(leaf))  # not ascontiguousarray: it makes a scalar one-dimensional
     layout.append([path, array.dtype.name, list(array.shape)])
     if array.size:
-      groups.setdefault(array.dtype.name, []).append(array.reshape(-1))
+      groups.setdefault(array.dtype.name, []).append(np.ascontiguousarray(array).reshape(-1))
   buffers = {dtype: np.concatenate(arrays) for dtype, arrays in groups.items()}
   return buffers, layout, leaves
 

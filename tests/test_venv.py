@@ -480,5 +480,5 @@ def test_a_portable_jax_012_proof_verifies_bit_for_bit_under_jax_0102_without_ma
     segments = verdict["segments"]
     assert len(segments) == len(manifest["checkpoints"]) - 1 and all(s["match"] for s in segments), name
     program = {c["name"]: c for c in verdict["checks"]}["program"]
-    if name.startswith("jax 0.10.2"):
-      assert program["passed"] is None and "portable numerics" in program["detail"], program
+    if name.startswith("jax 0.10.2"):  # the lowered text may differ across versions (then the replay decides)
+      assert program["passed"] is True or (program["passed"] is None and "portable numerics" in program["detail"])
