@@ -452,6 +452,13 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def _write(result: dict) -> None:
+  """Writes ``result`` as JSON to ``--out``, if given."""
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
@@ -474,9 +481,7 @@ def main(argv) -> None:
         f"{med['portable']:.4f} s vs float32 {med['float32']:.4f} s per step: {result['ratio']:.2f}x "
         f"(medians of {_REPEATS.value} alternating processes of {_PORTABLE.value} steps)"
       )
-      if _OUT.value:
-        with open(_OUT.value, "w") as f:
-          json.dump(result, f, indent=1)
+      _write(result)
       return
     if _ENVIRONMENT.value:
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]  # the config and its overrides
@@ -494,9 +499,7 @@ def main(argv) -> None:
         + ", ".join(f"{k} {rate['seconds'][k]:.1f} s ({rate['segments_per_second'][k]:.2f} segments/s)" for k in w)
         + f"; speed-up {rate['speedup']:.2f}x (medians of {_REPEATS.value})"
       )
-      if _OUT.value:
-        with open(_OUT.value, "w") as f:
-          json.dump(result, f, indent=1)
+      _write(result)
       return
     if _TORCH.value:
       try:
@@ -518,9 +521,7 @@ def main(argv) -> None:
         f"PyTorch {med['torch']:.3f} s ({result['torch']['framework']}, {result['torch']['threads']} threads): "
         f"{result['ratio']:.2f}x (medians of {_REPEATS.value} alternating processes)"
       )
-      if _OUT.value:
-        with open(_OUT.value, "w") as f:
-          json.dump(result, f, indent=1)
+      _write(result)
       return
     if _STEP_TIME.value:
       build.set_numerics(_CONFIG.value)
@@ -529,9 +530,7 @@ def main(argv) -> None:
         f"{result['model']}, {result['runner']} runner, batch {result['batch_size']}, augment {result['augment']}, "
         f"on {result['data']}: {result['median_step_seconds']:.3f} s per step (median of {result['steps_timed']})"
       )
-      if _OUT.value:
-        with open(_OUT.value, "w") as f:
-          json.dump(result, f, indent=1)
+      _write(result)
       return
     result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value)
   except build.ConfigError as e:
@@ -544,9 +543,7 @@ def main(argv) -> None:
     f"jax {env['jax']}; medians of {result['repeats']}\n"
   )
   print(table(result))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+  _write(result)
 
 
 if __name__ == "__main__":
