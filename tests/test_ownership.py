@@ -304,3 +304,15 @@ def test_a_recorded_state_inside_a_batch_is_loaded_by_its_step_and_an_old_proof_
   reseal(old, lambda body: body.update(schema="pol-jax/proof/v3"))
   with pytest.raises(ownership.DisputeError, match=r"schema 'pol-jax/proof/v3' is not supported .*'pol-jax/proof/v4'"):
     ownership.load_model(os.path.join(old, proof.CHECKPOINTS, str(step)))
+  # A batch whose (resealed) layout claims a leaf of 10^18 elements is refused in one line, nothing allocated.
+  huge = str(tmp_path / "huge")
+  shutil.copytree(owner, huge)
+  meta_path = os.path.join(huge, proof.CHECKPOINTS, str(manifest["steps"]), "meta", "metadata")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta["layout"][1][2] = [10**9, 10**9]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  reseal(huge, lambda body: None)
+  with pytest.raises(ownership.DisputeError, match="layout sizes .* do not match the stored buffers"):
+    ownership.load_model(huge)
