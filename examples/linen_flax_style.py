@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from pol_jax import data, ownership, recorder, sampling, training, verify  # pol-jax
+from pol_jax import data, ownership, proof, recorder, sampling, training, verifier  # pol-jax
 
 
 class CNN(nn.Module):
@@ -94,11 +94,11 @@ def plain(order: np.ndarray, train: data.Examples) -> float:
   return time.perf_counter() - t0
 
 
-def main(workdir: str = "runs/linen_flax") -> verify.Verdict:
+def main(workdir: str = "runs/linen_flax") -> verifier.Verdict:
   config = get_config()
   program, train = build(config.to_dict())
   owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax
-  plan = recorder.Plan(owner, 0, config.k, config.steps, config.batch_size, config.runner)  # pol-jax
+  plan = proof.Plan(owner, 0, config.k, config.steps, config.batch_size, config.runner)  # pol-jax
   order = sampling.index_log(training.derive_keys(plan.seed).order, len(train), plan.batch_size, plan.steps)
   plain(order, train)  # warm-up: compilation is nobody's cost
   seconds = plain(order, train)
@@ -107,7 +107,7 @@ def main(workdir: str = "runs/linen_flax") -> verify.Verdict:
   recorder.record(f"{workdir}/proof", program, train, plan, config=config.to_dict())  # pol-jax
   recorded = time.perf_counter() - t0
   print(f"plain loop {seconds:.2f} s, recorded {recorded:.2f} s: {recorded / seconds:.2f}x (both compiled before)")
-  return verify.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from pol_jax import data, ownership, recorder, training, verify  # pol-jax
+from pol_jax import data, ownership, proof, recorder, training, verifier  # pol-jax
 
 
 class CNN(nn.Module):
@@ -48,13 +48,13 @@ def train_step(state, batch, key):  # pol-jax: takes the step key, returns (stat
   return state.apply_gradients(grads=grads), {"loss": loss}
 
 
-def main(workdir: str = "runs/linen") -> verify.Verdict:
+def main(workdir: str = "runs/linen") -> verifier.Verdict:
   program = training.Program(init, train_step)  # pol-jax
   train = data.load_digits("train")
   owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax: the key the proof is bound to
-  plan = recorder.Plan(owner=owner, nonce=0, k=10, steps=60, batch_size=32, runner="loop")  # pol-jax
+  plan = proof.Plan(owner=owner, nonce=0, k=10, steps=60, batch_size=32, runner="loop")  # pol-jax
   recorder.record(f"{workdir}/proof", program, train, plan, config={"example": "linen"})  # pol-jax
-  return verify.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pol_jax import data, integrations, ownership, recorder, verify  # pol-jax
+from pol_jax import data, integrations, ownership, proof, recorder, verifier  # pol-jax
 
 
 class CNN(nnx.Module):
@@ -51,11 +51,11 @@ def train_step(model, optimizer, batch, key):  # pol-jax: takes the step key, re
   return {"loss": loss}
 
 
-def main(workdir: str = "runs/nnx") -> verify.Verdict:
+def main(workdir: str = "runs/nnx") -> verifier.Verdict:
   program = integrations.nnx_program(create, train_step)  # pol-jax
   train = data.load_digits("train")
   owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax: the key the proof is bound to
-  plan = recorder.Plan(owner=owner, nonce=0, k=20, steps=120, batch_size=32, runner="loop")  # pol-jax
+  plan = proof.Plan(owner=owner, nonce=0, k=20, steps=120, batch_size=32, runner="loop")  # pol-jax
   manifest = recorder.record(f"{workdir}/proof", program, train, plan, config={"example": "nnx"})  # pol-jax
   state = recorder.final_state(f"{workdir}/proof", program, manifest)
   model, _ = program.objects(state)  # the trained model, as an NNX module again
@@ -63,7 +63,7 @@ def main(workdir: str = "runs/nnx") -> verify.Verdict:
   test = data.load_digits("test")
   accuracy = float(jnp.mean(jnp.argmax(model(jnp.asarray(test.inputs)), -1) == jnp.asarray(test.labels)))
   print(f"held-out accuracy {accuracy:.4f}")
-  return verify.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pol_jax import data, integrations, ownership, recorder, sampling, training, verify  # pol-jax
+from pol_jax import data, integrations, ownership, proof, recorder, sampling, training, verifier  # pol-jax
 
 
 class CNN(nnx.Module):
@@ -85,11 +85,11 @@ def plain(steps: int, batch_size: int, order: np.ndarray, train: data.Examples) 
   return time.perf_counter() - t0
 
 
-def main(workdir: str = "runs/tutorial") -> verify.Verdict:
+def main(workdir: str = "runs/tutorial") -> verifier.Verdict:
   config = get_config()
   program, train = build(config.to_dict())
   owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax
-  plan = recorder.Plan(owner, 0, config.k, config.steps, config.batch_size, config.runner)  # pol-jax
+  plan = proof.Plan(owner, 0, config.k, config.steps, config.batch_size, config.runner)  # pol-jax
   order = sampling.index_log(training.derive_keys(plan.seed).order, len(train), plan.batch_size, plan.steps)
   plain(plan.steps, plan.batch_size, order, train)  # warm-up: compilation is nobody's cost
   seconds = plain(plan.steps, plan.batch_size, order, train)
@@ -100,7 +100,7 @@ def main(workdir: str = "runs/tutorial") -> verify.Verdict:
   _, _, metrics = program.objects(recorder.final_state(f"{workdir}/proof", program, manifest))
   print(f"plain loop {seconds:.2f} s, recorded {recorded:.2f} s: {recorded / seconds:.2f}x (both compiled before)")
   print(f"training metrics: { ({k: round(float(v), 4) for k, v in metrics.compute().items()}) }")
-  return verify.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
 
 
 if __name__ == "__main__":

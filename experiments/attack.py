@@ -98,8 +98,7 @@ def infinitesimal_update(v: Victim, out: str) -> dict:
   segment barely moves the weights, and takes enough segments that each
   interpolation step is below half the paper's default deltas.
   """
-  from pol_jax import attacks, distances, sampling, training
-  from pol_jax import verify as verify_lib
+  from pol_jax import attacks, distances, sampling, training, verifier
 
   config = _declared(v, learning_rate=1e-9, schedule="constant", weight_decay=0.0, seed=v.config.seed + 1)
   program = build.program(config, v.train)
@@ -107,7 +106,7 @@ def infinitesimal_update(v: Victim, out: str) -> dict:
   fresh = training.to_host(program.init(keys.init))
   start = fresh.replace(params=attacks.rank_match(fresh.params, v.stolen.params))
   total = distances.distances(start.params, v.stolen.params)
-  delta = verify_lib.PAPER_TOLERANCE.delta
+  delta = verifier.PAPER_TOLERANCE.delta
   segments = max(2, *(math.ceil(total[m] / (0.5 * delta[m])) for m in ("l1", "l2", "linf")))
   config.steps = segments * config.k
   plan = build.plan(config)
@@ -171,16 +170,16 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
   """
   import jax
 
-  from pol_jax import attacks, distances, proof, recorder, training
+  from pol_jax import attacks, distances, proof, training
 
-  plan = recorder.Plan.from_manifest(v.manifest)
+  plan = proof.Plan.from_manifest(v.manifest)
   keys = training.derive_keys(plan.seed)
   log = proof.read_npy(os.path.join(v.proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), "<i4")
   one = training.make_segment(v.program.step, "loop").compiled
   rng = np.random.default_rng(1)
   forged = log.copy()
   states = []
-  for start, end in recorder.segments(plan):
+  for start, end in proof.segments(plan):
     state, _ = proof.restore(v.proof_dir, start, v.stolen, v.manifest["checkpoints"][str(start)])
     states.append(state)
     for t in range(start, end):
@@ -350,10 +349,10 @@ def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
   seed chosen after the proof is handed over catches the splice with
   probability ``1 - challenge.pass_probability``; ``all`` always does.
   """
-  from pol_jax import attacks, challenge, proof, recorder
+  from pol_jax import attacks, challenge, proof
 
   _tampered_copy(v, out)
-  plan = recorder.Plan.from_manifest(v.manifest)
+  plan = proof.Plan.from_manifest(v.manifest)
   steps = proof.checkpoint_steps(plan.k, plan.steps)
   i = (len(steps) - 1) // 2
   faked = {i - 1, i}
@@ -389,11 +388,11 @@ def splice_stolen(v: Victim, out: str) -> dict:
   forger who declares a small k (a large S) passes it almost surely. The
   jump is the largest update of its epoch, so top-q replays it.
   """
-  from pol_jax import attacks, recorder
+  from pol_jax import attacks, proof
 
   config = _declared(v, seed=v.config.seed + 4)
   plan = build.plan(config)
-  at = len(recorder.segments(plan)) // 2
+  at = len(proof.segments(plan)) // 2
   attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
   return {"swapped_step": at * plan.k, "faked_segments": [at - 1]}
 
@@ -407,13 +406,13 @@ def splice_stolen_frozen(v: Victim, out: str, steps: int = 120) -> dict:
   stolen weights bit for bit. The progress check rejects any draw that
   replays one of those segments (the last always is); top-q replays the jump.
   """
-  from pol_jax import attacks, recorder
+  from pol_jax import attacks, proof
 
   config = _declared(
     v, seed=v.config.seed + 5, k=1, steps=min(steps, v.config.steps), learning_rate=1e-30, schedule="constant"
   )
   plan = build.plan(config)
-  at = len(recorder.segments(plan)) // 2
+  at = len(proof.segments(plan)) // 2
   attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
   return {"swapped_step": at, "faked_segments": [at - 1], "declared_learning_rate": config.learning_rate}
 
@@ -492,33 +491,31 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
   found false or unmoved (1 when a check other than replay and progress
   rejects it). ``ours-uniform``: ``segments`` drawn uniformly, the last
   included (the old default). ``ours-fiat-shamir``: the draw from the
-  proof's root. ``paper``: :func:`pol_jax.verify.paper`, given the prover's own
+  proof's root. ``paper``: :func:`pol_jax.verifier.paper`, given the prover's own
   data when the prover forged some (the paper's threat model: digests are
   checked against what the prover hands over); ours use the verifier's copy.
   """
   import ml_collections
 
-  from pol_jax import verify as verify_lib
+  from pol_jax import proof, verifier
 
   program, train = build.rebuild(proof_dir)
-  manifest = verify_lib.read_manifest(proof_dir)
-  everything = verify_lib.verify(proof_dir, program, train, strategy="all", builder=build.BUILDER)
+  manifest = proof.read_manifest(proof_dir)
+  everything = verifier.verify(proof_dir, program, train, strategy="all", builder=build.BUILDER)
   unmoved = []
-  if everything.checks[verify_lib.CHECKS.index("progress")].passed is False:
-    unmoved = verify_lib.unmoved_segments(proof_dir, manifest, range(everything.num_segments))
+  if everything.checks[verifier.CHECKS.index("progress")].passed is False:
+    unmoved = verifier.unmoved_segments(proof_dir, manifest, range(everything.num_segments))
   bad = {r.index for r in everything.segments if not r.match} | set(unmoved)
   # Every array of every checkpoint was checked by `everything`; the sampled verifiers check what they replay.
-  out = {
-    "ours": _drawn(verify_lib.verify(proof_dir, program, train, num_segments=segments, builder=build.BUILDER), bad)
-  }
+  out = {"ours": _drawn(verifier.verify(proof_dir, program, train, num_segments=segments, builder=build.BUILDER), bad)}
   out["ours-uniform"] = _drawn(
-    verify_lib.verify(
+    verifier.verify(
       proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled", builder=build.BUILDER
     ),
     bad,
   )
   out["ours-fiat-shamir"] = _outcome(
-    verify_lib.verify(
+    verifier.verify(
       proof_dir,
       program,
       train,
@@ -535,10 +532,10 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
     # What exact replay alone says of the prover's own data (the data order check would reject it first:
     # its batches are not the seed's order of any dataset the verifier knows).
     out["ours-all"]["given_prover_data"] = _outcome(
-      verify_lib.verify(proof_dir, program, forged, strategy="all", order_check=False, builder=build.BUILDER)
+      verifier.verify(proof_dir, program, forged, strategy="all", order_check=False, builder=build.BUILDER)
     )
   out["paper"] = _outcome(
-    verify_lib.paper(proof_dir, program, forged or train, integrity="sampled", builder=build.BUILDER)
+    verifier.paper(proof_dir, program, forged or train, integrity="sampled", builder=build.BUILDER)
   )
   return out
 

@@ -48,7 +48,7 @@ def _plain_training(config, train, plan) -> float:
   import jax
 
   from experiments import build
-  from pol_jax import recorder, sampling, training
+  from pol_jax import proof, sampling, training
 
   t0 = time.perf_counter()
   program = build.program(config, train)
@@ -56,7 +56,7 @@ def _plain_training(config, train, plan) -> float:
   segment = training.make_segment(program.step, plan.runner)
   state = training.to_host(program.init(keys.init))
   log = sampling.index_log(keys.order, len(train), plan.batch_size, plan.steps)
-  for start, end in recorder.segments(plan):
+  for start, end in proof.segments(plan):
     state, _ = segment.run(state, train.batch(log[start:end]), keys.step)
   jax.block_until_ready(state)
   return time.perf_counter() - t0
@@ -89,8 +89,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
   import jax
 
   from experiments import build
-  from pol_jax import proof, recorder, tolerance
-  from pol_jax import verify as verify_lib
+  from pol_jax import proof, recorder, tolerance, verifier
 
   train, source = training_data(config)
   plan = build.plan(config)
@@ -122,16 +121,14 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
       program = build.program(config, train)
       for name, kwargs in modes.items():
         if r == 0:  # Compile outside the timing: a verifier checks many proofs per process.
-          verify_lib.verify(path, program, train, strategy="fiat-shamir", num_segments=devices, **kwargs)
-        seconds, verdict = _timed(
-          lambda k=kwargs, p=path, g=program: verify_lib.verify(p, g, train, strategy="all", **k)
-        )
+          verifier.verify(path, program, train, strategy="fiat-shamir", num_segments=devices, **kwargs)
+        seconds, verdict = _timed(lambda k=kwargs, p=path, g=program: verifier.verify(p, g, train, strategy="all", **k))
         if not verdict.accepted:
           raise RuntimeError(f"benchmark proof rejected ({name}): {verdict.summary()}")
         t.setdefault(f"verify all: {name}", []).append(seconds)
       for name, kwargs in strategies.items():
         seconds, verdict = _timed(
-          lambda k=kwargs, p=path, g=program: verify_lib.verify(p, g, train, devices=devices, **k)
+          lambda k=kwargs, p=path, g=program: verifier.verify(p, g, train, devices=devices, **k)
         )
         t.setdefault(f"strategy: {name}", []).append(seconds)
         steps_replayed[name] = sum(s.end - s.start for s in verdict.segments)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 
-from pol_jax import augment, data, fingerprint, numerics, recorder, training
+from pol_jax import augment, data, fingerprint, numerics, proof, training
 from pol_jax.models import cnn, mlp, resnet
 
 DATASETS = ("digits", *data.TFDS_DATASETS)
@@ -116,7 +116,7 @@ def _num_classes(config) -> int:
   return data.TFDS_DATASETS.get(config.dataset, 10)
 
 
-def plan(config) -> recorder.Plan:
+def plan(config) -> proof.Plan:
   """The plan a config describes: bound to ``config.owner``'s key, with ``config.seed`` as its nonce."""
   owner = _get(config, "owner", str)
   if not owner:
@@ -126,7 +126,7 @@ def plan(config) -> recorder.Plan:
       "or pass --config.owner=HEX)",
     )
   try:
-    return recorder.Plan(
+    return proof.Plan(
       owner=owner,
       nonce=_get(config, "seed", int),
       k=_get(config, "k", int),
@@ -308,9 +308,8 @@ def rebuild(
     UsageError: ``program`` cannot be imported here.
   """
   from pol_jax import proof
-  from pol_jax import verify as verify_lib
 
-  manifest = verify_lib.read_manifest(proof_dir)
+  manifest = proof.read_manifest(proof_dir)
   recorded = manifest.get("builder")
   if program is None and recorded is not None:
     raise proof.ProofError(

@@ -17,15 +17,14 @@ import sys
 from absl import app, flags, logging
 
 from experiments import build
-from pol_jax import distances, proof
-from pol_jax import verify as verify_lib
+from pol_jax import distances, proof, verifier
 
 
 def run(
   proof_dir: str, segments: int | None = None, margin: float = 10.0, chunk: int = 16, devices: int | None = None
 ) -> dict:
   program, train = build.rebuild(proof_dir)
-  return verify_lib.calibrate(
+  return verifier.calibrate(
     proof_dir, program, train, num_segments=segments, margin=margin, chunk=chunk, devices=devices
   )
 

@@ -24,14 +24,13 @@ def main(argv) -> None:
   import numpy as np
 
   from pol_jax import ownership, proof, recorder
-  from pol_jax import verify as verify_lib
 
   if not _OUT.value.endswith((".safetensors", ".msgpack")):
     print(f"error: --out={_OUT.value}: expected a .safetensors or .msgpack file name", file=sys.stderr)
     sys.exit(2)
   try:
     program, _ = build.rebuild(_PROOF.value)
-    state = recorder.final_state(_PROOF.value, program, verify_lib.read_manifest(_PROOF.value))
+    state = recorder.final_state(_PROOF.value, program, proof.read_manifest(_PROOF.value))
   except (proof.ProofError, proof.IntegrityError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

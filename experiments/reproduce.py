@@ -55,14 +55,13 @@ def measure(proof_dir: str, program, train, chunk: int = 16) -> list[dict]:
     RuntimeError: the proof does not verify exactly here (a bug to report:
       an honest proof replayed in the prover's environment must).
   """
-  from pol_jax import tolerance
-  from pol_jax import verify as verify_lib
+  from pol_jax import tolerance, verifier
 
-  exact = verify_lib.verify(proof_dir, program, train, strategy="all")
+  exact = verifier.verify(proof_dir, program, train, strategy="all")
   if not exact.accepted:
     raise RuntimeError(f"the honest proof {proof_dir} did not verify exactly: {exact.summary()}")
   loose = tolerance.Tolerance({"l2": 1e300}, source="reproduce: measurement only")
-  vmapped = verify_lib.verify(proof_dir, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=chunk)
+  vmapped = verifier.verify(proof_dir, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=chunk)
   rows = []
   for e, v in zip(exact.segments, vmapped.segments, strict=True):
     rows.append(
@@ -136,14 +135,14 @@ def _cost(proof_dir, program, train, record_seconds, num_segments, counts, progr
   """Wall time of exact verification (every check) against segments replayed."""
   from tqdm import tqdm
 
-  from pol_jax import verify as verify_lib
+  from pol_jax import verifier
 
   points = []  # The segment program was compiled by the exact replay of every segment before.
   ns = sorted({c for c in counts if c <= num_segments} | {num_segments})
   for n in tqdm(ns, desc="cost", disable=not progress, leave=False):
     for integrity in ("full", "sampled"):
       t0 = time.perf_counter()
-      verdict = verify_lib.verify(proof_dir, program, train, strategy="uniform", num_segments=n, integrity=integrity)
+      verdict = verifier.verify(proof_dir, program, train, strategy="uniform", num_segments=n, integrity=integrity)
       seconds = time.perf_counter() - t0
       points.append(
         {

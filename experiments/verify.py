@@ -41,8 +41,7 @@ import sys
 from absl import app, flags, logging
 
 from experiments import build
-from pol_jax import challenge, proof, replay, tolerance
-from pol_jax import verify as verify_lib
+from pol_jax import challenge, proof, replay, tolerance, verifier
 
 
 def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Tolerance:
@@ -78,7 +77,7 @@ def run(
   detect: float = challenge.DETECT,
   faked_fraction: float = challenge.FAKED_FRACTION,
   user_program: str | None = None,
-) -> verify_lib.Verdict:
+) -> verifier.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes.
 
   ``user_program``: ``"package.module:function"`` that builds it (``--program``),
@@ -96,7 +95,7 @@ def run(
     raise build.UsageError(str(e)) from None
   with tqdm(desc="verify", unit="segment", disable=not progress, leave=False) as bar:
     try:
-      return verify_lib.verify(
+      return verifier.verify(
         proof_dir,
         program,
         train,
@@ -145,7 +144,7 @@ def _join(coordinator: str | None, num_processes: int, process_id: int) -> None:
     os.close(saved)
 
 
-def exit_status(verdict: verify_lib.Verdict) -> int:
+def exit_status(verdict: verifier.Verdict) -> int:
   """0 accepted; 1 a check showed the proof false; 2 undecided here (e.g. the environment)."""
   return {"accepted": 0, "rejected": 1, "undecided": 2}[verdict.status]
 
@@ -245,7 +244,7 @@ if __name__ == "__main__":
   _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform, top-q+uniform; default: drawn from the OS).")
   _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q, top-q+uniform).", lower_bound=1)
   _REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
-  _MODE = flags.DEFINE_enum("mode", "exact", verify_lib.MODES, "exact: digest equality; tolerance: within delta.")
+  _MODE = flags.DEFINE_enum("mode", "exact", verifier.MODES, "exact: digest equality; tolerance: within delta.")
   _CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta from experiments.calibrate.")
   _DELTA = flags.DEFINE_string("delta", None, "Tolerance mode: normalised delta, e.g. l2=1e-4,linf=1e-3.")
   _CHUNK = flags.DEFINE_integer("chunk", 64, "Tolerance mode: segments per vmapped call.")

@@ -1,24 +1,89 @@
 """pol-jax: Proof-of-Learning with bit-exact replay on JAX.
 
-Import modules, not names::
+Record a proof while training, verify it by replaying sampled segments::
 
-  from pol_jax import recorder, verify
-  manifest = recorder.record("runs/x/proof", program, dataset, plan)
-  verdict = verify.verify("runs/x/proof", program, dataset)
+  import pol_jax
+  manifest = pol_jax.record("runs/x/proof", program, dataset, plan)
+  verdict = pol_jax.verify("runs/x/proof", program, dataset)
+  print(verdict.table())
+
+The headline names are re-exported here; each concept lives in its module:
+
+  challenge     which segments a verifier replays (``All``, ``TopQ``, ``Uniform``, ...)
+  data          datasets, sources, example digests
+  distances     distances between states (tolerance mode)
+  distributed   training across untrusted workers: assignments, judging, engines
+  fingerprint   the software/hardware environment and program fingerprints
+  integrations  Flax NNX and Linen adapters
+  models        the CNN, MLP and ResNet models the experiments use
+  numerics      portable numerics (float64 compute rounded to float32)
+  ownership     owner keys, signed commitments and ownership disputes
+  paper         the paper's verifier (top-Q, KS test of the initial state)
+  proof         the proof format: Plan, manifest, checkpoints
+  recorder      ``record``: the training loop that writes a proof
+  replay        replaying segments (exact and tolerance modes)
+  sampling      the seed-derived data order
+  tolerance     tolerance thresholds and their calibration
+  training      TrainState, Program, the step and segment functions
+  verifier      ``verify``: the checks and their Verdict
+
+Internal (no stability promise): ``safeio``, ``isolation``, ``venv``,
+``workers``, ``augment``.
 """
 
-from pol_jax import challenge, data, distances, fingerprint, numerics, proof, recorder, sampling, training, verify
+from pol_jax import (
+  challenge,
+  data,
+  distances,
+  distributed,
+  fingerprint,
+  integrations,
+  models,
+  numerics,
+  ownership,
+  proof,
+  recorder,
+  replay,
+  sampling,
+  tolerance,
+  training,
+  verifier,
+)
+from pol_jax.challenge import All, Challenge, FiatShamir, TopQ, TopQUniform, Uniform
+from pol_jax.proof import Plan
+from pol_jax.recorder import record
+from pol_jax.training import Program, TrainState
+from pol_jax.verifier import Check, Verdict, verify
 
 __version__ = "0.1.0"
 __all__ = [
+  "All",
+  "Challenge",
+  "Check",
+  "FiatShamir",
+  "Plan",
+  "Program",
+  "TopQ",
+  "TopQUniform",
+  "TrainState",
+  "Uniform",
+  "Verdict",
   "challenge",
   "data",
   "distances",
+  "distributed",
   "fingerprint",
+  "integrations",
+  "models",
   "numerics",
+  "ownership",
   "proof",
+  "record",
   "recorder",
+  "replay",
   "sampling",
+  "tolerance",
   "training",
+  "verifier",
   "verify",
 ]

@@ -36,7 +36,7 @@ def write_proof(
   proof_dir: str,
   program: training.Program,
   dataset: data_lib.Dataset,
-  plan: recorder.Plan,
+  plan: proof.Plan,
   states: Iterable[PyTree],
   log: np.ndarray,
   config: dict,
@@ -149,7 +149,7 @@ def splice_stolen(
   proof_dir: str,
   program: training.Program,
   dataset: data_lib.Dataset,
-  plan: recorder.Plan,
+  plan: proof.Plan,
   stolen: PyTree,
   at: int,
   config: dict,
@@ -165,7 +165,7 @@ def splice_stolen(
   float32 weight (1e-30), the tail keeps the stolen parameters bit for bit.
   Returns the manifest.
   """
-  bounds = recorder.segments(plan)
+  bounds = proof.segments(plan)
   if not 1 <= at <= len(bounds):
     raise ValueError(f"Expected 1 <= at <= {len(bounds)} (a checkpoint after step 0), got at={at}.")
   _, (state, segment, keys) = recorder.start_body(program, dataset, plan, config)

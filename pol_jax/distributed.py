@@ -6,7 +6,7 @@ the worker's data order and step keys derive, and how many steps of what
 size); the worker trains from that state with the same segment runner as
 everywhere else and returns a proof of its steps (an ordinary pol-jax proof
 whose initial state is the coordinator's). The coordinator checks the proof
-(:func:`judge`: size, assignment, then :func:`pol_jax.verify.verify` with the
+(:func:`judge`: size, assignment, then :func:`pol_jax.verifier.verify` with the
 coordinator's own program, data and a verifier seed the worker cannot
 know), aggregates the accepted updates in worker order (:func:`aggregate`,
 so a run replays bit for bit) and records the round.
@@ -55,9 +55,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import attacks, challenge, isolation, proof, recorder, sampling, training
+from pol_jax import attacks, challenge, isolation, proof, recorder, sampling, training, verifier
 from pol_jax import data as data_lib
-from pol_jax import verify as verify_lib
 
 PyTree = Any
 
@@ -98,8 +97,8 @@ class Assignment:
   runner: str
 
   @property
-  def plan(self) -> recorder.Plan:
-    return recorder.Plan(self.owner, self.nonce, self.k, self.steps, self.batch_size, self.runner)
+  def plan(self) -> proof.Plan:
+    return proof.Plan(self.owner, self.nonce, self.k, self.steps, self.batch_size, self.runner)
 
   @property
   def seed(self) -> int:
@@ -184,7 +183,7 @@ def judge(
   In order: ``size`` (the directory holds at most ``max_bytes``, counted
   before anything is parsed), ``assignment`` (the manifest's owner, nonce,
   seed and shape are the ones assigned), then every check of
-  :func:`pol_jax.verify.verify` with the coordinator's ``step`` and
+  :func:`pol_jax.verifier.verify` with the coordinator's ``step`` and
   ``dataset`` and ``start`` as the only initial state the init check
   accepts. A malformed proof is rejected by ``integrity`` with its one-line
   reason.
@@ -205,13 +204,13 @@ def judge(
     size = proof.size_bytes(proof_dir)
     if size > max_bytes:
       return rejected("size", f"the proof holds {size} bytes, more than the limit of {max_bytes}")
-    manifest = verify_lib.read_manifest(proof_dir)
+    manifest = proof.read_manifest(proof_dir)
     root = manifest.get("root") if isinstance(manifest.get("root"), str) else None
     wrong = check_assignment(manifest, assignment)
     if wrong:
       return rejected("assignment", f"the proof is not of this worker's assignment: {wrong}")
     program = training.Program(starting_at(start), step)
-    verdict = verify_lib.verify(proof_dir, program, dataset, strategy=strategy, num_segments=num_segments, seed=seed)
+    verdict = verifier.verify(proof_dir, program, dataset, strategy=strategy, num_segments=num_segments, seed=seed)
     seed = verdict.seed
   except proof.ProofError as e:
     return rejected("integrity", str(e))
@@ -233,7 +232,7 @@ def judge(
 def final_state_unchecked(proof_dir: str, start: PyTree) -> PyTree | None:
   """The proof's final state as a coordinator without a defence takes it (integrity of that file only)."""
   try:
-    manifest = verify_lib.read_manifest(proof_dir)
+    manifest = proof.read_manifest(proof_dir)
     return recorder.final_state(proof_dir, training.Program(starting_at(start), None), manifest)
   except (proof.ProofError, proof.IntegrityError, KeyError, ValueError, OSError):
     return None
@@ -771,7 +770,7 @@ class Worker:
     log = sampling.index_log(keys.order, len(self.dataset), plan.batch_size, plan.steps)
     program = training.Program(starting_at(state), self.program.step)
     start = training.to_host(program.init(keys.init))
-    bounds = recorder.segments(plan)
+    bounds = proof.segments(plan)
     config = self._config(assignment)
     if behaviour == "spoof":
       # Fang et al.'s infinitesimal update: checkpoints interpolated to a poisoned target (the start pushed
@@ -822,7 +821,7 @@ class Worker:
     workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(proof_dir))))
     clues = _clues(workdir, assignment.round, assignment.worker)
     plan = assignment.plan
-    bounds = recorder.segments(plan)
+    bounds = proof.segments(plan)
     n = clues["segments"] or 8
     predicted = {len(bounds) - 1}
     for seed in clues["seeds"]:
@@ -963,7 +962,7 @@ class Setup:
       raise ValueError(f"Expected defence in {DEFENCES}, got {self.defence!r}.")
     if self.workers < 1 or self.rounds < 1:
       raise ValueError(f"Expected at least one worker and one round, got {self.workers} and {self.rounds}.")
-    recorder.Plan(self.owner, self.seed, self.k, self.steps, self.batch_size, self.runner)  # validates the rest
+    proof.Plan(self.owner, self.seed, self.k, self.steps, self.batch_size, self.runner)  # validates the rest
     isolation.Limits(self.judge_seconds, self.judge_memory)  # validates the judgement limits
 
   @property
@@ -1277,7 +1276,7 @@ def audit(workdir: str, setup: Setup, program: training.Program) -> list[str]:
     for w in record["aggregated"]:
       d = worker_dir(os.path.join(workdir, "rounds"), r, w)
       try:
-        manifest = verify_lib.read_manifest(d)
+        manifest = proof.read_manifest(d)
         if manifest.get("root") != record["roots"].get(str(w)):
           problems.append(f"round {r}: worker {w}'s proof root is not the recorded one")
           continue

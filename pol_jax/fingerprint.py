@@ -34,6 +34,7 @@ import shlex
 from importlib import metadata
 
 import jax
+import numpy as np
 
 KINDS = {
   "jax": "versions",
@@ -289,3 +290,21 @@ def cpu_isa_flag(machine: str | None = None) -> str | None:
 def program_digest(program_text: str) -> str:
   """SHA-256 of a lowered program's text, as hex."""
   return hashlib.sha256(program_text.encode()).hexdigest()
+
+
+def program_texts(segment, state, dataset, plan, step_root) -> dict:
+  """The lowered StableHLO text of every program a run executes, at their input shapes."""
+  out = {}
+  lengths = {"segment": plan.k}
+  if plan.runner == "scan" and plan.steps % plan.k:
+    lengths["tail"] = plan.steps % plan.k
+  for name, length in lengths.items():
+    batches = dataset.batch(np.zeros((length, plan.batch_size), np.int32))
+    out[name] = segment.program_text(state, batches, step_root)
+  return out
+
+
+def program_digests(segment, state, dataset, plan, step_root) -> dict:
+  """Digests of the lowered programs a run executes, at their input shapes."""
+  texts = program_texts(segment, state, dataset, plan, step_root)
+  return {name: program_digest(text) for name, text in texts.items()}

@@ -45,8 +45,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from pol_jax import proof, safeio, training
-from pol_jax import verify as verify_lib
+from pol_jax import proof, safeio, training, verifier
 
 SCHEMA = "pol-jax/commitment/v2"
 TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
@@ -120,7 +119,7 @@ def load_key(path: str):
 def ensure_key(path: str) -> tuple[str, bool]:
   """``(public key hex, created)`` of the Ed25519 key at ``path``, created (mode 0600) when missing.
 
-  The public key is what a proof is bound to (``recorder.Plan(owner=...)``);
+  The public key is what a proof is bound to (``proof.Plan(owner=...)``);
   keep the private key: only it can commit to the proof or answer a dispute.
   """
   if os.path.lexists(path):
@@ -142,7 +141,7 @@ def _public_hex(key) -> str:
 
 def final_leaves(proof_dir: str) -> dict[str, str]:
   """The leaf digests of the model parts of the proof's final checkpoint, checked against its manifest."""
-  manifest = verify_lib.read_manifest(proof_dir)
+  manifest = proof.read_manifest(proof_dir)
   step = int(manifest["steps"])
   try:
     meta = proof.read_meta(proof_dir, step, manifest["checkpoints"].get(str(step)))
@@ -167,7 +166,7 @@ def commit(proof_dir: str, key, *, now: datetime.datetime | None = None, challen
   Raises:
     DisputeError: ``key`` is not the proof's owner key, or the challenge is unusable.
   """
-  manifest = verify_lib.read_manifest(proof_dir)
+  manifest = proof.read_manifest(proof_dir)
   proof.validate_manifest(manifest)
   owner = manifest["owner"]["public_key"]
   if _public_hex(key) != owner:
@@ -348,7 +347,7 @@ def _recorded_state(path: str) -> tuple[str, int] | None:
   else:
     return None
   try:  # the proof's layout is its schema's: an older one is named, not misread
-    manifest = verify_lib.read_manifest(proof_dir)
+    manifest = proof.read_manifest(proof_dir)
   except proof.ProofError as e:
     raise DisputeError(f"{path}: in a proof directory, but {e}") from None
   step = int(manifest["steps"]) if step is None else step
@@ -727,7 +726,7 @@ def _examine(claim, f, model, fmt, rebuild, finals, starts, builder=None, challe
 
   if not os.path.isdir(claim.proof_dir):
     raise DisputeError(f"{claim.proof_dir}: no such proof directory")
-  manifest = verify_lib.read_manifest(claim.proof_dir)
+  manifest = proof.read_manifest(claim.proof_dir)
   f.root = manifest.get("root")
   f.owner = manifest["owner"]["public_key"]
   f.training = proof.digest_json(manifest.get("checkpoints"))
@@ -736,7 +735,7 @@ def _examine(claim, f, model, fmt, rebuild, finals, starts, builder=None, challe
   elif challenge is not None:
     f.commitment = "none: no answer to this dispute's challenge"
   program, train = rebuild(claim.proof_dir)
-  verdict = verify_lib.verify(claim.proof_dir, program, train, strategy="all", builder=builder)
+  verdict = verifier.verify(claim.proof_dir, program, train, strategy="all", builder=builder)
   f.verified = verdict.accepted
   f.failed_checks = [c.name for c in verdict.failed]
   f.verdict = verdict.summary()

@@ -33,6 +33,7 @@ FIFO or a device anywhere in a proof is refused, never followed or opened.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -565,6 +566,75 @@ def semantic_root(manifest: dict) -> str:
   True
   """
   return digest_json({k: v for k, v in manifest.items() if k not in ("files", "root")})
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run commits to besides its config.
+
+  Attributes:
+    owner: the Ed25519 public key (64 hex digits) the proof is bound to.
+    nonce: the owner's choice of run (``config.seed``); with ``owner`` it
+      derives :attr:`seed` (``bound_seed``).
+    k: steps between recorded states.
+    steps: T, the number of training steps.
+    batch_size: B, examples per step.
+    runner: "scan" (one compiled ``lax.scan`` per segment) or "loop" (a loop of
+      one jitted step).
+  """
+
+  owner: str
+  nonce: int
+  k: int
+  steps: int
+  batch_size: int
+  runner: str = "scan"
+
+  def __post_init__(self):
+    bound_seed(self.owner, self.nonce)  # validates both
+    if self.steps < 1:
+      raise ValueError(f"Expected steps >= 1, got steps={self.steps}.")
+    if not 1 <= self.k <= self.steps:
+      raise ValueError(f"Expected 1 <= k <= steps={self.steps}, got k={self.k}.")
+    if self.batch_size < 1:
+      raise ValueError(f"Expected batch_size >= 1, got batch_size={self.batch_size}.")
+    if self.runner not in training.RUNNERS:
+      raise ValueError(f"Expected runner in {training.RUNNERS}, got runner={self.runner!r}.")
+
+  @property
+  def seed(self) -> int:
+    """The one seed every key derives from, bound to :attr:`owner`."""
+    return bound_seed(self.owner, self.nonce)
+
+  @classmethod
+  def from_manifest(cls, manifest: dict) -> Plan:
+    owner = manifest["owner"]
+    return cls(
+      owner["public_key"], owner["nonce"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"]
+    )
+
+
+def segments(plan: Plan) -> list[tuple[int, int]]:
+  """``(start, end)`` steps of every segment; the last may be shorter than k."""
+  bounds = checkpoint_steps(plan.k, plan.steps)
+  return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def read_manifest(proof_dir: str) -> dict:
+  """The manifest of a finished proof, parsed and field-checked (not its root).
+
+  Raises:
+    ProofError: the directory, the manifest or a field is unusable; a
+      symbolic link, FIFO or device anywhere in the proof (nothing is followed
+      or opened before the whole directory is walked).
+  """
+  if not os.path.isdir(proof_dir):
+    raise ProofError(proof_dir, "directory", "not found (expected a proof directory holding manifest.json)")
+  list_files(proof_dir)
+  path = os.path.join(proof_dir, MANIFEST)
+  if not os.path.exists(path) and os.path.exists(os.path.join(proof_dir, RUN)):
+    raise ProofError(MANIFEST, "file", "missing: this is a partial proof (the recording did not finish)")
+  return validate_body(read_json(path, MANIFEST))
 
 
 def read_index_log(proof_dir: str, manifest: dict) -> np.ndarray:

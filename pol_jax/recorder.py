@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import queue
@@ -17,96 +16,30 @@ from pol_jax import data as data_lib
 from pol_jax import fingerprint, numerics, proof, sampling, training
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """What a run commits to besides its config.
-
-  Attributes:
-    owner: the Ed25519 public key (64 hex digits) the proof is bound to.
-    nonce: the owner's choice of run (``config.seed``); with ``owner`` it
-      derives :attr:`seed` (``proof.bound_seed``).
-    k: steps between recorded states.
-    steps: T, the number of training steps.
-    batch_size: B, examples per step.
-    runner: "scan" (one compiled ``lax.scan`` per segment) or "loop" (a loop of
-      one jitted step).
-  """
-
-  owner: str
-  nonce: int
-  k: int
-  steps: int
-  batch_size: int
-  runner: str = "scan"
-
-  def __post_init__(self):
-    proof.bound_seed(self.owner, self.nonce)  # validates both
-    if self.steps < 1:
-      raise ValueError(f"Expected steps >= 1, got steps={self.steps}.")
-    if not 1 <= self.k <= self.steps:
-      raise ValueError(f"Expected 1 <= k <= steps={self.steps}, got k={self.k}.")
-    if self.batch_size < 1:
-      raise ValueError(f"Expected batch_size >= 1, got batch_size={self.batch_size}.")
-    if self.runner not in training.RUNNERS:
-      raise ValueError(f"Expected runner in {training.RUNNERS}, got runner={self.runner!r}.")
-
-  @property
-  def seed(self) -> int:
-    """The one seed every key derives from, bound to :attr:`owner`."""
-    return proof.bound_seed(self.owner, self.nonce)
-
-  @classmethod
-  def from_manifest(cls, manifest: dict) -> Plan:
-    owner = manifest["owner"]
-    return cls(
-      owner["public_key"], owner["nonce"], manifest["k"], manifest["steps"], manifest["batch_size"], manifest["runner"]
-    )
-
-
 class ProofExistsError(Exception):
   """The proof directory already holds a finished proof."""
 
 
-def segments(plan: Plan) -> list[tuple[int, int]]:
-  """``(start, end)`` steps of every segment; the last may be shorter than k."""
-  bounds = proof.checkpoint_steps(plan.k, plan.steps)
-  return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def program_texts(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
-  """The lowered StableHLO text of every program a run executes, at their input shapes."""
-  out = {}
-  lengths = {"segment": plan.k}
-  if plan.runner == "scan" and plan.steps % plan.k:
-    lengths["tail"] = plan.steps % plan.k
-  for name, length in lengths.items():
-    batches = dataset.batch(np.zeros((length, plan.batch_size), np.int32))
-    out[name] = segment.program_text(state, batches, step_root)
-  return out
-
-
-def program_digests(segment: training.Segment, state: Any, dataset: data_lib.Dataset, plan: Plan, step_root) -> dict:
-  """Digests of the lowered programs a run executes, at their input shapes."""
-  texts = program_texts(segment, state, dataset, plan, step_root)
-  return {name: fingerprint.program_digest(text) for name, text in texts.items()}
-
-
 def start_body(
-  program: training.Program, dataset: data_lib.Dataset, plan: Plan, config: dict | None, builder: dict | None = None
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  plan: proof.Plan,
+  config: dict | None,
+  builder: dict | None = None,
 ) -> tuple[dict, Any]:
   """The part of the manifest fixed before training starts, and the initial state."""
   body, start, _ = _start(program, dataset, plan, config, builder)
   return body, start
 
 
-def _start(program, dataset, plan: Plan, config, builder):
+def _start(program, dataset, plan: proof.Plan, config, builder):
   """:func:`start_body`, and the lowered program texts its digests are of (written to the proof)."""
   keys = training.derive_keys(plan.seed)
   # Round-trip through the host so the prover and a verifier (which restores
   # host arrays) call the compiled program with identical argument types.
   state0 = training.to_host(program.init(keys.init))
   segment = training.make_segment(program.step, plan.runner)
-  texts = program_texts(segment, state0, dataset, plan, keys.step)
+  texts = fingerprint.program_texts(segment, state0, dataset, plan, keys.step)
   body = {
     "schema": proof.SCHEMA,
     "config": config or {},
@@ -139,7 +72,7 @@ def record(
   proof_dir: str,
   program: training.Program,
   dataset: data_lib.Dataset,
-  plan: Plan,
+  plan: proof.Plan,
   *,
   config: dict | None = None,
   on_segment: Callable[[int, dict], None] | None = None,
@@ -227,7 +160,7 @@ def record(
       if not checkpoints:
         saver.put(state, {})
       resumed = int(state.step)
-      for start, end in segments(plan):
+      for start, end in proof.segments(plan):
         if end <= resumed:
           continue
         # Dispatched asynchronously; the saver thread copies, hashes and
@@ -374,7 +307,7 @@ def _commit_start(proof_dir: str, body: dict) -> None:
     )
 
 
-def _resume(proof_dir, writer, state0, checkpoints, plan: Plan):
+def _resume(proof_dir, writer, state0, checkpoints, plan: proof.Plan):
   """Restores the last durable state of a partial proof, if any (its batches' states, each checked)."""
   wanted = set(proof.checkpoint_steps(plan.k, plan.steps))
   done = [s for s in writer.completed_steps() if s in wanted]

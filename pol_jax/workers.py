@@ -237,12 +237,11 @@ def _work(job: dict) -> None:
   import numpy as np
 
   from pol_jax import data as data_lib
-  from pol_jax import fingerprint, proof, recorder, training
+  from pol_jax import fingerprint, proof, training
   from pol_jax import replay as replay_lib
-  from pol_jax import verify as verify_lib
 
   proof_dir = job["proof"]
-  manifest = proof.validate_manifest(verify_lib.read_manifest(proof_dir))
+  manifest = proof.validate_manifest(proof.read_manifest(proof_dir))
   if manifest["root"] != job["root"]:
     raise Unreproducible("the proof changed on disk since the verifier checked it (another root)")
   differ = fingerprint.mismatches(manifest["environment"], fingerprint.environment())
@@ -250,11 +249,11 @@ def _work(job: dict) -> None:
     detail = "; ".join(f"{f}: proof {a!r}, worker {b!r}" for f, a, b in differ)
     raise Unreproducible(f"the worker's environment still differs from the proof's: {detail}")
   program, dataset = load_builder(job["builder"])(manifest["config"])
-  plan = recorder.Plan.from_manifest(manifest)
+  plan = proof.Plan.from_manifest(manifest)
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
   segment = training.make_segment(program.step, plan.runner)
-  if recorder.program_digests(segment, template, dataset, plan, keys.step) != manifest["programs"]:
+  if fingerprint.program_digests(segment, template, dataset, plan, keys.step) != manifest["programs"]:
     raise Unreproducible(f"the builder {job['builder']} does not build the recorded program")
   log = proof.read_index_log(proof_dir, manifest)
   size = manifest["dataset"]["size"]

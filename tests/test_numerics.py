@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, reseal
 
-from pol_jax import numerics, proof, recorder, training
-from pol_jax import verify as verify_lib
+from pol_jax import numerics, proof, recorder, training, verifier
 
 _PINNED = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
 
@@ -146,7 +145,7 @@ def test_a_float32_verifier_of_a_portable_proof_is_told_so(portable_proof, copy_
   config = default.get_config("smoke")
   config.batch_size, config.steps = 64, 16
   train = build.dataset(config, "train")
-  verdict = verify_lib.verify(portable_proof, build.program(config, train), train, strategy="all")
+  verdict = verifier.verify(portable_proof, build.program(config, train), train, strategy="all")
   assert "recorded with portable numerics, the verifier's program computes in float32" in verdict.checks[2].detail
 
 
@@ -164,7 +163,7 @@ def test_the_numerics_record_is_validated(portable_proof, copy_of, edit, words):
   p = copy_of(portable_proof)
   reseal(p, edit)
   with pytest.raises(proof.ProofError, match=words.replace("(", r"\(")):
-    verify_lib.read_manifest(p)
+    proof.read_manifest(p)
 
 
 def test_training_state_dtypes_are_float32_in_portable_numerics(portable_proof):

@@ -166,18 +166,18 @@ def test_a_proof_cannot_be_moved_to_another_key(scene, copy_of):
   with pytest.raises(proof.IntegrityError, match="not the seed bound to owner"):
     proof.validate_manifest(json.loads(open(os.path.join(moved, proof.MANIFEST)).read()))
   program, train = build.rebuild(files["owner"])
-  from pol_jax import verify
+  from pol_jax import verifier
 
-  verdict = verify.verify(moved, program, train, strategy="all")
+  verdict = verifier.verify(moved, program, train, strategy="all")
   assert not verdict.accepted and verdict.failed[0].name == "integrity", verdict.table()
 
 
 def test_a_fine_tuned_model_is_reported_as_derived_not_independent(scene):
   v, files, root, _ = scene
   program, _ = build.rebuild(files["finetune"])
-  from pol_jax import recorder, verify
+  from pol_jax import recorder
 
-  tuned = recorder.final_state(files["finetune"], program, verify.read_manifest(files["finetune"]))
+  tuned = recorder.final_state(files["finetune"], program, proof.read_manifest(files["finetune"]))
   path = str(root / "tuned.safetensors")
   ownership.export_safetensors(tuned, path)
   findings, verdict, status = settle(path, ("owner", files["owner"]), ("fine-tuner", files["finetune"]))

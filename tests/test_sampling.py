@@ -25,8 +25,7 @@ import pytest
 from conftest import load_manifest, record, smoke_config
 
 from experiments import build
-from pol_jax import attacks, challenge, distances, proof, recorder, sampling
-from pol_jax import verify as verify_lib
+from pol_jax import attacks, challenge, distances, proof, recorder, sampling, verifier
 
 SEEDS = range(50)
 OLD_N = 8
@@ -73,7 +72,7 @@ def forged(tmp_path_factory, stolen):
   return out
 
 
-def _sizes_and_epochs(proof_dir: str, everything: verify_lib.Verdict):
+def _sizes_and_epochs(proof_dir: str, everything: verifier.Verdict):
   """What the verifier's top-q part sees: every segment's recorded update, and its epoch."""
   manifest = load_manifest(proof_dir)
   sizes = {m: np.array([s.update[m] for s in everything.segments]) for m in distances.METRICS}
@@ -85,7 +84,7 @@ def _sizes_and_epochs(proof_dir: str, everything: verify_lib.Verdict):
 def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_not(forged, name):
   path = forged[name]
   program, train = _rebuild(path)
-  everything = verify_lib.verify(path, program, train, strategy="all")
+  everything = verifier.verify(path, program, train, strategy="all")
   faked = FORGERIES[name][2] - 1
   assert [s.index for s in everything.segments if not s.match] == [faked], everything.table()
   count = everything.num_segments
@@ -94,7 +93,7 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
 
   # One real verification per uniform size: rejected by replay, and challenge.select draws what verify drew.
   for n in (None, 0):
-    verdict = verify_lib.verify(path, program, train, seed=0, num_segments=n)
+    verdict = verifier.verify(path, program, train, seed=0, num_segments=n)
     assert verdict.strategy == challenge.DEFAULT and verdict.status == "rejected", verdict.table()
     assert verdict.failed[0].name == "replay" and faked in verdict.guarantee.certain, verdict.table()
     chosen, _ = challenge.select(challenge.DEFAULT, count, n=n, seed=0, update_sizes=sizes, epochs=epochs)
@@ -108,14 +107,14 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
   missed = [s for s in SEEDS if faked not in challenge.select("uniform", count, n=OLD_N, seed=s)[0]]
   assert 0 < len(missed) < len(SEEDS)
   assert challenge.pass_probability(count, OLD_N, {faked}) == pytest.approx((count - OLD_N) / (count - 1))
-  old = verify_lib.verify(path, program, train, strategy="uniform", num_segments=OLD_N, seed=missed[0])
+  old = verifier.verify(path, program, train, strategy="uniform", num_segments=OLD_N, seed=missed[0])
   assert faked not in [s.index for s in old.segments]
-  assert old.checks[verify_lib.CHECKS.index("replay")].passed, old.table()
+  assert old.checks[verifier.CHECKS.index("replay")].passed, old.table()
   if name == "splice":
     assert old.accepted, old.table()  # what the old default said of it
   else:  # only the new progress check rejects it: the replayed tail moves no bit
     assert [c.name for c in old.failed] == ["progress"], old.table()
-    assert verify_lib.verify(
+    assert verifier.verify(
       path, program, train, strategy="uniform", num_segments=OLD_N, seed=missed[0], progress_check=False
     ).accepted
 
@@ -129,8 +128,8 @@ def test_the_frozen_tail_keeps_the_stolen_weights_and_the_progress_check_rejects
     p: d for p, d in theirs.items() if p.startswith("params/")
   }
   program, train = _rebuild(path)
-  verdict = verify_lib.verify(path, program, train, strategy="all")
-  progress = verdict.checks[verify_lib.CHECKS.index("progress")]
+  verdict = verifier.verify(path, program, train, strategy="all")
+  progress = verdict.checks[verifier.CHECKS.index("progress")]
   tail = manifest["steps"] - FORGERIES["frozen"][2]  # k = 1: one segment a step after the swap
   assert progress.passed is False, verdict.table()
   assert progress.detail.startswith(f"{tail} of 24 replayed segments moved no parameter bit"), progress.detail
@@ -144,15 +143,15 @@ def test_honest_proofs_pass_the_default_and_move_every_segment(honest, other_see
   recorder.record(more, build.program(config, train), train, build.plan(config), config=config.to_dict())
   for path in (honest, other_seed, more):
     program, train = _rebuild(path)
-    verdict = verify_lib.verify(path, program, train)
+    verdict = verifier.verify(path, program, train)
     assert verdict.accepted and verdict.strategy == challenge.DEFAULT, verdict.table()
-    assert verdict.checks[verify_lib.CHECKS.index("progress")].passed, verdict.table()
+    assert verdict.checks[verifier.CHECKS.index("progress")].passed, verdict.table()
     g = verdict.guarantee
     assert g.catch >= challenge.DETECT and g.faked == challenge.faked_segments(verdict.num_segments, 0.05)
     assert f"a proof with >= {g.faked} faked segment" in verdict.summary()
     assert verdict.to_json()["guarantee"]["statement"] == g.describe()
   # Asked for a uniform part of 2: top-q and the last, 2 more, and the weaker guarantee it gives.
-  verdict = verify_lib.verify(more, program, train, num_segments=2, seed=5)
+  verdict = verifier.verify(more, program, train, num_segments=2, seed=5)
   g = verdict.guarantee
   assert verdict.accepted and g.drawn == 2 and len(verdict.segments) == len(g.certain) + 2
   assert g.catch == pytest.approx(1 - math.comb(g.population - 1, 2) / math.comb(g.population, 2))

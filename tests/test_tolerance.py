@@ -11,8 +11,7 @@ import pytest
 from conftest import load_manifest, record, reseal, run_cli, smoke_config
 
 from experiments import build
-from pol_jax import attacks, proof, tolerance, training
-from pol_jax import verify as verify_lib
+from pol_jax import attacks, proof, tolerance, training, verifier
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def cnn_proof(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibration(cnn_proof):
   program, train = build.rebuild(cnn_proof)
-  record_ = verify_lib.calibrate(cnn_proof, program, train, num_segments=6, chunk=6)
+  record_ = verifier.calibrate(cnn_proof, program, train, num_segments=6, chunk=6)
   path = os.path.join(os.path.dirname(cnn_proof), "calibration.json")
   with open(path, "w") as f:
     json.dump(record_, f)
@@ -84,7 +83,7 @@ def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, c
   p = copy_of(cnn_proof)
   _perturb_end_of_segment(p, 12, 10 * record_["delta"]["l2"])
   program, train = build.rebuild(p)
-  verdict = verify_lib.verify(
+  verdict = verifier.verify(
     p, program, train, strategy="all", mode="tolerance", tolerance=tolerance.load(path), chunk=3
   )
   assert not verdict.accepted
@@ -95,7 +94,7 @@ def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, c
   l2 = next(s for s in verdict.segments if s.index == 2).normalised["l2"]
   assert l2 == pytest.approx(10 * record_["delta"]["l2"], rel=0.2)
   # The exact verifier rejects it too, by digest.
-  exact = verify_lib.verify(p, program, train, strategy="all")
+  exact = verifier.verify(p, program, train, strategy="all")
   assert [c.name for c in exact.failed] == ["replay"]
 
 
@@ -135,7 +134,7 @@ def test_batched_segment_compiles_once_for_every_chunk(cnn_proof):
 
   counted_program = training.Program(program.init, counted)
   loose = tolerance.Tolerance({"l2": 1.0})
-  verdict = verify_lib.verify(
+  verdict = verifier.verify(
     cnn_proof, counted_program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=2
   )
   assert verdict.accepted and len(verdict.segments) == 6

@@ -22,8 +22,7 @@ import pytest
 from conftest import ROOT, batch_path, record, reseal, run_cli, smoke_config
 
 from experiments import build
-from pol_jax import ownership, proof, safeio
-from pol_jax import verify as verify_lib
+from pol_jax import ownership, proof, safeio, verifier
 
 HANG_SECONDS = 30
 
@@ -93,19 +92,19 @@ def _check_integrity_fails(verdict, *words: str) -> None:
 
 
 def test_the_honest_proof_lists_every_file_and_is_accepted(honest, rebuilt):
-  manifest = proof.validate_manifest(verify_lib.read_manifest(honest))
+  manifest = proof.validate_manifest(proof.read_manifest(honest))
   on_disk = {p for p in safeio.walk(honest) if p != proof.MANIFEST}
   assert set(manifest["files"]) == on_disk
   assert any(p.endswith("_CHECKPOINT_METADATA") for p in on_disk)  # Orbax's bookkeeping is covered too
   proof.check_files(honest, manifest)
-  verdict = verify_lib.verify(honest, *rebuilt, strategy="all")
+  verdict = verifier.verify(honest, *rebuilt, strategy="all")
   assert verdict.accepted, verdict.table()
 
 
 def test_semantic_root_is_reproducible_and_root_is_not(honest, tmp_path):
   """Orbax's bookkeeping holds timestamps and paths: the root differs between two identical runs, not the claim."""
   again = record(str(tmp_path / "again"), smoke_config())
-  first = verify_lib.read_manifest(honest)
+  first = proof.read_manifest(honest)
   assert again["root"] != first["root"]
   assert proof.semantic_root(again) == proof.semantic_root(first)
   assert again["checkpoints"] == first["checkpoints"]
@@ -135,7 +134,7 @@ def test_fifo_in_the_proof_is_refused_at_once(honest, copy_of, rebuilt, target):
   p = copy_of(honest)
   rel = FIFO_TARGETS[target](p)
   fifo = _plant_fifo(p, rel)
-  error = _within(lambda: verify_lib.verify(p, *rebuilt, strategy="all"), fifo)
+  error = _within(lambda: verifier.verify(p, *rebuilt, strategy="all"), fifo)
   _check_one_line(error, proof.ProofError, rel, "a FIFO, refused")
 
 
@@ -166,7 +165,7 @@ def test_manifest_linked_to_dev_zero_is_refused_in_bounded_memory(honest, copy_o
   p = copy_of(honest)
   os.remove(os.path.join(p, proof.MANIFEST))
   os.symlink("/dev/zero", os.path.join(p, proof.MANIFEST))
-  result = _run_limited("from pol_jax import verify\nverify.read_manifest(sys.argv[1])", p, "ProofError")
+  result = _run_limited("from pol_jax import verifier\nverify.read_manifest(sys.argv[1])", p, "ProofError")
   assert result.returncode == 2, result.stdout + result.stderr[-2000:]
   assert result.stdout.startswith("manifest.json: file: a symbolic link, refused"), result.stdout
 
@@ -179,7 +178,7 @@ def test_symbolic_link_in_the_proof_is_refused(honest, copy_of, rebuilt, tmp_pat
   outside = str(tmp_path / "outside")
   shutil.move(os.path.join(p, rel), outside)
   os.symlink(outside, os.path.join(p, rel))
-  error = _within(lambda: verify_lib.verify(p, *rebuilt, strategy="all"))
+  error = _within(lambda: verifier.verify(p, *rebuilt, strategy="all"))
   _check_one_line(error, proof.ProofError, rel, "a symbolic link, refused")
 
 
@@ -216,7 +215,7 @@ def test_hostile_json_manifest_is_one_line(honest, copy_of, attack):
   hostile = edit(text)
   assert hostile != text, "the attack must change the manifest"
   open(os.path.join(p, proof.MANIFEST), "w").write(hostile)
-  error = _within(lambda: verify_lib.read_manifest(p))
+  error = _within(lambda: proof.read_manifest(p))
   _check_one_line(error, proof.ProofError, "manifest.json: json:", words)
 
 
@@ -232,7 +231,7 @@ def test_resealed_deep_json_in_a_checkpoint_meta_fails_integrity(honest, copy_of
   p = copy_of(honest)
   open(os.path.join(p, batch_path(p, 4), "meta/metadata"), "w").write("[" * 100_000 + "]" * 100_000)
   reseal(p, lambda body: None)
-  _check_integrity_fails(verify_lib.verify(p, *rebuilt, strategy="all"), f"{batch_path(p, 4)}: meta", "nested")
+  _check_integrity_fails(verifier.verify(p, *rebuilt, strategy="all"), f"{batch_path(p, 4)}: meta", "nested")
 
 
 # ------------------------------------------------------------------ every byte accounted for
@@ -251,14 +250,14 @@ def test_changed_byte_in_orbax_bookkeeping_fails_integrity(honest, copy_of, rebu
   p = copy_of(honest)
   rel = f"{batch_path(p, step)}/{rel}"
   _flip(os.path.join(p, rel))
-  _check_integrity_fails(verify_lib.verify(p, *rebuilt, strategy="all"), rel, "does not match its SHA-256")
+  _check_integrity_fails(verifier.verify(p, *rebuilt, strategy="all"), rel, "does not match its SHA-256")
 
 
 def test_extra_file_fails_integrity(honest, copy_of, rebuilt):
   p = copy_of(honest)
   open(os.path.join(p, batch_path(p, 4), "state/notes.txt"), "w").write("unlisted")
   _check_integrity_fails(
-    verify_lib.verify(p, *rebuilt, strategy="all"),
+    verifier.verify(p, *rebuilt, strategy="all"),
     f"{batch_path(p, 4)}/state/notes.txt is not in the manifest's file listing",
   )
 
@@ -267,7 +266,7 @@ def test_missing_file_fails_integrity(honest, copy_of, rebuilt):
   p = copy_of(honest)
   os.remove(os.path.join(p, "checkpoints/12/_CHECKPOINT_METADATA"))
   _check_integrity_fails(
-    verify_lib.verify(p, *rebuilt, strategy="all"), "checkpoints/12/_CHECKPOINT_METADATA is listed in the manifest but"
+    verifier.verify(p, *rebuilt, strategy="all"), "checkpoints/12/_CHECKPOINT_METADATA is listed in the manifest but"
   )
 
 

@@ -15,7 +15,7 @@ from conftest import OWNER
 from flax import nnx
 from flax.training import train_state
 
-from pol_jax import attacks, data, recorder, training, verify
+from pol_jax import attacks, data, proof, recorder, training, verifier
 
 
 class CNN(nn.Module):
@@ -86,14 +86,14 @@ def user_proof(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("user") / "proof")
   program = training.Program(create, train_step)
   examples = digits_with_weights()
-  plan = recorder.Plan(owner=OWNER, nonce=0, k=4, steps=12, batch_size=32, runner="loop")
+  plan = proof.Plan(owner=OWNER, nonce=0, k=4, steps=12, batch_size=32, runner="loop")
   recorder.record(path, program, examples, plan, config={"example": "linen dict batches"})
   return path, program, examples
 
 
 def test_a_linen_trainstate_step_with_dict_batches_records_and_verifies(user_proof):
   path, program, examples = user_proof
-  verdict = verify.verify(path, program, examples, strategy="all")
+  verdict = verifier.verify(path, program, examples, strategy="all")
   assert verdict.accepted, verdict.table()
   batch = examples.batch(np.array([[0, 1]]))
   assert set(batch) == {"image", "label", "weight"} and batch["image"].shape == (1, 2, 8, 8, 1)
@@ -102,8 +102,8 @@ def test_a_linen_trainstate_step_with_dict_batches_records_and_verifies(user_pro
 def test_every_field_of_an_example_is_in_its_digest(user_proof):
   path, program, examples = user_proof
   tree = jax.tree.map(np.copy, examples.tree)
-  tree["weight"][int(np.asarray(verify.proof.read_index_log(path, verify.read_manifest(path)))[0, 0])] += 1.0
-  verdict = verify.verify(path, program, data.Examples(examples.name, tree), strategy="all")
+  tree["weight"][int(np.asarray(verifier.proof.read_index_log(path, proof.read_manifest(path)))[0, 0])] += 1.0
+  verdict = verifier.verify(path, program, data.Examples(examples.name, tree), strategy="all")
   assert [c.name for c in verdict.failed] == ["data"], verdict.table()
 
 
@@ -119,9 +119,9 @@ def test_a_grain_source_records_a_proof_that_the_dict_of_arrays_verifies_and_an_
   got, want = loaded.batch(indices), examples.batch(indices)
   assert set(got) == set(want) and all(np.array_equal(got[f], want[f]) and got[f].dtype == want[f].dtype for f in want)
   # Recorded from the Grain source, verified with the same examples as a dict of arrays: the same digests.
-  plan = recorder.Plan(owner=OWNER, nonce=1, k=4, steps=8, batch_size=32, runner="loop")
+  plan = proof.Plan(owner=OWNER, nonce=1, k=4, steps=8, batch_size=32, runner="loop")
   recorder.record(str(tmp_path / "proof"), training.Program(create, train_step), loaded, plan, config={})
-  verdict = verify.verify(str(tmp_path / "proof"), training.Program(create, train_step), examples, strategy="all")
+  verdict = verifier.verify(str(tmp_path / "proof"), training.Program(create, train_step), examples, strategy="all")
   assert verdict.accepted, verdict.table()
   # A source whose examples change structure is named; an iterator is refused in one line.
   ragged = data.from_source("ragged", [{"x": np.zeros(2)}, {"x": np.zeros(2), "y": np.ones(1)}])
@@ -180,14 +180,14 @@ def test_typed_prng_keys_in_the_state_are_recorded_restored_and_replayed(tmp_pat
   program = integrations.nnx_program(nnx_create, nnx_step)
   train = data.load_digits("train")
   assert any(training.is_key(leaf) for leaf in jax.tree.leaves(program.init(jax.random.key(0))))
-  plan = recorder.Plan(owner=OWNER, nonce=0, k=3, steps=9, batch_size=32, runner="loop")
+  plan = proof.Plan(owner=OWNER, nonce=0, k=3, steps=9, batch_size=32, runner="loop")
   path = str(tmp_path / "proof")
   manifest = recorder.record(path, program, train, plan, config={"example": "nnx rngs in the model"})
   assert any(d for p, d in proof.read_meta(path, 9, None)["leaves"].items() if "key" in p)
   state = recorder.final_state(path, program, manifest)
   keys = [leaf for leaf in jax.tree.leaves(state) if training.is_key(leaf)]
   assert keys and all(str(k.dtype) == "key<fry>" for k in keys)
-  verdict = verify.verify(path, program, train, strategy="all")
+  verdict = verifier.verify(path, program, train, strategy="all")
   assert verdict.accepted, verdict.table()
 
 
@@ -215,9 +215,9 @@ def test_the_nnx_tutorials_step_shape_records_and_carries_its_metrics(tmp_path):
 
   program = integrations.nnx_program(tutorial_create, tutorial_step)
   train = data.load_digits("train")
-  plan = recorder.Plan(owner=OWNER, nonce=1, k=3, steps=6, batch_size=32, runner="loop")
+  plan = proof.Plan(owner=OWNER, nonce=1, k=3, steps=6, batch_size=32, runner="loop")
   manifest = recorder.record(str(tmp_path / "proof"), program, train, plan, config={"example": "nnx tutorial"})
-  assert verify.verify(str(tmp_path / "proof"), program, train, strategy="all").accepted
+  assert verifier.verify(str(tmp_path / "proof"), program, train, strategy="all").accepted
   _, _, metrics = program.objects(recorder.final_state(str(tmp_path / "proof"), program, manifest))
   assert 0.0 <= float(metrics.compute()["accuracy"]) <= 1.0 and float(metrics.compute()["loss"]) > 0
 
@@ -250,7 +250,7 @@ def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_th
   trained = _cli("experiments.train", "--program=user_project:build", config, f"--workdir={tmp_path}")
   assert trained.returncode == 0, trained.stderr
   path = str(tmp_path / "proof")
-  assert verify.read_manifest(path)["builder"] == {"target": "user_project:build", "version": None}
+  assert proof.read_manifest(path)["builder"] == {"target": "user_project:build", "version": None}
   unnamed = _cli("experiments.verify", f"--proof={path}")  # the proof names its builder; it is never imported
   assert unnamed.returncode == 2 and unnamed.stderr.strip().splitlines() == [
     "error: manifest.json: builder: recorded by user_project:build (version None); install that package and pass "
@@ -277,15 +277,15 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
   from pol_jax import proof
 
   path, _, examples = user_proof
-  assert "programs/segment.stablehlo.gz" in verify.read_manifest(path)["files"]
+  assert "programs/segment.stablehlo.gz" in proof.read_manifest(path)["files"]
   assert os.path.getsize(os.path.join(path, "programs", "segment.stablehlo.gz")) < 200_000
 
   unclipped = jax.jit(functools.partial(_train_step, grad_scale=1.0001))  # the verifier's step differs
 
   # Not rebuilt from the recorded config (no builder): this verifier's program differs, so it cannot tell
   # a false proof from its own difference: undecided (exit 2), never rejected.
-  verdict = verify.verify(path, training.Program(create, unclipped), examples, strategy="all")
-  program, replayed = verdict.checks[verify.CHECKS.index("program")], verdict.checks[verify.CHECKS.index("replay")]
+  verdict = verifier.verify(path, training.Program(create, unclipped), examples, strategy="all")
+  program, replayed = verdict.checks[verifier.CHECKS.index("program")], verdict.checks[verifier.CHECKS.index("replay")]
   assert verdict.status == "undecided" and not verdict.failed, verdict.table()
   assert program.passed is None and "this verifier's segment program differs from the recorded one" in program.detail
   assert "first difference at line" in program.detail and "builder=None" in program.detail, program.detail
@@ -294,7 +294,7 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
 
   # A step wrapped in one more jax.jit lowers to other text but computes the same bits: exact replay decides.
   rewrapped = jax.jit(lambda state, batch, key: train_step(state, batch, key))
-  verdict = verify.verify(path, training.Program(create, rewrapped), examples, strategy="all")
-  program = verdict.checks[verify.CHECKS.index("program")]
+  verdict = verifier.verify(path, training.Program(create, rewrapped), examples, strategy="all")
+  program = verdict.checks[verifier.CHECKS.index("program")]
   assert verdict.accepted, verdict.table()
   assert "first difference at line" in program.detail and "reproduces every replayed state" in program.detail

@@ -11,20 +11,19 @@ import pytest
 from conftest import batch_path, load_manifest, reseal, run_cli, smoke_config, splice_state
 
 from experiments import build
-from pol_jax import data, proof
-from pol_jax import verify as verify_lib
+from pol_jax import data, fingerprint, proof, verifier
 
 
-def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str = "all") -> verify_lib.Verdict:
+def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str = "all") -> verifier.Verdict:
   from ml_collections import ConfigDict
 
   config = ConfigDict(load_manifest(proof_dir)["config"])
   train = build.dataset(config, "train") if dataset is None else dataset
   # Rebuilt from the recorded config, as the CLI does (builder=): a program that differs shows the proof false.
-  return verify_lib.verify(proof_dir, build.program(config, train), train, strategy=strategy, builder=build.BUILDER)
+  return verifier.verify(proof_dir, build.program(config, train), train, strategy=strategy, builder=build.BUILDER)
 
 
-def _check_rejected_by(verdict: verify_lib.Verdict, check: str, words: str = "") -> None:
+def _check_rejected_by(verdict: verifier.Verdict, check: str, words: str = "") -> None:
   assert not verdict.accepted, verdict.table()
   failed = [c.name for c in verdict.failed]
   assert failed and failed[0] == check, verdict.table()
@@ -48,11 +47,11 @@ def test_every_strategy_accepts_the_honest_proof(honest, strategy):
 
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
-  verdict = verify_lib.verify(honest, build.program(config, train), train, strategy=strategy, num_segments=2, seed=3)
+  verdict = verifier.verify(honest, build.program(config, train), train, strategy=strategy, num_segments=2, seed=3)
   assert verdict.accepted, verdict.table()
   chosen = [s.index for s in verdict.segments]
   if strategy == "top-q":  # One epoch: per metric the largest update, united over the four metrics.
-    everything = verify_lib.verify(honest, build.program(config, train), train, strategy="all").segments
+    everything = verifier.verify(honest, build.program(config, train), train, strategy="all").segments
     assert max(everything, key=lambda s: s.update["l2"]).index in chosen
     assert 1 <= len(chosen) <= 3
   else:
@@ -67,12 +66,12 @@ def test_the_default_draw_is_top_q_and_uniform_from_a_fresh_verifier_seed_that_t
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
   program = build.program(config, train)
-  first = verify_lib.verify(honest, program, train, num_segments=2)
+  first = verifier.verify(honest, program, train, num_segments=2)
   assert first.strategy == challenge.DEFAULT and first.seed is not None and first.accepted
-  seeds = {first.seed} | {verify_lib.verify(honest, program, train, num_segments=2).seed for _ in range(2)}
+  seeds = {first.seed} | {verifier.verify(honest, program, train, num_segments=2).seed for _ in range(2)}
   assert len(seeds) == 3, "the default seed must be fresh for every verification"
-  drawn = verify_lib.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
-  again = verify_lib.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
+  drawn = verifier.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
+  again = verifier.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
   assert [s.index for s in again.segments] == [s.index for s in drawn.segments]
   assert 2 in [s.index for s in drawn.segments]  # the last of 3 segments is always drawn
   # One false segment among the 2 others: a draw of 2 (the last and one more) misses it half the time.
@@ -135,7 +134,7 @@ def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):
   """A forger who also records the edited program's digest is caught by replay."""
   from ml_collections import ConfigDict
 
-  from pol_jax import recorder, training
+  from pol_jax import training
 
   p = copy_of(honest)
   config = ConfigDict(load_manifest(p)["config"])
@@ -145,7 +144,7 @@ def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):
   plan = build.plan(config)
   keys = training.derive_keys(plan.seed)
   segment = training.make_segment(program.step, plan.runner)
-  digests = recorder.program_digests(segment, training.to_host(program.init(keys.init)), train, plan, keys.step)
+  digests = fingerprint.program_digests(segment, training.to_host(program.init(keys.init)), train, plan, keys.step)
   reseal(p, lambda b: (b["config"].update(learning_rate=0.2), b.update(programs=digests)))
   _check_rejected_by(_verify(p), "replay", "does not reproduce")
 
@@ -214,7 +213,7 @@ def test_partial_proof_is_never_accepted(honest, copy_of):
   os.remove(os.path.join(p, proof.MANIFEST))
   open(os.path.join(p, proof.RUN), "w").write("{}")
   with pytest.raises(proof.ProofError, match="partial proof"):
-    verify_lib.verify(p, build.program(config, train), train)
+    verifier.verify(p, build.program(config, train), train)
   result = run_cli("experiments.verify", f"--proof={p}")
   assert result.returncode == 2 and "partial proof" in result.stderr, result.stderr
 
@@ -276,14 +275,14 @@ def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
   import jax
   from conftest import record
 
-  from pol_jax import recorder, training
+  from pol_jax import training
   from pol_jax.attacks import replace_checkpoint
 
   p = str(tmp_path / "proof")
   record(p, smoke_config("cnn"))
   program, train = build.rebuild(p)
   manifest = load_manifest(p)
-  plan = recorder.Plan.from_manifest(manifest)
+  plan = proof.Plan.from_manifest(manifest)
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
   state, _ = proof.restore(p, 4, template, manifest["checkpoints"]["4"])
@@ -331,15 +330,15 @@ def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
   config = ConfigDict(load_manifest(p)["config"])
   train = build.dataset(config, "train")
   program = build.program(config, train)
-  full = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1)
+  full = verifier.verify(p, program, train, strategy="fiat-shamir", num_segments=1)
   assert [c.name for c in full.failed] == ["integrity"], full.table()
-  chosen = verify_lib.challenge.including_last(3, 1, lambda c, m: verify_lib.challenge.fiat_shamir(c, m, full.root))
-  sampled = verify_lib.verify(p, program, train, strategy="fiat-shamir", num_segments=1, integrity="sampled")
+  chosen = verifier.challenge.including_last(3, 1, lambda c, m: verifier.challenge.fiat_shamir(c, m, full.root))
+  sampled = verifier.verify(p, program, train, strategy="fiat-shamir", num_segments=1, integrity="sampled")
   if 8 in {4 * chosen[0], 4 * chosen[0] + 4}:
     assert [c.name for c in sampled.failed] == ["integrity"], sampled.table()
   else:  # The damaged checkpoint is not used by the sampled segment, as documented.
     assert sampled.accepted, sampled.table()
-  every = verify_lib.verify(p, program, train, strategy="all", integrity="sampled")
+  every = verifier.verify(p, program, train, strategy="all", integrity="sampled")
   _check_rejected_by(every, "integrity", f"checkpoint batch 12: {batch_path(p, 8)}/state/")
 
 
@@ -372,6 +371,6 @@ def test_sampled_integrity_reads_each_batch_the_chosen_segments_use_once(honest,
   monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
-  verdict = verify_lib.verify(honest, build.program(config, train), train, strategy="all", integrity="sampled")
+  verdict = verifier.verify(honest, build.program(config, train), train, strategy="all", integrity="sampled")
   assert verdict.accepted, verdict.table()
   assert sorted(reads) == proof.batches(honest), reads

@@ -11,8 +11,7 @@ import pytest
 from conftest import ROOT, reseal
 
 from experiments import build
-from pol_jax import fingerprint, proof, recorder, replay, training, workers
-from pol_jax import verify as verify_lib
+from pol_jax import fingerprint, proof, replay, training, verifier, workers
 
 # Runs a module as a program with this process's CPU affinity set first (before JAX starts).
 _PINNED = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
@@ -69,31 +68,31 @@ def test_one_thread_proof_verifies_in_two_pinned_workers_and_needs_them(one_thre
   assert "1 worker process pinned to 1 core" in sequential.stdout
   # And the pinning is what makes it exact: replayed here, with two threads, no segment reproduces.
   program, train = build.rebuild(one_thread_proof)
-  manifest = verify_lib.read_manifest(one_thread_proof)
-  plan = recorder.Plan.from_manifest(manifest)
+  manifest = proof.read_manifest(one_thread_proof)
+  plan = proof.Plan.from_manifest(manifest)
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
   log = proof.read_index_log(one_thread_proof, manifest)
   job = replay.Job(
     one_thread_proof, manifest, training.make_segment(program.step, "loop"), template, train, log, keys.step
   )
-  unpinned = replay.replay(job, [(i, s, e) for i, (s, e) in enumerate(recorder.segments(plan))])
+  unpinned = replay.replay(job, [(i, s, e) for i, (s, e) in enumerate(proof.segments(plan))])
   assert not any(r.match for r in unpinned), [r.mismatch for r in unpinned]
   assert all(r.diverged_step == r.start + 1 for r in unpinned), [r.mismatch for r in unpinned]
 
 
 def test_library_without_a_builder_leaves_the_thread_mismatch_undecided(one_thread_proof):
   program, train = build.rebuild(one_thread_proof)
-  verdict = verify_lib.verify(one_thread_proof, program, train, strategy="all")
+  verdict = verifier.verify(one_thread_proof, program, train, strategy="all")
   assert verdict.status == "undecided" and not verdict.segments
   assert "builder=" in verdict.checks[1].detail
-  with_builder = verify_lib.verify(one_thread_proof, program, train, strategy="all", builder=build.BUILDER)
+  with_builder = verifier.verify(one_thread_proof, program, train, strategy="all", builder=build.BUILDER)
   assert with_builder.status == "accepted", with_builder.summary()
   # The CLI recorded with its speed flags, which this process lacks: they change the initialisation's bits, so
   # step 0 is checked against the init a worker derives in the prover's environment, not this process's.
-  init = with_builder.checks[verify_lib.CHECKS.index("init")]
+  init = with_builder.checks[verifier.CHECKS.index("init")]
   assert init.passed and "(in a worker with the prover's environment)" in init.detail, init.detail
-  assert "step 0 differs from this process's initialisation" in verdict.checks[verify_lib.CHECKS.index("init")].detail
+  assert "step 0 differs from this process's initialisation" in verdict.checks[verifier.CHECKS.index("init")].detail
 
 
 def test_two_thread_proof_on_one_core_is_refused_naming_the_cores(honest):
@@ -126,10 +125,10 @@ def test_version_mismatch_is_undecided_never_rejected(honest, copy_of, tmp_path)
 def test_the_worker_checks_that_its_environment_now_matches(honest, copy_of):
   p = copy_of(honest)
   reseal(p, lambda b: b["environment"].update(cpu_threads=1))
-  settings = workers.plan(verify_lib.read_manifest(p)["environment"]).settings
+  settings = workers.plan(proof.read_manifest(p)["environment"]).settings
   wrong = workers.Pinning(2, ((0, 1),), settings)  # two cores for a one-thread proof
   with pytest.raises(workers.Unreproducible, match="still differs from the proof's: cpu_threads: proof 1, worker 2"):
-    workers.replay(p, verify_lib.read_manifest(p)["root"], build.BUILDER, [(0, 0, 4)], wrong)
+    workers.replay(p, proof.read_manifest(p)["root"], build.BUILDER, [(0, 0, 4)], wrong)
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from pol_jax import challenge, distances, fingerprint, proof, recorder, replay, sampling, training, workers
+from pol_jax import challenge, distances, fingerprint, proof, replay, sampling, training, workers
 from pol_jax import data as data_lib
 from pol_jax import tolerance as tolerance_lib
 
@@ -148,23 +147,6 @@ class Verdict:
           f"{s.update['l2']:>9.2e} {ratio}{s.seconds:>7.2f}  {s.device}"
         )
     return "\n".join(lines)
-
-
-def read_manifest(proof_dir: str) -> dict:
-  """The manifest of a finished proof, parsed and field-checked (not its root).
-
-  Raises:
-    proof.ProofError: the directory, the manifest or a field is unusable; a
-      symbolic link, FIFO or device anywhere in the proof (nothing is followed
-      or opened before the whole directory is walked).
-  """
-  if not os.path.isdir(proof_dir):
-    raise proof.ProofError(proof_dir, "directory", "not found (expected a proof directory holding manifest.json)")
-  proof.list_files(proof_dir)
-  path = os.path.join(proof_dir, proof.MANIFEST)
-  if not os.path.exists(path) and os.path.exists(os.path.join(proof_dir, proof.RUN)):
-    raise proof.ProofError(proof.MANIFEST, "file", "missing: this is a partial proof (the recording did not finish)")
-  return proof.validate_body(proof.read_json(path, proof.MANIFEST))
 
 
 def verify(
@@ -329,9 +311,9 @@ def verify(
   if mode == "tolerance" and tolerance is None:
     raise ValueError("Tolerance mode needs a tolerance: calibrate one (experiments.calibrate) or give delta.")
   replay.local_devices(devices)  # Refuse an impossible device count before any work.
-  manifest = read_manifest(proof_dir)
-  plan = recorder.Plan.from_manifest(manifest)
-  bounds = recorder.segments(plan)
+  manifest = proof.read_manifest(proof_dir)
+  plan = proof.Plan.from_manifest(manifest)
+  bounds = proof.segments(plan)
   checks = {name: Check(name, None, "not run") for name in CHECKS}
   verdict = Verdict(
     False,
@@ -416,7 +398,7 @@ def verify(
   # config, an exact replay still decides if it reproduces every state.
   text_differs = None  # what differs, where exact replay is to decide despite it
   segment = training.make_segment(program.step, plan.runner)
-  texts = recorder.program_texts(segment, template, dataset, plan, keys.step)
+  texts = fingerprint.program_texts(segment, template, dataset, plan, keys.step)
   ours = {name: fingerprint.program_digest(text) for name, text in texts.items()}
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
   if program.numerics != manifest["numerics"]["kind"]:
@@ -893,7 +875,7 @@ def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
   Raises:
     proof.IntegrityError: a checkpoint's meta does not match its digest.
   """
-  bounds = recorder.segments(recorder.Plan.from_manifest(manifest))
+  bounds = proof.segments(proof.Plan.from_manifest(manifest))
   steps = {step for i in indices for step in bounds[i]}
   metas = proof.read_metas(proof_dir, {step: manifest["checkpoints"][str(step)] for step in steps})
   params = {step: {p: d for p, d in meta["leaves"].items() if p.startswith("params/")} for step, meta in metas.items()}
