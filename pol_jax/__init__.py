@@ -9,6 +9,7 @@ Record a proof while training, verify it by replaying sampled segments::
 
 The headline names are re-exported here; each concept lives in its module:
 
+  augment       deterministic crop and flip inside the compiled step, keyed per step
   challenge     which segments a verifier replays (``All``, ``TopQ``, ``Uniform``, ...)
   data          datasets, sources, example digests
   distances     distances between states (tolerance mode)
@@ -28,10 +29,11 @@ The headline names are re-exported here; each concept lives in its module:
   verifier      ``verify``: the checks and their Verdict
 
 Internal (no stability promise): ``safeio``, ``isolation``, ``venv``,
-``workers``, ``augment``.
+``workers``.
 """
 
 from pol_jax import (
+  augment,
   challenge,
   data,
   distances,
@@ -68,6 +70,7 @@ __all__ = [
   "TrainState",
   "Uniform",
   "Verdict",
+  "augment",
   "challenge",
   "data",
   "distances",

@@ -1,5 +1,7 @@
 """Runs functions in a child process under a wall-clock and a memory limit; JSON in, JSON out.
 
+Internal to pol-jax (no stability promise); the public API is in ``pol_jax/__init__.py``.
+
 ``pol_jax.distributed`` judges every worker's proof this way: whatever an
 upload makes a judgement do (raise, block on a FIFO, recurse without end,
 allocate without bound, crash the interpreter) ends that child, and the

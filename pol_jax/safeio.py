@@ -1,5 +1,7 @@
 """Reading files that a stranger wrote: no links, no FIFOs, bounded sizes, strict JSON.
 
+Internal to pol-jax (no stability promise); the public API is in ``pol_jax/__init__.py``.
+
 A proof, a commitment and a model file are hostile input. Everything here
 refuses what could hang the reader (a FIFO, a device), redirect it (a
 symbolic link, anywhere in a walked tree) or exhaust it (a file longer than

@@ -1,5 +1,7 @@
 """A cached virtual environment with exactly the versions a proof was recorded with.
 
+Internal to pol-jax (no stability promise); the public API is in ``pol_jax/__init__.py``.
+
 Exact replay needs the prover's jax and jaxlib (see :mod:`pol_jax.fingerprint`).
 A verifier with other versions calls :func:`ensure`: it builds, once, a virtual
 environment under ``<cache>/envs/`` with the recorded versions of :data:`PINNED`

@@ -1,5 +1,7 @@
 """Exact replay in worker processes that reproduce the prover's CPU environment.
 
+Internal to pol-jax (no stability promise); the public API is in ``pol_jax/__init__.py``.
+
 XLA:CPU sizes its thread pool from the CPU affinity of the process when JAX
 starts, and float32 reductions depend on it; XLA flags (the CPU ISA pin, the
 forced host device count) and x64 are fixed at start too. A verifier that
