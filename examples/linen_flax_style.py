@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from pol_jax import data, ownership, proof, recorder, sampling, training, verifier  # pol-jax
+from pol_jax import challenge, data, ownership, proof, recorder, sampling, training, verifier  # pol-jax
 
 
 class CNN(nn.Module):
@@ -107,7 +107,7 @@ def main(workdir: str = "runs/linen_flax") -> verifier.Verdict:
   recorder.record(f"{workdir}/proof", program, train, plan, config=config.to_dict())  # pol-jax
   recorded = time.perf_counter() - t0
   print(f"plain loop {seconds:.2f} s, recorded {recorded:.2f} s: {recorded / seconds:.2f}x (both compiled before)")
-  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, challenge=challenge.All())  # pol-jax
 
 
 if __name__ == "__main__":

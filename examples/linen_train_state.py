@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from pol_jax import data, ownership, proof, recorder, training, verifier  # pol-jax
+from pol_jax import challenge, data, ownership, proof, recorder, training, verifier  # pol-jax
 
 
 class CNN(nn.Module):
@@ -54,7 +54,7 @@ def main(workdir: str = "runs/linen") -> verifier.Verdict:
   owner, _ = ownership.ensure_key(f"{workdir}/owner.key")  # pol-jax: the key the proof is bound to
   plan = proof.Plan(owner=owner, nonce=0, k=10, steps=60, batch_size=32, runner="loop")  # pol-jax
   recorder.record(f"{workdir}/proof", program, train, plan, config={"example": "linen"})  # pol-jax
-  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, challenge=challenge.All())  # pol-jax
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pol_jax import data, integrations, ownership, proof, recorder, verifier  # pol-jax
+from pol_jax import challenge, data, integrations, ownership, proof, recorder, verifier  # pol-jax
 
 
 class CNN(nnx.Module):
@@ -63,7 +63,7 @@ def main(workdir: str = "runs/nnx") -> verifier.Verdict:
   test = data.load_digits("test")
   accuracy = float(jnp.mean(jnp.argmax(model(jnp.asarray(test.inputs)), -1) == jnp.asarray(test.labels)))
   print(f"held-out accuracy {accuracy:.4f}")
-  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, challenge=challenge.All())  # pol-jax
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pol_jax import data, integrations, ownership, proof, recorder, sampling, training, verifier  # pol-jax
+from pol_jax import challenge, data, integrations, ownership, proof, recorder, sampling, training, verifier  # pol-jax
 
 
 class CNN(nnx.Module):
@@ -100,7 +100,7 @@ def main(workdir: str = "runs/tutorial") -> verifier.Verdict:
   _, _, metrics = program.objects(recorder.final_state(f"{workdir}/proof", program, manifest))
   print(f"plain loop {seconds:.2f} s, recorded {recorded:.2f} s: {recorded / seconds:.2f}x (both compiled before)")
   print(f"training metrics: { ({k: round(float(v), 4) for k, v in metrics.compute().items()}) }")
-  return verifier.verify(f"{workdir}/proof", program, train, strategy="all")  # pol-jax
+  return verifier.verify(f"{workdir}/proof", program, train, challenge=challenge.All())  # pol-jax
 
 
 if __name__ == "__main__":

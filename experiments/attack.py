@@ -36,10 +36,17 @@ import shutil
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from experiments import build
+from experiments import cli, forge
+from pol_jax import build, challenge, distances, paper, proof, recorder, sampling, training, verifier
+from pol_jax import data as data_lib
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 FORGED_DATA = "forged_data.npz"
@@ -63,8 +70,6 @@ class Victim:
 
 def victim(config, workdir: str) -> Victim:
   """Records (or reuses) the honest run in ``workdir/victim``."""
-  from pol_jax import proof, recorder
-
   proof_dir = os.path.join(workdir, "victim", "proof")
   summary = os.path.join(workdir, "victim", "summary.json")
   train = build.dataset(config, "train")
@@ -98,28 +103,19 @@ def infinitesimal_update(v: Victim, out: str) -> dict:
   segment barely moves the weights, and takes enough segments that each
   interpolation step is below half the paper's default deltas.
   """
-  from pol_jax import attacks, distances, sampling, training, verifier
-
   config = _declared(v, learning_rate=1e-9, schedule="constant", weight_decay=0.0, seed=v.config.seed + 1)
   program = build.program(config, v.train)
   keys = training.derive_keys(build.plan(config).seed)
   fresh = training.to_host(program.init(keys.init))
-  start = fresh.replace(params=attacks.rank_match(fresh.params, v.stolen.params))
+  start = fresh.replace(params=forge.rank_match(fresh.params, v.stolen.params))
   total = distances.distances(start.params, v.stolen.params)
-  delta = verifier.PAPER_TOLERANCE.delta
+  delta = paper.PAPER_TOLERANCE.delta
   segments = max(2, *(math.ceil(total[m] / (0.5 * delta[m])) for m in ("l1", "l2", "linf")))
   config.steps = segments * config.k
   plan = build.plan(config)
-  states = [
-    start.replace(
-      step=np.int32(i * plan.k),
-      params=attacks.interpolate(start.params, v.stolen.params, i / segments),
-      model_state=attacks.interpolate(start.model_state, v.stolen.model_state, i / segments),
-    )
-    for i in range(segments + 1)
-  ]
-  log = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
-  attacks.write_proof(out, program, v.train, plan, states, log, config.to_dict())
+  states = forge.interpolated(start, proof.segments(plan), params=v.stolen.params, model_state=v.stolen.model_state)
+  log = forge.seed_order(plan, len(v.train))
+  forge.write_proof(out, program, v.train, plan, states, log, config.to_dict())
   return {"segments": segments, "declared_learning_rate": config.learning_rate}
 
 
@@ -129,35 +125,29 @@ def blindfold_top_q(v: Victim, out: str, q: int = 2) -> dict:
   Top-Q replays the Q largest updates per epoch, which are the honest ones;
   every other segment moves the weights towards the stolen ones by less.
   """
-  from pol_jax import attacks, sampling, training
-
   per_epoch = sampling.steps_per_epoch(len(v.train), v.config.batch_size)
   k = max(1, per_epoch // (4 * q))
   epochs = max(1, math.ceil(v.config.steps / per_epoch))
   config = _declared(v, k=k, steps=epochs * per_epoch - (epochs * per_epoch) % k, schedule="constant")
   plan = build.plan(config)
   program = build.program(config, v.train)
-  keys = training.derive_keys(build.plan(config).seed)
-  log = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
-  segment = training.make_segment(program.step, plan.runner)
-  state = training.to_host(program.init(keys.init))
-  bounds = [(s, min(s + k, plan.steps)) for s in range(0, plan.steps, k)]
+  log = forge.seed_order(plan, len(v.train))
+  bounds = proof.segments(plan)
   honest = {i for i, (s, _) in enumerate(bounds) if (s % per_epoch) // k < q}
-  states, honest_steps, left = [state], 0, len(bounds) - len(honest)
-  for i, (s, e) in enumerate(bounds):
+
+  def honest_or_closer(i, state, end, train):
     if i in honest:
-      state, _ = segment.run(state, v.train.batch(log[s:e]), keys.step)
-      state = training.to_host(state)
-      honest_steps += e - s
-    else:
-      state = state.replace(
-        step=np.int32(e),
-        params=attacks.interpolate(state.params, v.stolen.params, 1.0 / left),
-        model_state=attacks.interpolate(state.model_state, v.stolen.model_state, 1.0 / left),
-      )
-      left -= 1
-    states.append(state)
-  attacks.write_proof(out, program, v.train, plan, states, log, config.to_dict())
+      return train()
+    left = sum(j not in honest for j in range(i, len(bounds)))  # this and the later faked segments
+    return state.replace(
+      step=np.int32(end),
+      params=forge.interpolate(state.params, v.stolen.params, 1.0 / left),
+      model_state=forge.interpolate(state.model_state, v.stolen.model_state, 1.0 / left),
+    )
+
+  states = forge.checkpoints(program, v.train, plan, log, honest_or_closer)
+  forge.write_proof(out, program, v.train, plan, states, log, config.to_dict())
+  honest_steps = sum(e - s for i, (s, e) in enumerate(bounds) if i in honest)
   return {"segments": len(bounds), "honest_segments": len(honest), "honest_steps": honest_steps}
 
 
@@ -168,10 +158,6 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
   keeps the one whose step lands closest (l2) to the honest next state; the
   proof claims those batches and keeps the victim's checkpoints.
   """
-  import jax
-
-  from pol_jax import attacks, distances, proof, training
-
   plan = proof.Plan.from_manifest(v.manifest)
   keys = training.derive_keys(plan.seed)
   log = proof.read_npy(os.path.join(v.proof_dir, proof.INDICES), proof.INDICES, (plan.steps, plan.batch_size), "<i4")
@@ -195,7 +181,7 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
       state = jax.device_get(target)
   final, _ = proof.restore(v.proof_dir, plan.steps, v.stolen, v.manifest["checkpoints"][str(plan.steps)])
   states.append(final)
-  attacks.write_proof(out, v.program, v.train, plan, states, forged, v.manifest["config"])
+  forge.write_proof(out, v.program, v.train, plan, states, forged, v.manifest["config"])
   return {"candidates_per_step": candidates, "steps_forged": plan.steps}
 
 
@@ -214,19 +200,12 @@ def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: f
   the paper's verifier, taking the prover's data, checks digests against. Our
   verifier uses its own copy of the data.
   """
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  from pol_jax import attacks, sampling, training
-  from pol_jax import data as data_lib
-
   segments = min(16, 2 * (v.config.steps // v.config.k))
   k = min(10, v.config.k)
   config = _declared(v, k=k, steps=segments * k, schedule="constant")
   plan = build.plan(config)
   keys = training.derive_keys(build.plan(config).seed)
-  source = sampling.index_log(keys.order, len(v.train), plan.batch_size, plan.steps)
+  source = forge.seed_order(plan, len(v.train))
   inputs = v.train.inputs[source.ravel()].astype(np.float32)
   labels = v.train.labels[source.ravel()]
   log = np.arange(inputs.shape[0], dtype=np.int32).reshape(source.shape)
@@ -245,8 +224,8 @@ def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: f
   for i in range(segments):
     fraction = (i + 1) / segments
     goal = (
-      attacks.interpolate(start.params, v.stolen.params, fraction),
-      attacks.interpolate(start.model_state, v.stolen.model_state, fraction),
+      forge.interpolate(start.params, v.stolen.params, fraction),
+      forge.interpolate(start.model_state, v.stolen.model_state, fraction),
     )
     begin = (state.params, state.model_state)
     for j in range(k):
@@ -268,7 +247,7 @@ def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: f
     state = state.replace(params=goal[0], model_state=goal[1])
     states.append(state)
   forged = data_lib.Dataset(v.train.name, inputs, labels)
-  attacks.write_proof(out, program, forged, plan, states, log, config.to_dict())
+  forge.write_proof(out, program, forged, plan, states, log, config.to_dict())
   np.savez(os.path.join(os.path.dirname(out), FORGED_DATA), inputs=inputs, labels=labels)
   return {
     "segments": segments,
@@ -281,8 +260,6 @@ def adversarial_examples(v: Victim, out: str, iterations: int = 30, step_size: f
 
 def retrain_stolen(v: Victim, out: str) -> dict:
   """Fine-tunes the stolen model for two segments and presents an honest proof of that only."""
-  from pol_jax import recorder, training
-
   config = _declared(v, seed=v.config.seed + 2, steps=min(v.config.steps, 2 * v.config.k))
   program = build.program(config, v.train)
   stolen = v.stolen
@@ -301,22 +278,18 @@ def _tampered_copy(v: Victim, out: str) -> None:
 
 def tamper_hyperparameters(v: Victim, out: str) -> dict:
   """The victim's proof, claiming a doubled learning rate (manifest edited and resealed)."""
-  from pol_jax import attacks
-
   _tampered_copy(v, out)
-  attacks.reseal(out, lambda b: b["config"].update(learning_rate=b["config"]["learning_rate"] * 2))
+  forge.reseal(out, lambda b: b["config"].update(learning_rate=b["config"]["learning_rate"] * 2))
   return {}
 
 
 def _edit_log(v: Victim, out: str, edit) -> None:
-  from pol_jax import attacks, proof
-
   _tampered_copy(v, out)
   path = os.path.join(out, proof.INDICES)
   log = np.load(path)
   edit(log)
   proof.write_npy_atomic(path, log)
-  attacks.reseal(out, lambda b: b.update(indices={"sha256": proof.leaf_digest("indices", log)}))
+  forge.reseal(out, lambda b: b.update(indices={"sha256": proof.leaf_digest("indices", log)}))
 
 
 def tamper_reorder(v: Victim, out: str) -> dict:
@@ -349,8 +322,6 @@ def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
   seed chosen after the proof is handed over catches the splice with
   probability ``1 - challenge.pass_probability``; ``all`` always does.
   """
-  from pol_jax import attacks, challenge, proof
-
   _tampered_copy(v, out)
   plan = proof.Plan.from_manifest(v.manifest)
   steps = proof.checkpoint_steps(plan.k, plan.steps)
@@ -360,8 +331,8 @@ def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
   hopeless = challenge.pass_probability(len(steps) - 1, n, faked) == 0.0  # every draw includes a faked segment
   for tries in range(1, 2 if hopeless else 201):
     fraction = 0.01 * (1 + tries / 1000)
-    sealed = attacks.replace_checkpoint(
-      out, state.replace(params=attacks.interpolate(state.params, v.stolen.params, fraction))
+    sealed = forge.replace_checkpoint(
+      out, state.replace(params=forge.interpolate(state.params, v.stolen.params, fraction))
     )
     drawn = challenge.including_last(len(steps) - 1, n, lambda c, m, r=sealed["root"]: challenge.fiat_shamir(c, m, r))
     if not faked & set(drawn):
@@ -371,12 +342,10 @@ def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
 
 def tamper_final(v: Victim, out: str) -> dict:
   """An honest proof of the attacker's own (other seed) run, its last checkpoint swapped for the stolen model."""
-  from pol_jax import attacks, recorder
-
   config = _declared(v, seed=v.config.seed + 3)
   program = build.program(config, v.train)
   manifest = recorder.record(out, program, v.train, build.plan(config), config=config.to_dict())
-  attacks.replace_checkpoint(out, v.stolen.replace(step=np.int32(manifest["steps"])))
+  forge.replace_checkpoint(out, v.stolen.replace(step=np.int32(manifest["steps"])))
   return {}
 
 
@@ -388,12 +357,10 @@ def splice_stolen(v: Victim, out: str) -> dict:
   forger who declares a small k (a large S) passes it almost surely. The
   jump is the largest update of its epoch, so top-q replays it.
   """
-  from pol_jax import attacks, proof
-
   config = _declared(v, seed=v.config.seed + 4)
   plan = build.plan(config)
   at = len(proof.segments(plan)) // 2
-  attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
+  forge.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
   return {"swapped_step": at * plan.k, "faked_segments": [at - 1]}
 
 
@@ -406,14 +373,12 @@ def splice_stolen_frozen(v: Victim, out: str, steps: int = 120) -> dict:
   stolen weights bit for bit. The progress check rejects any draw that
   replays one of those segments (the last always is); top-q replays the jump.
   """
-  from pol_jax import attacks, proof
-
   config = _declared(
     v, seed=v.config.seed + 5, k=1, steps=min(steps, v.config.steps), learning_rate=1e-30, schedule="constant"
   )
   plan = build.plan(config)
   at = len(proof.segments(plan)) // 2
-  attacks.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
+  forge.splice_stolen(out, build.program(config, v.train), v.train, plan, v.stolen, at, config.to_dict())
   return {"swapped_step": at, "faked_segments": [at - 1], "declared_learning_rate": config.learning_rate}
 
 
@@ -450,8 +415,6 @@ def spoof(name: str, v: Victim, workdir: str, segments: int = 8) -> dict:
 
 def _forged_data(proof_dir: str, manifest: dict):
   """The data the prover presents (beside the proof, if it forged its own), else None."""
-  from pol_jax import data as data_lib
-
   path = os.path.join(os.path.dirname(proof_dir), FORGED_DATA)
   if not os.path.exists(path):
     return None
@@ -491,26 +454,23 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
   found false or unmoved (1 when a check other than replay and progress
   rejects it). ``ours-uniform``: ``segments`` drawn uniformly, the last
   included (the old default). ``ours-fiat-shamir``: the draw from the
-  proof's root. ``paper``: :func:`pol_jax.verifier.paper`, given the prover's own
+  proof's root. ``paper``: :func:`pol_jax.paper.paper`, given the prover's own
   data when the prover forged some (the paper's threat model: digests are
   checked against what the prover hands over); ours use the verifier's copy.
   """
-  import ml_collections
-
-  from pol_jax import proof, verifier
-
   program, train = build.rebuild(proof_dir)
   manifest = proof.read_manifest(proof_dir)
-  everything = verifier.verify(proof_dir, program, train, strategy="all", builder=build.BUILDER)
+  everything = verifier.verify(proof_dir, program, train, challenge=challenge.All(), builder=build.BUILDER)
   unmoved = []
   if everything.checks[verifier.CHECKS.index("progress")].passed is False:
     unmoved = verifier.unmoved_segments(proof_dir, manifest, range(everything.num_segments))
   bad = {r.index for r in everything.segments if not r.match} | set(unmoved)
   # Every array of every checkpoint was checked by `everything`; the sampled verifiers check what they replay.
-  out = {"ours": _drawn(verifier.verify(proof_dir, program, train, num_segments=segments, builder=build.BUILDER), bad)}
+  ours = verifier.verify(proof_dir, program, train, challenge=challenge.TopQUniform(n=segments), builder=build.BUILDER)
+  out = {"ours": _drawn(ours, bad)}
   out["ours-uniform"] = _drawn(
     verifier.verify(
-      proof_dir, program, train, strategy="uniform", num_segments=segments, integrity="sampled", builder=build.BUILDER
+      proof_dir, program, train, challenge=challenge.Uniform(n=segments), integrity="sampled", builder=build.BUILDER
     ),
     bad,
   )
@@ -519,8 +479,7 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
       proof_dir,
       program,
       train,
-      strategy="fiat-shamir",
-      num_segments=segments,
+      challenge=challenge.FiatShamir(n=segments),
       integrity="sampled",
       builder=build.BUILDER,
     )
@@ -532,18 +491,14 @@ def judge(proof_dir: str, segments: int = 8) -> dict:
     # What exact replay alone says of the prover's own data (the data order check would reject it first:
     # its batches are not the seed's order of any dataset the verifier knows).
     out["ours-all"]["given_prover_data"] = _outcome(
-      verifier.verify(proof_dir, program, forged, strategy="all", order_check=False, builder=build.BUILDER)
+      verifier.verify(proof_dir, program, forged, challenge=challenge.All(), order_check=False, builder=build.BUILDER)
     )
-  out["paper"] = _outcome(
-    verifier.paper(proof_dir, program, forged or train, integrity="sampled", builder=build.BUILDER)
-  )
+  out["paper"] = _outcome(paper.paper(proof_dir, program, forged or train, integrity="sampled", builder=build.BUILDER))
   return out
 
 
 def run(config, workdir: str, names: list[str], segments: int = 8, progress: bool = False) -> dict:
-  from tqdm import tqdm
-
-  build.bind_owner(config, os.path.join(workdir, "owner.key"))
+  cli.bind_owner(config, os.path.join(workdir, "owner.key"))
   v = victim(config, workdir)
   rows = []
   for name in tqdm(names, desc="attacks", disable=not progress, leave=False):
@@ -587,9 +542,7 @@ def table(result: dict) -> str:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()  # before JAX starts a backend
-  from pol_jax import proof
-
+  cli.set_deterministic_flags()  # before JAX starts a backend
   if _ALL.value == bool(_ATTACK.value):
     print("error: give --attack=NAME or --all", file=sys.stderr)
     sys.exit(2)
@@ -611,7 +564,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries.
-  _CONFIG = build.define_config(_DEFAULT, "The victim's training config.")
+  _CONFIG = cli.define_config(_DEFAULT, "The victim's training config.")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/attack", "Where the victim and the spoofs go.")
   _ATTACK = flags.DEFINE_string("attack", None, "One attack: " + ", ".join(ATTACKS) + ".")
   _ALL = flags.DEFINE_bool("all", False, "Run every attack and print the table.")
@@ -619,4 +572,4 @@ if __name__ == "__main__":
     "segments", 8, "n for our verifier's sampled draws (top-q+uniform: beyond top-q and the last).", lower_bound=1
   )
   _OUT = flags.DEFINE_string("out", None, "Write the table as JSON to this file.")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,20 +36,30 @@ import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 
-from experiments import build
+from experiments import cli
+from pol_jax import (
+  build,
+  challenge,
+  data,
+  fingerprint,
+  proof,
+  recorder,
+  replay,
+  sampling,
+  tolerance,
+  training,
+  verifier,
+)
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 
 def _plain_training(config, train, plan) -> float:
   """Seconds to run the run's segments through a fresh runner, writing nothing."""
-  import jax
-
-  from experiments import build
-  from pol_jax import proof, sampling, training
-
   t0 = time.perf_counter()
   program = build.program(config, train)
   keys = training.derive_keys(plan.seed)
@@ -86,27 +96,22 @@ def _verifier_peak_rss_mib(proof_dir: str) -> float:
 
 def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segments: int = 8) -> dict:
   """Runs the benchmark for one config; returns the figures as a dict."""
-  import jax
-
-  from experiments import build
-  from pol_jax import proof, recorder, tolerance, verifier
-
   train, source = training_data(config)
   plan = build.plan(config)
   devices = min(devices, jax.local_device_count())
   chunk = max(devices, chunk // devices * devices)
-  loose = tolerance.Tolerance({"l2": 1e300}, source="benchmark: timing only")
+  loose = tolerance.Thresholds({"l2": 1e300}, source="benchmark: timing only")
   modes = {
-    "exact, 1 device": dict(devices=1),
-    f"exact, {devices} devices": dict(devices=devices),
-    f"vmapped x{chunk}, {devices} devices": dict(devices=devices, mode="tolerance", tolerance=loose, chunk=chunk),
+    "exact, 1 device": replay.Exact(devices=1),
+    f"exact, {devices} devices": replay.Exact(devices=devices),
+    f"vmapped x{chunk}, {devices} devices": replay.Tolerance(loose, chunk=chunk, devices=devices),
   }
   strategies = {
-    "top-q+uniform (default)": dict(strategy="top-q+uniform", seed=0),
-    "fiat-shamir": dict(strategy="fiat-shamir", num_segments=segments),
-    "uniform": dict(strategy="uniform", num_segments=segments, seed=0),
-    "top-q": dict(strategy="top-q", q=1),
-    "all": dict(strategy="all"),
+    "top-q+uniform (default)": challenge.TopQUniform(seed=0),
+    "fiat-shamir": challenge.FiatShamir(n=segments),
+    "uniform": challenge.Uniform(n=segments, seed=0),
+    "top-q": challenge.TopQ(q=1),
+    "all": challenge.All(),
   }
   t: dict[str, list[float]] = {"train": [], "record": []}
   size, steps_replayed = 0, {}
@@ -119,16 +124,18 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
       t["record"].append(seconds)
       size = proof.size_bytes(path)
       program = build.program(config, train)
-      for name, kwargs in modes.items():
+      for name, mode in modes.items():
         if r == 0:  # Compile outside the timing: a verifier checks many proofs per process.
-          verifier.verify(path, program, train, strategy="fiat-shamir", num_segments=devices, **kwargs)
-        seconds, verdict = _timed(lambda k=kwargs, p=path, g=program: verifier.verify(p, g, train, strategy="all", **k))
+          verifier.verify(path, program, train, challenge=challenge.FiatShamir(n=devices), replay=mode)
+        seconds, verdict = _timed(
+          lambda m=mode, p=path, g=program: verifier.verify(p, g, train, challenge=challenge.All(), replay=m)
+        )
         if not verdict.accepted:
           raise RuntimeError(f"benchmark proof rejected ({name}): {verdict.summary()}")
         t.setdefault(f"verify all: {name}", []).append(seconds)
-      for name, kwargs in strategies.items():
+      for name, drawn in strategies.items():
         seconds, verdict = _timed(
-          lambda k=kwargs, p=path, g=program: verifier.verify(p, g, train, devices=devices, **k)
+          lambda d=drawn, p=path, g=program: verifier.verify(p, g, train, challenge=d, replay=replay.Exact(devices))
         )
         t.setdefault(f"strategy: {name}", []).append(seconds)
         steps_replayed[name] = sum(s.end - s.start for s in verdict.segments)
@@ -136,11 +143,11 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
   med = {name: statistics.median(v) for name, v in t.items()}
   train_rate = plan.steps / med["train"]
-  replay = {}
+  verify_all = {}
   sequential = med["verify all: exact, 1 device"]
   for name in modes:
     seconds = med[f"verify all: {name}"]
-    replay[name] = {
+    verify_all[name] = {
       "seconds": seconds,
       "steps_per_second": plan.steps / seconds,
       "to_training": (plan.steps / seconds) / train_rate,
@@ -159,7 +166,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     "record_seconds": med["record"],
     "recording_overhead": med["record"] / med["train"],
     "train_steps_per_second": train_rate,
-    "verify_all": replay,
+    "verify_all": verify_all,
     "strategy_cost": {
       name: {
         "seconds": med[f"strategy: {name}"],
@@ -188,10 +195,6 @@ def training_data(config) -> tuple:
 
   Returns ``(dataset, what it is)``. A step's time does not depend on the pixel values.
   """
-  import numpy as np
-
-  from pol_jax import data
-
   try:
     train = build.dataset(config, "train")
     return train, train.name
@@ -216,10 +219,6 @@ def step_time(config, steps: int = 10) -> dict:
   uint8 images of the dataset's shape stand in: a step's time does not
   depend on the pixel values. No proof is written.
   """
-  import jax
-
-  from pol_jax import sampling, training
-
   train, source = training_data(config)
   plan = build.plan(config)
   program = build.program(config, train)
@@ -266,10 +265,6 @@ def fingerprint_cost(config, steps: int = 200, repeats: int = 11) -> dict:
   fingerprint (``training.state_fingerprint`` of the new state, returned with
   the metrics) differs.
   """
-  import jax
-
-  from pol_jax import sampling, training
-
   train = build.dataset(config, "train")
   plan = build.plan(config)
   program = build.program(config, train)
@@ -313,8 +308,6 @@ def isa_cost(config_arg: list[str], steps: int = 10, repeats: int = 5) -> dict:
   its own ``--step_time`` process; the two kinds alternate, so machine noise
   hits both alike.
   """
-  from pol_jax import fingerprint
-
   pin = fingerprint.cpu_isa_flag()
   times: dict[str, list[float]] = {"pinned": [], "unpinned": []}
   for r in range(repeats):
@@ -460,14 +453,12 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
   if not os.environ.get("POL_JAX_NO_ISA_PIN"):  # isa_cost's unpinned children
-    build.set_deterministic_flags()  # before JAX starts a backend
+    cli.set_deterministic_flags()  # before JAX starts a backend
   if not _STEP_TIME.value and "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES.value}"
     ).strip()
-  from pol_jax import fingerprint
-
-  build.bind_owner(_CONFIG.value, None)  # benchmark proofs are bound to a key nobody keeps
+  cli.bind_owner(_CONFIG.value, None)  # benchmark proofs are bound to a key nobody keeps
   try:
     if _PORTABLE.value:
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]
@@ -546,7 +537,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = build.define_config(_DEFAULT, "Config to benchmark.")
+  _CONFIG = cli.define_config(_DEFAULT, "Config to benchmark.")
   _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
   _DEVICES = flags.DEFINE_integer(
     "devices", 2, "Devices for parallel replay (CPU: forced host devices).", lower_bound=1
@@ -575,4 +566,4 @@ if __name__ == "__main__":
     "Only measure what reproducing environments costs: the per-step fingerprint, the CPU ISA pin, and exact "
     "replay of a 1-thread proof in 1 vs cores pinned workers.",
   )
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,15 +16,15 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import build
-from pol_jax import distances, proof, verifier
+from experiments import cli
+from pol_jax import build, distances, proof, tolerance
 
 
 def run(
   proof_dir: str, segments: int | None = None, margin: float = 10.0, chunk: int = 16, devices: int | None = None
 ) -> dict:
   program, train = build.rebuild(proof_dir)
-  return verifier.calibrate(
+  return tolerance.calibrate(
     proof_dir, program, train, num_segments=segments, margin=margin, chunk=chunk, devices=devices
   )
 
@@ -32,12 +32,12 @@ def run(
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()  # before JAX starts a backend
+  cli.set_deterministic_flags()  # before JAX starts a backend
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "calibration.json")
   try:
     record = run(_PROOF.value, _SEGMENTS.value, _MARGIN.value, _CHUNK.value, _DEVICES.value)
-  except (proof.ProofError, ValueError, build.UsageError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (proof.ProofError, ValueError, cli.UsageError) as e:
+    print(f"error: {cli.in_flags(str(e), {'n': '--segments'})}", file=sys.stderr)
     sys.exit(2)
   with open(out, "w") as f:
     json.dump(record, f, indent=1)
@@ -63,4 +63,4 @@ if __name__ == "__main__":
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
   _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to use (default: all).")
   _OUT = flags.DEFINE_string("out", None, "Where to write the calibration (default: beside the proof).")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

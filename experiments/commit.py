@@ -18,11 +18,11 @@ import sys
 
 from absl import app, flags
 
+from pol_jax import ownership, proof
+
 
 def main(argv) -> None:
   del argv
-  from pol_jax import ownership, proof
-
   out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "commitment.json")
   try:
     key = _KEY.value or os.path.join(os.path.dirname(os.path.abspath(_PROOF.value)), "owner.key")

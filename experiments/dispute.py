@@ -32,15 +32,14 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import build
+from experiments import cli
+from pol_jax import build, ownership
 
 
 def parse_claim(text: str):
-  from pol_jax import ownership
-
   parts = text.split(":")
   if len(parts) not in (2, 3) or not all(parts[:2]):
-    raise build.UsageError(f"--claim={text!r}: expected NAME:PROOF_DIR or NAME:PROOF_DIR:COMMITMENT")
+    raise cli.UsageError(f"--claim={text!r}: expected NAME:PROOF_DIR or NAME:PROOF_DIR:COMMITMENT")
   return ownership.Claim(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
 
 
@@ -67,15 +66,18 @@ def table(findings) -> str:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()
-  from pol_jax import ownership
-
+  cli.set_deterministic_flags()
   try:
     claims = [parse_claim(c) for c in _CLAIM.value]
     names = [c.name for c in claims]
     if len(set(names)) != len(names):
-      raise build.UsageError("--claim: every claimant needs its own NAME")
-  except build.UsageError as e:
+      raise cli.UsageError("--claim: every claimant needs its own NAME")
+    if _PROGRAM.value:
+      build.user_builder(_PROGRAM.value)  # importable here, before any claim is examined
+  except build.ProgramUnavailable as e:
+    print(f"error: --program: {e}", file=sys.stderr)
+    sys.exit(2)
+  except cli.UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   findings, verdict, status = ownership.settle(
@@ -105,4 +107,4 @@ if __name__ == "__main__":
   _PROGRAM = flags.DEFINE_string("program", None, "package.module:build that made the proofs (a user's program).")
   _CHALLENGE = flags.DEFINE_string("challenge", None, "A fresh text every claimant's commitment must answer.")
   _REPORT = flags.DEFINE_string("report", None, "Write the findings and the verdict as JSON.")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

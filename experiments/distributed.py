@@ -41,8 +41,11 @@ import sys
 import tempfile
 
 from absl import app, flags, logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
 
-from experiments import build
+from experiments import byzantine, cli
+from pol_jax import build, distributed, fingerprint, proof
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits_mlp.py")
 
@@ -54,8 +57,6 @@ def build_worker(config: dict, xla_flags: str | None = None):
   before a fresh actor starts JAX, so the workers' proofs are recorded in the
   environment the coordinator verifies in.
   """
-  from ml_collections import ConfigDict
-
   if xla_flags is not None:
     os.environ["XLA_FLAGS"] = xla_flags
   logging.set_verbosity(logging.ERROR)
@@ -73,12 +74,10 @@ def bind_owner(config, workdir: str, key: str | None) -> str:
   throwaway key. ``key`` must not be under ``workdir``: that is the storage
   every worker reads.
   """
-  from pol_jax import proof
-
   if key is not None:
     inside = os.path.commonpath([os.path.realpath(key), os.path.realpath(workdir)]) == os.path.realpath(workdir)
     if inside:
-      raise build.UsageError(f"--key={key} is under --workdir={workdir}, which every worker reads: keep it elsewhere")
+      raise cli.UsageError(f"--key={key} is under --workdir={workdir}, which every worker reads: keep it elsewhere")
   if not config.owner and key is None:
     for defence in ("pol", "none", "median"):
       path = os.path.join(workdir, defence, "coordinator", "setup.json")
@@ -87,7 +86,23 @@ def bind_owner(config, workdir: str, key: str | None) -> str:
         if isinstance(owner, str) and owner:
           config.owner = owner
           return f"owner:  {owner} (recorded in {path})"
-  return build.bind_owner(config, key)
+  return cli.bind_owner(config, key)
+
+
+def _check_behaviour(behaviour: str) -> None:
+  if behaviour not in byzantine.BEHAVIOURS + byzantine.FAULTS:
+    raise cli.UsageError(f"--behaviour: unknown {behaviour!r} (known: {', '.join(byzantine.BEHAVIOURS)})")
+
+
+def make_engine(behaviours, make, config: dict, *, local: bool = False, address=None, timeout: float = 300.0):
+  """Workers that play ``behaviours`` (:class:`experiments.byzantine.Worker`), each built by ``make()``.
+
+  ``local``: one after another in this process; else Ray actors (``address``,
+  ``timeout``: :class:`pol_jax.distributed.RayEngine`).
+  """
+  if local:
+    return distributed.LocalEngine(behaviours, make, config, worker=byzantine.Worker)
+  return distributed.RayEngine(behaviours, make, config, worker=byzantine.Worker, address=address, timeout=timeout)
 
 
 def setup_for(
@@ -103,8 +118,6 @@ def setup_for(
   judge_seconds: float = 600.0,
   judge_memory: int = 8 << 30,
 ):
-  from pol_jax import distributed
-
   try:
     return distributed.Setup(
       seed=int(config.seed),
@@ -123,7 +136,7 @@ def setup_for(
       judge_memory=judge_memory,
     )
   except ValueError as e:
-    raise build.UsageError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
 
 
 def run(
@@ -158,29 +171,20 @@ def run(
   process (``judges`` of them, started once for every coordinator) with
   ``judge_seconds`` and ``judge_memory`` bytes.
   """
-  from tqdm import tqdm
-
-  from pol_jax import distributed
-
   if not 0 <= byzantine <= workers:
-    raise build.UsageError(f"--byzantine={byzantine} must be between 0 and --workers={workers}")
-  if behaviour not in distributed.BEHAVIOURS + distributed.FAULTS:
-    raise build.UsageError(f"--behaviour: unknown {behaviour!r} (known: {', '.join(distributed.BEHAVIOURS)})")
+    raise cli.UsageError(f"--byzantine={byzantine} must be between 0 and --workers={workers}")
+  _check_behaviour(behaviour)
   config = config.copy_and_resolve_references()
   config.steps = rounds * steps  # the learning-rate schedule spans the whole run
   owner = bind_owner(config, workdir, key)
-  from pol_jax import fingerprint
-
   flags = fingerprint.started_flags()
   program, train = build_worker(config.to_dict(), flags)
   test = build.dataset(config, "test")
   behaviours = [behaviour] * byzantine + ["honest"] * (workers - byzantine)
   own_engine = engine is None
-  make = functools.partial(build_worker, config.to_dict(), flags)
-  if own_engine and local:
-    engine = distributed.LocalEngine(behaviours, make, config.to_dict())
-  elif own_engine:
-    engine = distributed.RayEngine(behaviours, make, config.to_dict(), address=address, timeout=timeout)
+  if own_engine:
+    make = functools.partial(build_worker, config.to_dict(), flags)
+    engine = make_engine(behaviours, make, config.to_dict(), local=local, address=address, timeout=timeout)
   out = {"config": config.to_dict(), "owner": owner, "behaviours": behaviours, "coordinators": {}}
   private = tempfile.mkdtemp(prefix="pol-jax-judges-")  # the judging children's files and compilation cache
   shared = []  # the judging children, started once for every coordinator
@@ -283,7 +287,7 @@ def summary(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  import matplotlib
+  import matplotlib  # deferred: only --plot needs it, and the Agg backend must be chosen before pyplot loads
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -311,9 +315,7 @@ def plot(result: dict, path: str) -> None:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()
-  from pol_jax import distributed, proof
-
+  cli.set_deterministic_flags()
   defences = [d.strip() for d in _DEFENCES.value.split(",") if d.strip()]
   if not defences or any(d not in ("none", "pol", "median") for d in defences):
     print(f"error: --defences: expected some of none,pol,median, got {_DEFENCES.value!r}", file=sys.stderr)
@@ -347,7 +349,7 @@ def main(argv) -> None:
       judge_memory=int(_JUDGE_MEMORY_GIB.value * (1 << 30)),
       judges=_JUDGES.value,
     )
-  except (build.ConfigError, build.UsageError, proof.ProofError, distributed.CoordinatorError, ImportError) as e:
+  except (build.ConfigError, cli.UsageError, proof.ProofError, distributed.CoordinatorError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(result["owner"])
@@ -365,14 +367,14 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so it imports as a library (Ray actors do).
-  from pol_jax import distributed as _d
-
-  _CONFIG = build.define_config(_DEFAULT, "Training config (model, data, optimizer, batch).")
+  _CONFIG = cli.define_config(_DEFAULT, "Training config (model, data, optimizer, batch).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/distributed", "Proofs and coordinator records (shared storage).")
   _FRESH = flags.DEFINE_bool("fresh", True, "Start from nothing; --nofresh resumes a killed run in --workdir.")
   _WORKERS = flags.DEFINE_integer("workers", 4, "Workers (Ray actors).", lower_bound=1)
   _BYZANTINE = flags.DEFINE_integer("byzantine", 1, "How many workers (the first) play --behaviour.", lower_bound=0)
-  _BEHAVIOUR = flags.DEFINE_enum("behaviour", "sign-flip", list(_d.BEHAVIOURS + _d.FAULTS), "The Byzantine behaviour.")
+  _BEHAVIOUR = flags.DEFINE_enum(
+    "behaviour", "sign-flip", list(byzantine.BEHAVIOURS + byzantine.FAULTS), "The Byzantine behaviour."
+  )
   _ROUNDS = flags.DEFINE_integer("rounds", 10, "Rounds.", lower_bound=1)
   _STEPS = flags.DEFINE_integer("steps", 20, "Local steps per worker and round.", lower_bound=1)
   _K = flags.DEFINE_integer("k", 5, "Steps between a worker's recorded states.", lower_bound=1)
@@ -399,4 +401,4 @@ if __name__ == "__main__":
   _JUDGES = flags.DEFINE_integer("judges", 1, "Judgements run at once (judging child processes).", lower_bound=1)
   _OUT = flags.DEFINE_string("out", None, "Write every round as JSON to this file.")
   _PLOT = flags.DEFINE_string("plot", None, "Write accuracy against round for the coordinators as a PNG.")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

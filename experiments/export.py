@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import sys
 
+import jax
+import ml_dtypes
+import numpy as np
 from absl import app, flags, logging
 
-from experiments import build
+from experiments import cli
+from pol_jax import build, ownership, proof, recorder
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  import jax
-  import ml_dtypes
-  import numpy as np
-
-  from pol_jax import ownership, proof, recorder
-
   if not _OUT.value.endswith((".safetensors", ".msgpack")):
     print(f"error: --out={_OUT.value}: expected a .safetensors or .msgpack file name", file=sys.stderr)
     sys.exit(2)
@@ -49,4 +47,4 @@ if __name__ == "__main__":
   _PROOF = flags.DEFINE_string("proof", None, "The finished proof directory.", required=True)
   _OUT = flags.DEFINE_string("out", None, "model.safetensors or model.msgpack.", required=True)
   _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16"], "Cast floating arrays first.")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

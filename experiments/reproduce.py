@@ -28,8 +28,10 @@ import sys
 import time
 
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from experiments import build
+from experiments import cli
+from pol_jax import build, challenge, fingerprint, proof, recorder, replay, tolerance, verifier
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -38,9 +40,9 @@ def _ints(values, field: str) -> list[int]:
   try:
     out = sorted({int(v) for v in values})
   except ValueError:
-    raise build.UsageError(f"{field}: expected comma-separated integers, got {','.join(values)!r}") from None
+    raise cli.UsageError(f"{field}: expected comma-separated integers, got {','.join(values)!r}") from None
   if not out or out[0] < 1:
-    raise build.UsageError(f"{field}: expected positive integers, got {','.join(values)!r}")
+    raise cli.UsageError(f"{field}: expected positive integers, got {','.join(values)!r}")
   return out
 
 
@@ -55,13 +57,11 @@ def measure(proof_dir: str, program, train, chunk: int = 16) -> list[dict]:
     RuntimeError: the proof does not verify exactly here (a bug to report:
       an honest proof replayed in the prover's environment must).
   """
-  from pol_jax import tolerance, verifier
-
-  exact = verifier.verify(proof_dir, program, train, strategy="all")
+  exact = verifier.verify(proof_dir, program, train, challenge=challenge.All())
   if not exact.accepted:
     raise RuntimeError(f"the honest proof {proof_dir} did not verify exactly: {exact.summary()}")
-  loose = tolerance.Tolerance({"l2": 1e300}, source="reproduce: measurement only")
-  vmapped = verifier.verify(proof_dir, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=chunk)
+  loose = tolerance.Thresholds({"l2": 1e300}, source="reproduce: measurement only")
+  vmapped = verifier.verify(proof_dir, program, train, challenge=challenge.All(), replay=replay.Tolerance(loose, chunk))
   rows = []
   for e, v in zip(exact.segments, vmapped.segments, strict=True):
     rows.append(
@@ -97,11 +97,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def run(config, workdir: str, ks: list[int] | None = None, counts=(1, 2, 4, 8, 16), chunk: int = 16, progress=False):
   """Records a proof per k and measures the reproduction analysis; returns the result dict."""
-  from tqdm import tqdm
-
-  from pol_jax import fingerprint, proof, recorder
-
-  build.bind_owner(config, os.path.join(workdir, "owner.key"))
+  cli.bind_owner(config, os.path.join(workdir, "owner.key"))
   base_k = int(config.k)
   ks = sorted(set(ks or [max(1, base_k // 2), base_k, 2 * base_k]))
   if base_k not in ks:
@@ -133,16 +129,13 @@ def run(config, workdir: str, ks: list[int] | None = None, counts=(1, 2, 4, 8, 1
 
 def _cost(proof_dir, program, train, record_seconds, num_segments, counts, progress) -> dict:
   """Wall time of exact verification (every check) against segments replayed."""
-  from tqdm import tqdm
-
-  from pol_jax import verifier
-
   points = []  # The segment program was compiled by the exact replay of every segment before.
   ns = sorted({c for c in counts if c <= num_segments} | {num_segments})
   for n in tqdm(ns, desc="cost", disable=not progress, leave=False):
     for integrity in ("full", "sampled"):
       t0 = time.perf_counter()
-      verdict = verifier.verify(proof_dir, program, train, strategy="uniform", num_segments=n, integrity=integrity)
+      drawn = challenge.Uniform(n=n)
+      verdict = verifier.verify(proof_dir, program, train, challenge=drawn, integrity=integrity)
       seconds = time.perf_counter() - t0
       points.append(
         {
@@ -187,7 +180,7 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path: str) -> None:
   """Writes the three panels as a PNG."""
-  import matplotlib
+  import matplotlib  # deferred: the Agg backend must be chosen before pyplot loads
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -247,17 +240,15 @@ def plot(result: dict, path: str) -> None:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
-  build.set_deterministic_flags()  # before JAX starts a backend
-  from pol_jax import proof, recorder
-
+  cli.set_deterministic_flags()  # before JAX starts a backend
   config = _CONFIG.value
   try:
     ks = _ints(_KS.value, "--ks") if _KS.value else None
     counts = _ints(_COUNTS.value, "--counts")
-    build.bind_owner(config, os.path.join(_WORKDIR.value, "owner.key"))
+    cli.bind_owner(config, os.path.join(_WORKDIR.value, "owner.key"))
     build.plan(config)
     result = run(config, _WORKDIR.value, ks, counts, _CHUNK.value, _PROGRESS.value)
-  except (build.ConfigError, build.UsageError) as e:
+  except (build.ConfigError, cli.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except (proof.ProofError, recorder.ProofExistsError) as e:
@@ -275,10 +266,10 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = build.define_config(_DEFAULT, "Training config.")
+  _CONFIG = cli.define_config(_DEFAULT, "Training config.")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Where the proofs, the JSON and the PNG go.")
   _KS = flags.DEFINE_list("ks", None, "Checkpoint intervals k to record (default: k/2, k, 2k of the config).")
   _COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8", "16"], "Segments replayed, for the cost curve.")
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
   _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 
@@ -84,8 +85,7 @@ def crop_and_flip(torch, x, generator):
 
 
 def step_time(steps: int, batch_size: int = 128, seed: int = 0) -> dict:
-  import numpy as np
-  import torch
+  import torch  # deferred: optional (pol-jax[bench]), and it must start after __main__ sets OMP_WAIT_POLICY
 
   torch.manual_seed(seed)
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -17,9 +17,10 @@ import sys
 import time
 
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from experiments import build
-from pol_jax import proof, recorder, workers
+from experiments import cli
+from pol_jax import build, ownership, proof, recorder, workers
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -31,12 +32,17 @@ def run(config, workdir: str, progress: bool = True, user_program: str | None = 
   (program, dataset)`` of your own (``--program``) that replaces this project's
   models and data; ``config`` then needs only the plan's fields (``owner``,
   ``seed``, ``k``, ``steps``, ``batch_size``, ``runner``) besides your own.
-  """
-  from tqdm import tqdm
 
+  Raises:
+    cli.UsageError: ``user_program`` cannot be imported here.
+  """
   plan = build.plan(config)
   if user_program:
-    program, train = build.user_builder(user_program)(config.to_dict())
+    try:
+      build_user_program = build.user_builder(user_program)
+    except build.ProgramUnavailable as e:
+      raise cli.UsageError(f"--program: {e}") from None
+    program, train = build_user_program(config.to_dict())
   else:
     train = build.dataset(config, "train")
     program = build.program(config, train)
@@ -71,17 +77,15 @@ def run(config, workdir: str, progress: bool = True, user_program: str | None = 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax logs every save at INFO.
-  build.set_deterministic_flags()  # before JAX starts a backend
-  from pol_jax import ownership
-
+  cli.set_deterministic_flags()  # before JAX starts a backend
   try:
     build.set_data_dir(_DATA_DIR.value)
-    owner = build.bind_owner(_CONFIG.value, _KEY.value or os.path.join(_WORKDIR.value, "owner.key"))
+    owner = cli.bind_owner(_CONFIG.value, _KEY.value or os.path.join(_WORKDIR.value, "owner.key"))
     build.set_numerics(_CONFIG.value)
     summary = run(_CONFIG.value, _WORKDIR.value, progress=sys.stderr.isatty(), user_program=_PROGRAM.value)
   except (
     build.ConfigError,
-    build.UsageError,
+    cli.UsageError,
     proof.ProofError,
     recorder.ProofExistsError,
     ownership.DisputeError,
@@ -100,11 +104,11 @@ def main(argv) -> None:
 if __name__ == "__main__":
   # Flags exist only when this module runs as a program, so the experiments modules can be
   # imported together as libraries (the notebook does).
-  _CONFIG = build.define_config(_DEFAULT, "Training config file (and :arg).")
+  _CONFIG = cli.define_config(_DEFAULT, "Training config file (and :arg).")
   _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for the proof and metrics.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Your TFDS data directory (default: $TFDS_DATA_DIR).")
   _PROGRAM = flags.DEFINE_string("program", None, "Your package.module:build, build(config) -> (program, dataset).")
   _KEY = flags.DEFINE_string(
     "key", None, "The owner's Ed25519 private key (PEM); created if missing (default WORKDIR/owner.key)."
   )
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -38,44 +38,62 @@ import os
 import subprocess
 import sys
 
+import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from experiments import build
-from pol_jax import challenge, proof, replay, tolerance, verifier
+from experiments import cli
+from pol_jax import build, challenge, proof, replay, tolerance, venv, verifier
+
+_CHALLENGE_FLAGS = {"n": "--segments", "q": "--q", "detect": "--detect", "faked_fraction": "--faked_fraction"}
+"""The flag that sets each argument of a challenge."""
 
 
-def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Tolerance:
+def challenge_from(
+  strategy: str, segments: int | None, seed: int | None, q: int, detect: float, faked_fraction: float
+) -> challenge.Challenge:
+  """The challenge ``--strategy`` and its settings describe."""
+  if strategy in ("uniform", challenge.DEFAULT) and seed is None and jax.process_count() > 1:
+    raise cli.UsageError(f"--strategy={strategy} across processes needs --seed, so that every process draws alike")
+  try:
+    return challenge.from_name(strategy, n=segments, seed=seed, q=q, detect=detect, faked_fraction=faked_fraction)
+  except ValueError as e:
+    raise cli.UsageError(cli.in_flags(str(e), _CHALLENGE_FLAGS)) from None
+
+
+def tolerance_from(calibration: str | None, delta: str | None) -> tolerance.Thresholds:
   if calibration and delta:
-    raise build.UsageError("pass --calibration or --delta, not both")
+    raise cli.UsageError("pass --calibration or --delta, not both")
   try:
     if calibration:
       return tolerance.load(calibration)
     if delta:
-      return tolerance.parse(delta)
+      return tolerance.parse(delta, source=f"--delta={delta}")
   except ValueError as e:
-    raise build.UsageError(str(e)) from None
-  raise build.UsageError(
+    raise cli.UsageError(str(e) if calibration else f"--delta: {e}") from None
+  raise cli.UsageError(
     "--mode=tolerance needs a delta: --calibration=FILE (from python -m experiments.calibrate --proof=DIR) "
     "or --delta=l1=X,l2=X,linf=X,cosine=X"
   )
 
 
+def mode_from(mode: str, devices: int | None, chunk: int, calibration: str | None, delta: str | None) -> replay.Mode:
+  """The replay mode ``--mode`` and its settings describe."""
+  if mode == "exact" and (calibration or delta):
+    raise cli.UsageError("--calibration and --delta apply to --mode=tolerance only")
+  thresholds = tolerance_from(calibration, delta) if mode == "tolerance" else None
+  return replay.from_name(mode, devices=devices, delta=thresholds, chunk=chunk)
+
+
 def run(
   proof_dir: str,
-  strategy: str = challenge.DEFAULT,
-  segments: int | None = None,
-  seed: int | None = None,
-  q: int = 1,
-  devices: int | None = None,
-  mode: str = "exact",
-  tol: tolerance.Tolerance | None = None,
-  chunk: int = 64,
+  drawn: challenge.Challenge = challenge.TopQUniform(),
+  mode: replay.Mode = replay.Exact(),
   integrity: str = "full",
   progress: bool = True,
   workers: int | None = None,
   versions_matched: str | None = None,
-  detect: float = challenge.DETECT,
-  faked_fraction: float = challenge.FAKED_FRACTION,
   user_program: str | None = None,
 ) -> verifier.Verdict:
   """Verifies ``proof_dir`` with the program its recorded config describes.
@@ -83,53 +101,36 @@ def run(
   ``user_program``: ``"package.module:function"`` that builds it (``--program``),
   for a proof a user's own program recorded; default: this project's configs.
   """
-  import jax
-  from tqdm import tqdm
-
-  program, train = build.rebuild(proof_dir, program=user_program)
-  if strategy in ("uniform", challenge.DEFAULT) and seed is None and jax.process_count() > 1:
-    raise build.UsageError(f"--strategy={strategy} across processes needs --seed, so that every process draws alike")
   try:
-    replay.local_devices(devices)
-  except ValueError as e:
-    raise build.UsageError(str(e)) from None
+    program, train = build.rebuild(proof_dir, program=user_program)
+  except build.ProgramUnavailable as e:
+    raise cli.UsageError(f"--program: {e}") from None
   with tqdm(desc="verify", unit="segment", disable=not progress, leave=False) as bar:
     try:
       return verifier.verify(
         proof_dir,
         program,
         train,
-        strategy=strategy,
-        num_segments=segments,
-        seed=seed,
-        q=q,
-        detect=detect,
-        faked_fraction=faked_fraction,
-        devices=devices,
-        mode=mode,
-        tolerance=tol,
-        chunk=chunk,
+        challenge=drawn,
+        replay=mode,
         integrity=integrity,
         on_segment=lambda _: bar.update(1),
         builder=user_program or build.BUILDER,
         max_workers=workers,
         versions_matched=versions_matched,
       )
-    except ValueError as e:  # a chunk that does not divide or fit, a --segments below what the strategy needs
-      raise build.UsageError(str(e)) from None
+    except ValueError as e:  # devices this process lacks, a chunk that does not divide or fit
+      raise cli.UsageError(cli.in_flags(str(e))) from None
 
 
 def _join(coordinator: str | None, num_processes: int, process_id: int) -> None:
   """Joins ``jax.distributed`` before JAX starts any computation."""
   if coordinator is None:
     if num_processes > 1:
-      raise build.UsageError("--num_processes > 1 needs --coordinator=HOST:PORT (process 0's address)")
+      raise cli.UsageError("--num_processes > 1 needs --coordinator=HOST:PORT (process 0's address)")
     return
   if process_id >= num_processes:
-    raise build.UsageError(f"--process_id={process_id} must be below --num_processes={num_processes}")
-  import jax
-  from jax.experimental import multihost_utils
-
+    raise cli.UsageError(f"--process_id={process_id} must be below --num_processes={num_processes}")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
   # Connect now, with stdout sent to stderr: Gloo prints its connection line
@@ -155,8 +156,6 @@ def _in_matched_versions(proof_dir: str, argv: list[str]) -> int | None:
   Returns the child's exit status, or None when this interpreter already has
   the recorded jax and jaxlib (the verification then runs here).
   """
-  from pol_jax import venv
-
   recorded = proof.validate_body(proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST))[
     "environment"
   ]
@@ -166,7 +165,7 @@ def _in_matched_versions(proof_dir: str, argv: list[str]) -> int | None:
   try:
     python = venv.ensure(recorded, root, log=lambda line: print(line, file=sys.stderr))
   except (venv.MatchError, ValueError) as e:
-    raise build.UsageError(f"--env=match: {e}") from None
+    raise cli.UsageError(f"--env=match: {e}") from None
   matched = f"a venv of Python {venv.python_version(recorded)}, jax {recorded['jax']}, jaxlib {recorded['jaxlib']}"
   args = [a for a in argv[1:] if not a.startswith("--env")] + [f"--versions_matched={matched}"]
   return subprocess.run([python, "-m", "experiments.verify", *args], env=venv.clean_environ(), check=False).returncode
@@ -178,48 +177,41 @@ def main(argv) -> None:
   if _ENV.value == "match":
     try:
       status = _in_matched_versions(_PROOF.value, sys.argv)
-    except (proof.ProofError, build.UsageError) as e:
+    except (proof.ProofError, cli.UsageError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     if status is not None:
       sys.exit(status)
-  build.set_flags_of_proof(_PROOF.value)  # before JAX starts a backend
+  cli.set_flags_of_proof(_PROOF.value)  # before JAX starts a backend
   build.set_data_dir(_DATA_DIR.value)  # the verifier's own copy of the data, never the proof's choice
   if _MAX_PARAMS.value:
     os.environ["POL_JAX_MAX_PARAMS"] = str(_MAX_PARAMS.value)  # worker processes inherit it
   try:
-    tol = tolerance_from(_CALIBRATION.value, _DELTA.value) if _MODE.value == "tolerance" else None
-    if _MODE.value == "exact" and (_CALIBRATION.value or _DELTA.value):
-      raise build.UsageError("--calibration and --delta apply to --mode=tolerance only")
+    mode = mode_from(_MODE.value, _DEVICES.value, _CHUNK.value, _CALIBRATION.value, _DELTA.value)
     _join(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    drawn = challenge_from(
+      _STRATEGY.value, _SEGMENTS.value, _SEED.value, _Q.value, _DETECT.value, _FAKED_FRACTION.value
+    )
     verdict = run(
       _PROOF.value,
-      _STRATEGY.value,
-      _SEGMENTS.value,
-      _SEED.value,
-      _Q.value,
-      _DEVICES.value,
-      _MODE.value,
-      tol,
-      _CHUNK.value,
+      drawn,
+      mode,
       _INTEGRITY.value,
       sys.stderr.isatty(),
       _WORKERS.value,
       _VERSIONS_MATCHED.value,
-      _DETECT.value,
-      _FAKED_FRACTION.value,
       user_program=_PROGRAM.value,
     )
-  except (proof.ProofError, build.UsageError) as e:
+  except (proof.ProofError, cli.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if _REPORT.value and _PROCESS_ID.value == 0:
     with open(_REPORT.value, "w") as f:
       json.dump(verdict.to_json(), f, indent=1)
   status = exit_status(verdict)
-  print(verdict.table())
+  print(cli.in_flags(verdict.table()))
   if status == 2:
-    print(f"error: {verdict.summary()}", file=sys.stderr)
+    print(f"error: {cli.in_flags(verdict.summary())}", file=sys.stderr)
   sys.exit(status)
 
 
@@ -244,7 +236,7 @@ if __name__ == "__main__":
   _SEED = flags.DEFINE_integer("seed", None, "Verifier seed (uniform, top-q+uniform; default: drawn from the OS).")
   _Q = flags.DEFINE_integer("q", 1, "Segments per epoch and metric (top-q, top-q+uniform).", lower_bound=1)
   _REPORT = flags.DEFINE_string("report", None, "Write the verdict as JSON to this file.")
-  _MODE = flags.DEFINE_enum("mode", "exact", verifier.MODES, "exact: digest equality; tolerance: within delta.")
+  _MODE = flags.DEFINE_enum("mode", "exact", replay.MODES, "exact: digest equality; tolerance: within delta.")
   _CALIBRATION = flags.DEFINE_string("calibration", None, "Tolerance mode: delta from experiments.calibrate.")
   _DELTA = flags.DEFINE_string("delta", None, "Tolerance mode: normalised delta, e.g. l2=1e-4,linf=1e-3.")
   _CHUNK = flags.DEFINE_integer("chunk", 64, "Tolerance mode: segments per vmapped call.")
@@ -273,4 +265,4 @@ if __name__ == "__main__":
   _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to verify across processes.")
   _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes joined by jax.distributed.", lower_bound=1)
   _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
-  app.run(main, flags_parser=build.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

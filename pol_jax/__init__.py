@@ -10,6 +10,7 @@ Record a proof while training, verify it by replaying sampled segments::
 The headline names are re-exported here; each concept lives in its module:
 
   augment       deterministic crop and flip inside the compiled step, keyed per step
+  build         this project's models, data and optimizers from a (recorded) config
   challenge     which segments a verifier replays (``All``, ``TopQ``, ``Uniform``, ...)
   data          datasets, sources, example digests
   distances     distances between states (tolerance mode)
@@ -22,7 +23,7 @@ The headline names are re-exported here; each concept lives in its module:
   paper         the paper's verifier (top-Q, KS test of the initial state)
   proof         the proof format: Plan, manifest, checkpoints
   recorder      ``record``: the training loop that writes a proof
-  replay        replaying segments (exact and tolerance modes)
+  replay        replaying segments: the modes ``Exact`` and ``Tolerance``
   sampling      the seed-derived data order
   tolerance     tolerance thresholds and their calibration
   training      TrainState, Program, the step and segment functions
@@ -34,6 +35,7 @@ Internal (no stability promise): ``safeio``, ``isolation``, ``venv``,
 
 from pol_jax import (
   augment,
+  build,
   challenge,
   data,
   distances,
@@ -43,6 +45,7 @@ from pol_jax import (
   models,
   numerics,
   ownership,
+  paper,
   proof,
   recorder,
   replay,
@@ -54,6 +57,7 @@ from pol_jax import (
 from pol_jax.challenge import All, Challenge, FiatShamir, TopQ, TopQUniform, Uniform
 from pol_jax.proof import Plan
 from pol_jax.recorder import record
+from pol_jax.replay import Exact, Mode, Tolerance
 from pol_jax.training import Program, TrainState
 from pol_jax.verifier import Check, Verdict, verify
 
@@ -62,15 +66,19 @@ __all__ = [
   "All",
   "Challenge",
   "Check",
+  "Exact",
   "FiatShamir",
+  "Mode",
   "Plan",
   "Program",
+  "Tolerance",
   "TopQ",
   "TopQUniform",
   "TrainState",
   "Uniform",
   "Verdict",
   "augment",
+  "build",
   "challenge",
   "data",
   "distances",
@@ -80,6 +88,7 @@ __all__ = [
   "models",
   "numerics",
   "ownership",
+  "paper",
   "proof",
   "record",
   "recorder",

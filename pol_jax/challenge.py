@@ -382,6 +382,21 @@ def select(
 
 # The strategies as typed values: each a frozen dataclass with one method,
 # ``select(segments)``, over what a verifier knows of the proof's segments.
+# Each refuses impossible settings when it is made, naming the argument.
+
+
+def _check_settings(challenge, least_n: int) -> None:
+  name = type(challenge).__name__
+  if getattr(challenge, "q", 1) < 1:
+    raise ValueError(f"Expected q >= 1 for {name}, got q={challenge.q}.")
+  n = getattr(challenge, "n", None)
+  if n is not None and n < least_n:
+    why = " (the last segment is always replayed)" if least_n else ""
+    raise ValueError(f"Expected n >= {least_n} for {name}{why}, got n={n}.")
+  if not 0 < getattr(challenge, "detect", DETECT) <= 1:
+    raise ValueError(f"Expected 0 < detect <= 1, got detect={challenge.detect}.")
+  if not 0 < getattr(challenge, "faked_fraction", FAKED_FRACTION) <= 1:
+    raise ValueError(f"Expected 0 < faked_fraction <= 1, got faked_fraction={challenge.faked_fraction}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,6 +433,9 @@ class TopQ:
   name = "top-q"
   needs_update_sizes = True
 
+  def __post_init__(self):
+    _check_settings(self, 0)
+
   def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
     return select(self.name, segments.count, update_sizes=segments.update_sizes, epochs=segments.epochs, q=self.q)
 
@@ -432,6 +450,9 @@ class Uniform:
   faked_fraction: float = FAKED_FRACTION
   name = "uniform"
   needs_update_sizes = False
+
+  def __post_init__(self):
+    _check_settings(self, 1)
 
   def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
     return select(
@@ -448,6 +469,9 @@ class FiatShamir:
   faked_fraction: float = FAKED_FRACTION
   name = "fiat-shamir"
   needs_update_sizes = False
+
+  def __post_init__(self):
+    _check_settings(self, 1)
 
   def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
     return select(
@@ -466,6 +490,9 @@ class TopQUniform:
   faked_fraction: float = FAKED_FRACTION
   name = DEFAULT
   needs_update_sizes = True
+
+  def __post_init__(self):
+    _check_settings(self, 0)
 
   def select(self, segments: Segments) -> tuple[list[int], Guarantee | None]:
     return select(

@@ -28,9 +28,11 @@ before the judgement (the coordinator keeps no secret, on disk or
 otherwise), and it reaches the shared storage only in the round's record,
 after the judgement, for audit.
 
-Workers run wherever an engine puts them: :class:`Worker` is a plain class,
-which ``experiments.distributed`` runs as Ray actors. :data:`BEHAVIOURS`
-lists the Byzantine ones it can play, for experiments and tests.
+Workers run wherever an engine puts them: :class:`Worker` (an honest one)
+is a plain class, which :class:`RayEngine` runs as Ray actors and
+:class:`LocalEngine` in this process. An engine given a subclass
+(``worker=``) runs it instead: ``experiments.byzantine.Worker`` plays the
+Byzantine behaviours the experiments and tests throw at a coordinator.
 
 Everything but :class:`RayEngine` is host-side NumPy and JAX; Ray is
 imported only when an engine is made.
@@ -55,25 +57,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import attacks, challenge, isolation, proof, recorder, sampling, training, verifier
+from pol_jax import challenge, isolation, proof, recorder, training, verifier
 from pol_jax import data as data_lib
 
 PyTree = Any
-
-BEHAVIOURS = (
-  "honest",
-  "random",  # returns a random update
-  "sign-flip",  # returns minus its honest update
-  "scale",  # returns ten times its honest update
-  "lazy",  # trains half its steps and claims all of them
-  "free-rider",  # copies another worker's proof
-  "stale",  # withholds its first round's proof, then submits it in every later round
-  "wrong-data",  # trains on examples it was not assigned
-  "spoof",  # the infinitesimal-update attack: interpolated checkpoints, a tiny declared learning rate
-  "peek",  # reads the whole shared storage, trains only the segments it predicts will be replayed, poisons the rest
-)
-FAULTS = ("crash", "slow")
-"""Not Byzantine, just unreliable: the worker process dies, or answers after the deadline."""
 
 AGGREGATORS = ("mean", "median")
 
@@ -210,7 +197,8 @@ def judge(
     if wrong:
       return rejected("assignment", f"the proof is not of this worker's assignment: {wrong}")
     program = training.Program(starting_at(start), step)
-    verdict = verifier.verify(proof_dir, program, dataset, strategy=strategy, num_segments=num_segments, seed=seed)
+    drawn = challenge.from_name(strategy, n=num_segments, seed=seed)
+    verdict = verifier.verify(proof_dir, program, dataset, challenge=drawn)
     seed = verdict.seed
   except proof.ProofError as e:
     return rejected("integrity", str(e))
@@ -682,55 +670,47 @@ def aggregate(start: PyTree, finals: Sequence[PyTree], how: str = "mean") -> PyT
 
 
 class Worker:
-  """Trains an assignment and writes its proof, honestly or as one of :data:`BEHAVIOURS`.
+  """Trains an assignment from the coordinator's state and writes its proof: an honest worker.
 
   Built once per worker process: ``build()`` -> ``(program, dataset)``, so the
-  compiled step is reused every round. The behaviour is chosen per call, so
-  one set of workers serves many experiments; :meth:`reset` forgets what a
-  worker kept between rounds.
+  compiled step is reused every round. An engine calls :meth:`run` with the
+  behaviour it gives the worker; this class plays ``"honest"`` only. A
+  subclass given to an engine (``worker=``) plays others: it extends
+  :data:`BEHAVIOURS`, overrides :meth:`play` and, if it keeps anything
+  between rounds, :meth:`reset` (``experiments.byzantine.Worker``).
   """
+
+  BEHAVIOURS: tuple[str, ...] = ("honest",)
 
   def __init__(
     self, worker: int, build: Callable[[], tuple[training.Program, data_lib.Dataset]], config: dict, workers: int = 1
   ):
     self.worker, self.config, self.workers = worker, config, workers
     self.program, self.dataset = build()
-    self.withheld: str | None = None
 
   def reset(self) -> None:
-    self.withheld = None
+    """Forgets what the worker kept between rounds, before a new run (an honest one keeps nothing)."""
 
   def run(
-    self, state: PyTree, assignment: Assignment, proof_dir: str, behaviour: str = "honest", slow_seconds: float = 0.0
+    self, state: PyTree, assignment: Assignment, proof_dir: str, behaviour: str = "honest", **options
   ) -> dict | None:
-    """Trains ``assignment`` from ``state``; returns ``{"proof": dir, "seconds": s}``, or None for no submission."""
-    if behaviour not in BEHAVIOURS + FAULTS:
-      raise ValueError(f"Expected behaviour in {BEHAVIOURS + FAULTS}, got {behaviour!r}.")
+    """Trains ``assignment`` from ``state``; returns ``{"proof": dir, "seconds": s}``, or None for no submission.
+
+    ``options``: keyword arguments of :meth:`play` (a subclass's settings).
+    """
+    if behaviour not in self.BEHAVIOURS:
+      raise ValueError(f"Expected behaviour in {self.BEHAVIOURS}, got {behaviour!r}.")
     t0 = time.perf_counter()
     shutil.rmtree(proof_dir, ignore_errors=True)
-    b = behaviour
-    if b == "crash":
-      os._exit(17)
-    if b == "slow":
-      time.sleep(slow_seconds)
-    if b == "free-rider":
-      submitted = self._copy_other(proof_dir, assignment)
-    elif b == "stale":
-      submitted = self._stale(state, assignment, proof_dir)
-    elif b in ("lazy", "wrong-data", "spoof"):
-      self._fabricate(b, state, assignment, proof_dir)
-      submitted = True
-    elif b == "peek":
-      self._peek(state, assignment, proof_dir)
-      submitted = True
-    else:
-      self._honest(state, assignment, proof_dir)
-      if b in ("random", "sign-flip", "scale"):
-        self._tamper_final(b, state, assignment, proof_dir)
-      submitted = True
+    submitted = self.play(behaviour, state, assignment, proof_dir, **options)
     return {"proof": proof_dir, "seconds": time.perf_counter() - t0} if submitted else None
 
-  def _config(self, assignment: Assignment, **changes) -> dict:
+  def play(self, behaviour: str, state: PyTree, assignment: Assignment, proof_dir: str) -> bool:
+    """Writes what ``behaviour`` submits to ``proof_dir``; False: it submits nothing. Here: trains honestly."""
+    self.train(state, assignment, proof_dir)
+    return True
+
+  def recorded_config(self, assignment: Assignment, **changes) -> dict:
     """The recorded config: the coordinator's, bound to the assignment's owner with its nonce as ``seed``."""
     return {
       **self.config,
@@ -741,186 +721,15 @@ class Worker:
       **changes,
     }
 
-  def _honest(self, state, assignment, proof_dir):
+  def train(self, state: PyTree, assignment: Assignment, proof_dir: str) -> None:
+    """Trains ``assignment`` from ``state`` with the same segment runner as everywhere else, recording its proof."""
     program = training.Program(starting_at(state), self.program.step)
-    recorder.record(proof_dir, program, self.dataset, assignment.plan, config=self._config(assignment))
-
-  def _tamper_final(self, behaviour, state, assignment, proof_dir):
-    program = training.Program(starting_at(state), self.program.step)
-    manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
-    honest = recorder.final_state(proof_dir, program, manifest)
-    start = starting_at(state)(None)
-    rng = np.random.default_rng(assignment.seed)
-
-    def leaf(s, h):
-      s, h = np.asarray(s), np.asarray(h)
-      if not np.issubdtype(s.dtype, np.floating):
-        return h
-      if behaviour == "random":
-        return (s + rng.normal(0.0, 1.0, s.shape)).astype(s.dtype)
-      factor = -1.0 if behaviour == "sign-flip" else 10.0
-      return (s + factor * (h.astype(np.float64) - s)).astype(s.dtype)
-
-    attacks.replace_checkpoint(proof_dir, jax.tree.map(leaf, start, honest).replace(step=honest.step))
-
-  def _fabricate(self, behaviour, state, assignment, proof_dir):
-    """lazy, wrong-data and spoof: states and an index log written as a sealed proof."""
-    plan = assignment.plan
-    keys = training.derive_keys(plan.seed)
-    log = sampling.index_log(keys.order, len(self.dataset), plan.batch_size, plan.steps)
-    program = training.Program(starting_at(state), self.program.step)
-    start = training.to_host(program.init(keys.init))
-    bounds = proof.segments(plan)
-    config = self._config(assignment)
-    if behaviour == "spoof":
-      # Fang et al.'s infinitesimal update: checkpoints interpolated to a poisoned target (the start pushed
-      # along a random direction), nothing trained. (Declaring a tiny learning rate, as against a model
-      # owner, gains nothing here: the coordinator replays with its own program.)
-      rng = np.random.default_rng(assignment.seed)
-      target = jax.tree.map(
-        lambda x: (
-          (x + rng.normal(0.0, 0.05, np.shape(x))).astype(np.asarray(x).dtype)
-          if np.issubdtype(np.asarray(x).dtype, np.floating)
-          else x
-        ),
-        start.params,
-      )
-      states = [start] + [
-        start.replace(step=np.int32(e), params=attacks.interpolate(start.params, target, (i + 1) / len(bounds)))
-        for i, (_, e) in enumerate(bounds)
-      ]
-    else:
-      if behaviour == "wrong-data":  # its own choice of examples, under the assigned seed
-        log = sampling.index_log(
-          training.derive_keys(plan.seed ^ 1).order, len(self.dataset), plan.batch_size, plan.steps
-        )
-      segment = training.make_segment(self.program.step, plan.runner)
-      honest_segments = len(bounds) // 2 if behaviour == "lazy" else len(bounds)
-      states, current = [start], start
-      for i, (s, e) in enumerate(bounds):
-        if i < honest_segments:
-          current, _ = segment.run(current, self.dataset.batch(log[s:e]), keys.step)
-          current = training.to_host(current)
-        else:  # lazy: claims the step without taking it
-          current = current.replace(step=np.int32(e))
-        states.append(current)
-    attacks.write_proof(proof_dir, program, self.dataset, plan, states, log, config)
-
-  def _peek(self, state, assignment, proof_dir):
-    """peek: reads every file of the shared storage, predicts the coordinator's draw, trains only what it predicts.
-
-    Whatever it finds that names a verifier secret, or a verifier seed for
-    this round and worker, gives it a prediction of the segments a
-    ``uniform`` judgement replays (as the coordinator derived them when it
-    kept a secret in ``setup.json``). It trains those and the last segment
-    (always replayed) from their recorded starts and poisons every other
-    one (its end is its start pushed along a random direction), so its
-    final state is poisoned too. With nothing found, it trains the last
-    segment only.
-    """
-    workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(proof_dir))))
-    clues = _clues(workdir, assignment.round, assignment.worker)
-    plan = assignment.plan
-    bounds = proof.segments(plan)
-    n = clues["segments"] or 8
-    predicted = {len(bounds) - 1}
-    for seed in clues["seeds"]:
-      predicted.update(challenge.including_last(len(bounds), n, lambda c, m, s=seed: challenge.uniform(c, m, s)))
-    keys = training.derive_keys(plan.seed)
-    log = sampling.index_log(keys.order, len(self.dataset), plan.batch_size, plan.steps)
-    program = training.Program(starting_at(state), self.program.step)
-    segment = training.make_segment(self.program.step, plan.runner)
-    rng = np.random.default_rng(assignment.nonce)
-    current = training.to_host(program.init(keys.init))
-    states = [current]
-    for i, (s, e) in enumerate(bounds):
-      if i in predicted:
-        current, _ = segment.run(current, self.dataset.batch(log[s:e]), keys.step)
-        current = training.to_host(current)
-      else:
-        params = jax.tree.map(
-          lambda x: (x + rng.normal(0.0, 0.05, np.shape(x))).astype(x.dtype)
-          if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
-          current.params,
-        )  # fmt: skip
-        current = current.replace(step=np.int32(e), params=params)
-      states.append(current)
-    attacks.write_proof(proof_dir, program, self.dataset, plan, states, log, self._config(assignment))
-
-  def _copy_other(self, proof_dir, assignment, timeout: float = 120.0) -> bool:
-    """free-rider: waits for the next worker's proof of this round and submits a copy of it."""
-    other = os.path.join(os.path.dirname(proof_dir), _worker_dir((assignment.worker + 1) % self.workers))
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(os.path.join(other, proof.MANIFEST)):
-      if time.monotonic() > deadline:
-        return False
-      time.sleep(0.05)
-    shutil.copytree(other, proof_dir)
-    return True
-
-  def _stale(self, state, assignment, proof_dir) -> bool:
-    if self.withheld is None:  # first round: train honestly, keep the proof, submit nothing
-      self.withheld = proof_dir + ".withheld"
-      shutil.rmtree(self.withheld, ignore_errors=True)
-      self._honest(state, assignment, self.withheld)
-      return False
-    shutil.copytree(self.withheld, proof_dir)
-    return True
-
-
-def _clues(workdir: str, round_: int, worker: int, max_file: int = 1 << 20) -> dict:
-  """What the ``peek`` worker learns by reading every file under ``workdir``: verifier seeds it can predict.
-
-  Every JSON value under a key that names a secret (a hex string) gives the
-  seed the coordinator once derived from it for ``(round_, worker)``; every
-  integer under a key that names a seed, in a record of this round and
-  worker, is taken as that judgement's verifier seed. ``segments`` is the
-  setup's n, if a file states it.
-  """
-  seeds, segments = [], None
-
-  def walk(node, r=None, w=None):
-    nonlocal segments
-    if isinstance(node, dict):
-      r = node["round"] if isinstance(node.get("round"), int) else r
-      w = node["worker"] if isinstance(node.get("worker"), int) else w
-      if isinstance(node.get("segments"), int) and "strategy" in node:
-        segments = node["segments"]
-      for key, value in node.items():
-        name = str(key).lower()
-        if "secret" in name and isinstance(value, str):
-          try:
-            seeds.append(round_seed(int(value, 16) % (2**62), round_, worker))
-          except ValueError:
-            pass
-        elif "seed" in name and isinstance(value, int) and (r, w) == (round_, worker):
-          seeds.append(value)
-        else:
-          walk(value, r, w)
-    elif isinstance(node, list):
-      for value in node:
-        walk(value, r, w)
-
-  for d, _, files in os.walk(workdir):
-    for f in files:
-      path = os.path.join(d, f)
-      try:
-        if not stat.S_ISREG(os.lstat(path).st_mode) or os.path.getsize(path) > max_file:
-          continue
-        with open(path, "rb") as fh:
-          walk(json.loads(fh.read()))
-      except (OSError, ValueError, RecursionError):
-        continue
-  return {"seeds": seeds, "segments": segments}
-
-
-def _worker_dir(worker: int) -> str:
-  return f"worker_{worker}"
+    recorder.record(proof_dir, program, self.dataset, assignment.plan, config=self.recorded_config(assignment))
 
 
 def worker_dir(root: str, round_: int, worker: int) -> str:
   """Where ``worker``'s proof of ``round_`` goes, under a storage root every node can read."""
-  return os.path.join(root, f"round_{round_:05d}", _worker_dir(worker))
+  return os.path.join(root, f"round_{round_:05d}", f"worker_{worker}")
 
 
 DEFENCES = ("none", "pol", "median")
@@ -1034,7 +843,7 @@ def coordinate(
     program: the coordinator's program (its initial state).
     dispatch: runs a round's assignments on the workers.
     builder: ``"module:function"`` that rebuilds ``(program, dataset)`` from
-      ``config`` in the judging child (``experiments.build.BUILDER``).
+      ``config`` in the judging child (``pol_jax.build.BUILDER``).
     config: the coordinator's config, JSON-serialisable.
     evaluate: the accuracy of a state, recorded per round.
     on_round: called with each round's record.
@@ -1150,28 +959,42 @@ def coordinate(
 
 
 class LocalEngine:
-  """Runs :class:`Worker` s one after another in this process: for debugging and small runs, no cluster."""
+  """Runs :class:`Worker` s one after another in this process: for debugging and small runs, no cluster.
 
-  def __init__(self, behaviours: Sequence[str], build, config: dict):
-    self.behaviours = list(behaviours)
+  ``behaviours[w]`` is what worker ``w`` plays (settable between runs), ``worker`` the class that plays it,
+  ``options`` the keyword arguments every :meth:`Worker.run` gets (settable too).
+  """
+
+  def __init__(
+    self,
+    behaviours: Sequence[str],
+    build: Callable[[], tuple[training.Program, data_lib.Dataset]],
+    config: dict,
+    *,
+    worker: type[Worker] = Worker,
+    options: dict | None = None,
+  ):
+    self.behaviours, self.options = list(behaviours), dict(options or {})
     shared = build()  # one program and dataset for every worker: they are identical
-    self.workers = [Worker(w, lambda: shared, config, len(self.behaviours)) for w in range(len(self.behaviours))]
+    self.workers = [worker(w, lambda: shared, config, len(self.behaviours)) for w in range(len(self.behaviours))]
 
   def reset(self) -> None:
     for w in self.workers:
       w.reset()
 
   def __call__(self, round_, state, assignments, dirs):
-    return {w: self.workers[w].run(state, assignments[w], dirs[w], self.behaviours[w]) for w in assignments}
+    return {
+      w: self.workers[w].run(state, assignments[w], dirs[w], self.behaviours[w], **self.options) for w in assignments
+    }
 
   def shutdown(self) -> None:
     pass
 
 
-def _ray_worker_class():
+def _ray_worker_class(worker: type[Worker]):
   import ray
 
-  return ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(Worker)
+  return ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(worker)
 
 
 class RayEngine:
@@ -1182,7 +1005,10 @@ class RayEngine:
   the proof storage path. The state travels through the object store, the
   proofs through the storage path. A worker that crashes or does not answer
   within ``timeout`` seconds is dropped for the round and restarted for the
-  next. ``behaviours[w]`` is what worker ``w`` plays (settable between runs).
+  next. ``behaviours[w]`` is what worker ``w`` plays (settable between runs),
+  ``worker`` the class that plays it (a :class:`Worker`, importable on every
+  node), ``options`` the keyword arguments every :meth:`Worker.run` gets
+  (settable too).
   """
 
   def __init__(
@@ -1191,9 +1017,10 @@ class RayEngine:
     build: Callable[[], tuple[training.Program, data_lib.Dataset]],
     config: dict,
     *,
+    worker: type[Worker] = Worker,
+    options: dict | None = None,
     address: str | None = None,
     timeout: float = 300.0,
-    slow_seconds: float = 0.0,
   ):
     try:
       import ray
@@ -1205,15 +1032,15 @@ class RayEngine:
     if not ray.is_initialized():
       ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     self.behaviours, self.build, self.config = list(behaviours), build, config
-    self.timeout, self.slow_seconds = timeout, slow_seconds
-    self._cls = _ray_worker_class()
+    self.timeout, self.options = timeout, dict(options or {})
+    self._cls = _ray_worker_class(worker)
     self.actors = [self._start(w) for w in range(len(self.behaviours))]
 
   def _start(self, w: int):
     return self._cls.remote(w, self.build, self.config, len(self.behaviours))
 
   def reset(self) -> None:
-    """Forgets what the workers kept between rounds (a stale worker's withheld proof), before a new run."""
+    """Forgets what the workers kept between rounds (e.g. a stale worker's withheld proof), before a new run."""
     import ray
 
     ray.get([a.reset.remote() for a in self.actors])
@@ -1223,7 +1050,7 @@ class RayEngine:
 
     state_ref = ray.put(state)
     refs = {
-      w: self.actors[w].run.remote(state_ref, assignments[w], dirs[w], self.behaviours[w], self.slow_seconds)
+      w: self.actors[w].run.remote(state_ref, assignments[w], dirs[w], self.behaviours[w], **self.options)
       for w in assignments
     }
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)

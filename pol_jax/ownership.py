@@ -45,7 +45,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from pol_jax import proof, safeio, training, verifier
+from pol_jax import challenge, proof, safeio, training, verifier
 
 SCHEMA = "pol-jax/commitment/v2"
 TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
@@ -55,6 +55,8 @@ MAX_COMMITMENT_BYTES = 64 << 10
 MAX_MODEL_ARRAYS = 1 << 16
 MAX_MODEL_FILES = 1 << 16
 MAX_SAFETENSORS_HEADER = 100 << 20
+EVERY_SEGMENT = challenge.All()
+"""A dispute replays every segment of each claimant's proof (``challenge`` below is a dispute's text)."""
 _SAFETENSORS_DTYPES = {
   "BOOL": np.bool_,
   "U8": np.uint8,
@@ -619,7 +621,7 @@ def settle(
   ``challenge``, no commitment answering it). Times decide nothing.
 
   ``rebuild(proof_dir)`` gives the program and training data a claimant's
-  proof describes (``experiments.build.rebuild``); ``builder`` is passed to
+  proof describes (``pol_jax.build.rebuild``); ``builder`` is passed to
   ``verify.verify`` (worker processes reproduce a proof's thread count and
   flags). Exit status: 0 when one claimant is established, 1 when none is, 2
   when the model itself is unusable. A claim that cannot be used is reported
@@ -735,7 +737,7 @@ def _examine(claim, f, model, fmt, rebuild, finals, starts, builder=None, challe
   elif challenge is not None:
     f.commitment = "none: no answer to this dispute's challenge"
   program, train = rebuild(claim.proof_dir)
-  verdict = verifier.verify(claim.proof_dir, program, train, strategy="all", builder=builder)
+  verdict = verifier.verify(claim.proof_dir, program, train, challenge=EVERY_SEGMENT, builder=builder)
   f.verified = verdict.accepted
   f.failed_checks = [c.name for c in verdict.failed]
   f.verdict = verdict.summary()

@@ -1,4 +1,8 @@
-"""Exact replay of recorded segments: sequential, or spread over devices.
+"""Replaying recorded segments: the modes :class:`Exact` and :class:`Tolerance`.
+
+:class:`Exact` (``verify``'s default) replays with the prover's runner and
+compares digests; :class:`Tolerance` replays many segments at once with
+``jit(vmap(...))`` and compares distances.
 
 Device-parallel replay dispatches the prover's very jitted segment function to
 every local device, one segment per device at a time, and collects the results
@@ -23,13 +27,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from pol_jax import data as data_lib
 from pol_jax import distances, proof, training
+
+if TYPE_CHECKING:  # tolerance.calibrate runs the verifier, which imports this module
+  from pol_jax import tolerance
 
 
 @dataclasses.dataclass
@@ -75,7 +82,7 @@ class SegmentResult:
   @property
   def normalised(self) -> dict[str, float]:
     """l1, l2, linf over the recorded update's; cosine as it is."""
-    from pol_jax import tolerance
+    from pol_jax import tolerance  # here: tolerance imports the verifier, which imports this module
 
     return tolerance.normalise(self.distance, self.update)
 
@@ -93,6 +100,8 @@ class Job:
   step_root: jax.Array
   checked: dict | None = None
   """``{step: (state, meta)}``: states the integrity pass already restored and checked, used as they are."""
+  step: training.StepFn | None = None
+  """The step ``segment`` runs: :class:`Tolerance` builds its batched runner from it."""
 
 
 def local_devices(count: int | None = None) -> list:
@@ -107,7 +116,7 @@ def local_devices(count: int | None = None) -> list:
   if not 1 <= count <= len(devices):
     raise ValueError(
       f"asked for {count} devices, this process has {len(devices)} ({devices[0].platform}); "
-      f"pass --devices between 1 and {len(devices)}"
+      f"pass Exact(devices=N) or Tolerance(devices=N) with 1 <= N <= {len(devices)}"
       + (
         ", or set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"
         if devices[0].platform == "cpu"
@@ -115,6 +124,82 @@ def local_devices(count: int | None = None) -> list:
       )
     )
   return devices[:count]
+
+
+# The replay modes as typed values: each a frozen dataclass with one method,
+# ``run(job, segments, on_result)``, that replays segments its way.
+
+MODES = ("exact", "tolerance")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact:
+  """Bit-exact replay: the prover's segment runner, one segment per device at a time.
+
+  A segment is accepted when every leaf of its replayed end state has the
+  recorded digest. Needs the prover's environment (or worker processes that
+  reproduce it: ``verify(builder=...)``).
+
+  Attributes:
+    devices: replay on this many local devices (default: all). Bit-identical
+      to sequential replay.
+  """
+
+  devices: int | None = None
+  name = "exact"
+
+  def run(
+    self, job: Job, segments: Sequence[tuple[int, int, int]], on_result: Callable | None = None
+  ) -> list[SegmentResult]:
+    return replay(job, segments, local_devices(self.devices), on_result)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+  """``jit(vmap(...))`` replay of ``chunk`` segments at a time, sharded over the devices, judged by distance.
+
+  A segment is accepted when its distance to the recorded end is within
+  ``delta``. Not a bit-exact verification (any delta > 0 leaves slack that
+  spoofing attacks live in); it also serves a verifier whose environment
+  differs from the prover's (the differences are reported, not blocking).
+
+  Attributes:
+    delta: the thresholds per metric and their source, a
+      :class:`pol_jax.tolerance.Thresholds` (``tolerance.load`` reads a
+      calibration, ``tolerance.calibrate`` measures one). Required by ``verify``.
+    chunk: segments per vmapped call; a multiple of the devices.
+    devices: shard over this many local devices (default: all).
+  """
+
+  delta: tolerance.Thresholds | None = None
+  chunk: int = 64
+  devices: int | None = None
+  name = "tolerance"
+
+  def run(
+    self, job: Job, segments: Sequence[tuple[int, int, int]], on_result: Callable | None = None
+  ) -> list[SegmentResult]:
+    batched = training.make_batched_segment(job.step, job.segment.kind)
+    return replay_batched(job, batched, segments, self.chunk, local_devices(self.devices), on_result)
+
+
+Mode = Exact | Tolerance
+"""Either replay mode, as a value."""
+
+
+def from_name(
+  mode: str, *, devices: int | None = None, delta: tolerance.Thresholds | None = None, chunk: int = 64
+) -> Mode:
+  """The typed replay mode a mode name and its settings describe (the CLI's ``--mode``).
+
+  >>> from_name("exact", devices=2)
+  Exact(devices=2)
+  """
+  if mode == "exact":
+    return Exact(devices)
+  if mode == "tolerance":
+    return Tolerance(delta, chunk, devices)
+  raise ValueError(f"Expected mode in {MODES}, got {mode!r}.")
 
 
 def replay(
@@ -245,7 +330,7 @@ def replay_batched(
   devices = list(devices or local_devices())
   if chunk < 1 or chunk % len(devices):
     raise ValueError(
-      f"chunk={chunk} does not divide over {len(devices)} devices; pass --chunk as a multiple of {len(devices)}"
+      f"Tolerance(chunk={chunk}) does not divide over {len(devices)} devices; pass a multiple of {len(devices)}"
     )
   check_chunk_fits(job, chunk, devices)
   job = _prefetch(job, segments)
@@ -304,8 +389,8 @@ def check_chunk_fits(job: Job, chunk: int, devices: Sequence) -> None:
     per = 4 * state_bytes + batch_bytes
     fits = max(len(devices), int(0.8 * free // per) // len(devices) * len(devices))
     raise ValueError(
-      f"chunk={chunk} needs about {need / 2**30:.1f} GiB ({per / 2**20:.1f} MiB a segment), "
-      f"{free / 2**30:.1f} GiB is free; pass --chunk={fits} or less"
+      f"Tolerance(chunk={chunk}) needs about {need / 2**30:.1f} GiB ({per / 2**20:.1f} MiB a segment), "
+      f"{free / 2**30:.1f} GiB is free; pass Tolerance(chunk={fits}) or less"
     )
 
 

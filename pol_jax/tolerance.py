@@ -1,4 +1,4 @@
-"""The tolerance mode's acceptance rule: a delta per metric, and where it came from.
+"""The tolerance mode's acceptance rule: a delta per metric, where it came from, and its calibration.
 
 Exact replay accepts on equal digests. The tolerance mode (a vmapped replay,
 or any replay on an environment other than the prover's) accepts a segment
@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 
-from pol_jax import distances
+from pol_jax import challenge, distances, fingerprint, replay, training, verifier
+from pol_jax import data as data_lib
 
 # The smallest delta a calibration proposes: float32 rounding in one segment
 # can move a replay by this much relative to its update even where the
@@ -39,7 +41,7 @@ rejects on its own."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Tolerance:
+class Thresholds:
   """A delta per metric, the range beyond which a distance rejects, and their source.
 
   A segment is within (accepted) when every metric is at most its delta;
@@ -47,6 +49,7 @@ class Tolerance:
   The default ``reject`` is :data:`HONEST_RANGE` (never below delta), so a
   distance inside the range honest replays were measured to reach is never
   a rejection. The paper's verifier rejects at delta (``reject=delta``).
+  ``replay.Tolerance(delta=...)`` takes one.
   """
 
   delta: dict[str, float]
@@ -114,16 +117,20 @@ def normalise(distance: dict[str, float], update: dict[str, float]) -> dict[str,
   return out
 
 
-def parse(text: str) -> Tolerance:
-  """``"l2=1e-4,linf=1e-3"`` -> a normalised Tolerance given on the command line."""
+def parse(text: str, source: str | None = None) -> Thresholds:
+  """``"l2=1e-4,linf=1e-3"`` -> normalised Thresholds, their ``source`` (default: the text) reported in the verdict.
+
+  >>> parse("l2=1e-4,linf=1e-3").delta
+  {'l2': 0.0001, 'linf': 0.001}
+  """
   delta = {}
   for item in filter(None, (p.strip() for p in text.split(","))):
     name, _, value = item.partition("=")
     try:
       delta[name.strip()] = float(value)
     except ValueError:
-      raise ValueError(f"--delta: {item!r} is not METRIC=NUMBER") from None
-  return Tolerance(delta, normalised=True, source=f"--delta={text}")
+      raise ValueError(f"{item!r} is not METRIC=NUMBER") from None
+  return Thresholds(delta, normalised=True, source=f"given as {text!r}" if source is None else source)
 
 
 def propose(noise: dict[str, float], margin: float) -> dict[str, float]:
@@ -131,8 +138,8 @@ def propose(noise: dict[str, float], margin: float) -> dict[str, float]:
   return {m: max(noise[m] * margin, FLOOR[m]) for m in distances.METRICS}
 
 
-def load(path: str) -> Tolerance:
-  """The Tolerance a calibration file proposes.
+def load(path: str) -> Thresholds:
+  """The Thresholds a calibration file proposes.
 
   Raises:
     ValueError: the file is unreadable or malformed, naming the field.
@@ -154,7 +161,7 @@ def load(path: str) -> Tolerance:
   if reject is not None and not isinstance(reject, dict):
     raise ValueError(f"{path}: reject: expected an object")
   try:
-    return Tolerance(
+    return Thresholds(
       {m: float(v) for m, v in delta.items()},
       normalised=True,
       source=f"calibrated in {path}: {margin}x the honest noise of {count} segments of proof {str(root)[:16]}...",
@@ -162,3 +169,59 @@ def load(path: str) -> Tolerance:
     )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: delta: {e}") from None
+
+
+def calibrate(
+  proof_dir: str,
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  *,
+  num_segments: int | None = None,
+  margin: float = 10.0,
+  chunk: int = 16,
+  devices: int | None = None,
+  on_segment: Callable[[replay.SegmentResult], None] | None = None,
+) -> dict:
+  """Measures the tolerance mode's honest noise on a proof and proposes delta.
+
+  The proof must first verify exactly on every segment (or on
+  ``num_segments`` Fiat-Shamir segments), so its recorded states are what
+  exact replay computes here; the same segments are then replayed with
+  ``jit(vmap(...))`` (``chunk`` at a time, on ``devices``), and the noise per
+  metric is the largest normalised distance to the recorded state. The
+  proposed delta is ``max(noise x margin, FLOOR)``. The noise is heavy-tailed
+  (one segment of 30 can sit four orders of magnitude above the median), so
+  no delta from one proof bounds another's: a distance above delta but inside
+  :data:`HONEST_RANGE` is undecided, never rejected.
+
+  Returns:
+    A JSON-serialisable record: the proof root, the noise, the margin, the
+    proposed delta and every segment's distances (:func:`load` reads it).
+
+  Raises:
+    ValueError: the proof does not verify exactly here.
+  """
+  which = challenge.All() if num_segments is None else challenge.FiatShamir(num_segments)
+  exact = verifier.verify(proof_dir, program, dataset, challenge=which, replay=replay.Exact(devices))
+  if not exact.accepted:
+    raise ValueError(f"calibrate on a proof that verifies exactly here; this one: {exact.summary()}")
+  loose = Thresholds({m: 1e300 for m in distances.METRICS}, source="calibration")
+  noisy = verifier.verify(
+    proof_dir, program, dataset, challenge=which, replay=replay.Tolerance(loose, chunk, devices), on_segment=on_segment
+  )
+  noise = {m: max(s.normalised[m] for s in noisy.segments) for m in distances.METRICS}
+  return {
+    "proof_root": exact.root,
+    "margin": margin,
+    "noise": noise,
+    "delta": propose(noise, margin),
+    "floor": FLOOR,
+    "reject": HONEST_RANGE,
+    "normalised": True,
+    "chunk": chunk,
+    "environment": fingerprint.environment(),
+    "segments": [
+      {"index": s.index, "start": s.start, "end": s.end, "bitwise": s.match, "normalised": s.normalised}
+      for s in noisy.segments
+    ],
+  }

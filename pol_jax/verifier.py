@@ -1,19 +1,28 @@
-"""``verify``: checks a proof and replays segments of it bit for bit."""
+"""``verify``: checks a proof and replays segments of it bit for bit.
+
+:func:`verify` is a pipeline of checks, each a function that returns a
+:class:`Check`: :func:`check_integrity`, :func:`check_environment`,
+:func:`check_program`, :func:`check_init`, :func:`check_data_order`,
+:func:`check_progress`, :func:`check_data` and :func:`check_replay`, which
+runs only where the checks before it let it decide. Which segments it
+replays is a :mod:`pol_jax.challenge` value, how it replays them a
+:mod:`pol_jax.replay` mode. The paper's verifier is :mod:`pol_jax.paper`;
+the tolerance mode's calibration is :func:`pol_jax.tolerance.calibrate`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from pol_jax import challenge, distances, fingerprint, proof, replay, sampling, training, workers
 from pol_jax import data as data_lib
-from pol_jax import tolerance as tolerance_lib
 
-MODES = ("exact", "tolerance")
 CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay", "progress")
 
 
@@ -106,7 +115,7 @@ class Verdict:
         f"(exact mode, {self._drawn()}" + (f": {g.composition()}" if g else "") + ")"
       )
       if g:
-        line += f"; {g.statement()}" + ("" if g.catch >= 1.0 else " (--strategy=all replays every segment)")
+        line += f"; {g.statement()}" + ("" if g.catch >= 1.0 else " (challenge=All() replays every segment)")
       return line
     if self.accepted:
       return (
@@ -154,18 +163,10 @@ def verify(
   program: training.Program,
   dataset: data_lib.Dataset,
   *,
-  strategy: str = challenge.DEFAULT,
-  num_segments: int | None = None,
-  seed: int | None = None,
-  q: int = 1,
-  detect: float = challenge.DETECT,
-  faked_fraction: float = challenge.FAKED_FRACTION,
-  devices: int | None = None,
-  mode: str = "exact",
-  tolerance: tolerance_lib.Tolerance | None = None,
-  chunk: int = 64,
+  challenge: challenge.Challenge = challenge.TopQUniform(),
+  replay: replay.Mode = replay.Exact(),
   integrity: str = "full",
-  init_check: str = "seed",
+  init_check: Callable[[training.TrainState, training.Program], Check] | None = None,
   order_check: bool = True,
   progress_check: bool = True,
   on_segment: Callable[[replay.SegmentResult], None] | None = None,
@@ -180,18 +181,18 @@ def verify(
   that changes bits matches the prover's), program (the segment program this
   verifier compiles is the one the prover recorded; see ``builder``), init (the initial state
   is the one the seed derives), data order (the index log is the seed-derived
-  order), data (the verifier's own copy of every example the chosen segments
-  use has the recorded digest, and the Merkle root holds), replay (each
-  chosen segment, replayed from its recorded start with the same runner,
-  lands on the recorded end bit for bit) and progress (each chosen segment
-  moves at least one parameter bit: a replay that cannot move the weights,
-  because k or the learning rate is too small, is evidence of nothing).
+  order), progress (each chosen segment moves at least one parameter bit: a
+  replay that cannot move the weights, because k or the learning rate is too
+  small, is evidence of nothing), data (the verifier's own copy of every
+  example the chosen segments use has the recorded digest, and the Merkle
+  root holds) and replay (each chosen segment, replayed from its recorded
+  start with the same runner, lands on the recorded end bit for bit).
 
   Guarantees:
     An accepted proof shows that the recorded states follow one another by
     running ``program.step`` on the committed data in the seed's order, from
-    the seed's initialisation, for every replayed segment; with ``all``, for
-    the whole run. ``top-q+uniform`` (the default) always replays top-q (per
+    the seed's initialisation, for every replayed segment; with ``All()``, for
+    the whole run. ``TopQUniform`` (the default) always replays top-q (per
     epoch, the largest recorded update under each metric) and the last
     segment, so a proof that jumps to another model in one segment (the
     largest update of its epoch) or swaps its last checkpoint is always
@@ -201,10 +202,10 @@ def verify(
     faked segments, m = ``ceil(faked_fraction * S)``, is caught with
     probability at least ``detect`` (the verdict's ``guarantee`` states n, m
     and the probability, ``1 - C(P-m, n) / C(P, n)`` for the P other
-    segments). ``uniform`` replays the last and n - 1 of the other S - 1:
+    segments). ``Uniform`` replays the last and n - 1 of the other S - 1:
     it passes a proof with m faked others with probability ``C(S-1-m, n-1) /
     C(S-1, n-1)`` per draw, (S - n) / (S - 1) for one, which a prover who
-    picks a small k makes large. ``fiat-shamir`` draws from the proof's root,
+    picks a small k makes large. ``FiatShamir`` draws from the proof's root,
     and a forger can reseal a faked proof (any byte changes the root) until
     the draw misses its faked segments, so it bounds only the fraction of
     faked work, and n must be sized for the number of re-rolls a forger can
@@ -219,41 +220,36 @@ def verify(
     proof_dir: the proof directory.
     program: the ``init`` and ``step`` the prover used, rebuilt by the verifier.
     dataset: the verifier's own copy of the training data.
-    strategy: one of ``challenge.STRATEGIES``.
-    num_segments: n, the uniform part: the segments ``uniform`` and
-      ``fiat-shamir`` replay (the last included), the segments
-      ``top-q+uniform`` draws beyond top-q and the last. None (default):
-      the smallest n that catches a proof with ``faked_fraction`` of its
-      segments faked with probability ``detect`` (``challenge.sample_size``).
-    seed: the verifier's seed, for ``uniform`` and ``top-q+uniform``
-      (default: drawn from the OS, and reported in the verdict so the draw
-      can be repeated).
-    q: segments per epoch and metric, for ``top-q`` and ``top-q+uniform``.
-    detect: the detection probability the uniform part is sized for.
-    faked_fraction: the fraction of faked segments it is sized to detect.
-    devices: replay on this many local devices, one segment per device at a
-      time (default: all local devices). Bit-identical to sequential replay. Under
-      ``jax.distributed`` every process replays its share of the segments on
-      its own devices and the results are gathered, so every process returns
-      the same verdict.
-    mode: ``"exact"`` (digest equality; needs the prover's environment) or
-      ``"tolerance"``: ``jit(vmap(...))`` replay of ``chunk`` segments at a time,
+    challenge: which segments to replay (:mod:`pol_jax.challenge`): ``All()``,
+      ``TopQ(q)``, ``Uniform(n, seed)``, ``FiatShamir(n)`` or
+      ``TopQUniform(q, n, seed)`` (the default). n None: the smallest n that
+      catches a proof with ``faked_fraction`` of its segments faked with
+      probability ``detect`` (``challenge.sample_size``). seed None: drawn from
+      the OS, and reported in the verdict so the draw can be repeated.
+    replay: how (:mod:`pol_jax.replay`): ``Exact(devices)`` (the default:
+      digest equality; needs the prover's environment), one segment per local
+      device at a time (default: all local devices), bit-identical to
+      sequential replay; under ``jax.distributed`` every process replays its
+      share of the segments on its own devices and the results are gathered,
+      so every process returns the same verdict. ``Tolerance(delta, chunk,
+      devices)``: ``jit(vmap(...))`` replay of ``chunk`` segments at a time,
       sharded over the devices, accepted when every distance is within
-      ``tolerance``. Tolerance mode also serves a verifier whose environment
-      differs from the prover's; differences are reported, not blocking.
-    tolerance: the delta per metric and its source (tolerance mode).
-    chunk: segments per vmapped call (tolerance mode).
+      ``delta`` (a ``tolerance.Thresholds``). Tolerance mode also serves a
+      verifier whose environment differs from the prover's; differences are
+      reported, not blocking.
     integrity: ``"full"`` restores every checkpoint and checks every array
       against its digest before replaying; ``"sampled"`` checks every
       checkpoint's meta up front and the arrays of the checkpoints the chosen
       segments use as they are restored (faster; a damaged checkpoint that no
       chosen segment uses goes unnoticed, like any unsampled segment).
-      ``top-q`` and ``top-q+uniform`` restore every checkpoint for the update
+      ``TopQ`` and ``TopQUniform`` restore every checkpoint for the update
       sizes, so they check every array either way.
-    init_check: ``"seed"``: step 0 must equal the seed's initialisation, bit
-      for bit; ``"ks"``: the paper's statistical check (see :func:`ks_init`),
-      for the paper's verifier only: it accepts any init drawn from the right
-      distribution, which is what the infinitesimal-update attack exploits.
+    init_check: None: step 0 must equal the seed's initialisation, bit for
+      bit; or ``init_check(state0, program) -> Check``, the recorded step 0
+      judged otherwise: ``paper.check_init`` is the paper's statistical
+      check, for the paper's verifier only: it accepts any init drawn from
+      the right distribution, which is what the infinitesimal-update attack
+      exploits.
     order_check: check that the index log is the seed's order (the paper's
       verifier does not: its prover chooses the batches).
     progress_check: check that every replayed segment moves a parameter bit
@@ -280,322 +276,497 @@ def verify(
 
   Raises:
     proof.ProofError: unusable input (the CLI exits 2).
+    ValueError, TypeError: impossible settings, naming the argument.
 
   Example (with ``program`` and ``dataset`` built as the prover built them)::
 
-    verdict = verify("runs/default/proof", program, dataset, strategy="all")
+    verdict = pol_jax.verify("runs/default/proof", program, dataset, challenge=pol_jax.All())
     print(verdict.table())
     assert verdict.accepted
   """
-  if strategy not in challenge.STRATEGIES:
-    raise ValueError(f"Expected strategy in {challenge.STRATEGIES}, got {strategy!r}.")
-  if strategy in ("uniform", challenge.DEFAULT) and seed is None:
-    if jax.process_count() > 1:
-      raise ValueError(f"strategy={strategy!r} across processes needs a seed that every process shares.")
-    seed = secrets.randbits(63)
-  least = 0 if strategy == challenge.DEFAULT else 1
-  if num_segments is not None and num_segments < least:
-    raise ValueError(f"Expected num_segments >= {least} for strategy={strategy!r}, got num_segments={num_segments}.")
-  if not 0 < detect <= 1:
-    raise ValueError(f"Expected 0 < detect <= 1, got detect={detect}.")
-  if not 0 < faked_fraction <= 1:
-    raise ValueError(f"Expected 0 < faked_fraction <= 1, got faked_fraction={faked_fraction}.")
-  if strategy == challenge.DEFAULT:
-    integrity = "full"  # its top-q part needs every update size: every checkpoint is restored and checked anyway
+  strategy = _settle(challenge, replay, integrity)  # checked, with the verifier's seed drawn where it needs one
+  mode, exact = replay, replay.name == "exact"
+  inputs = _Inputs.read(proof_dir, program, dataset)
+  checks = {name: Check(name, None, "not run") for name in CHECKS}
+  verdict = _undecided(inputs, strategy, mode)
+  recorded, checks["integrity"] = check_integrity(inputs, strategy, full=integrity == "full")
+  if recorded is None:
+    return _decide(verdict, checks)
+  verdict.guarantee = recorded.guarantee
+  env, checks["environment"] = check_environment(inputs.manifest, exact, builder, max_workers, versions_matched)
+  verdict.reproduction = env.reproduction
+  text_differs, checks["program"] = check_program(inputs, env, exact, builder)
+  try:  # these read recorded states: a damaged one fails the integrity check
+    own_init = init_check is not None
+    checks["init"] = init_check(_state0(inputs, recorded), program) if own_init else check_init(inputs, env, exact)
+    checks["data order"] = check_data_order(inputs, recorded.log) if order_check else _skipped("data order")
+    checks["progress"] = check_progress(inputs, recorded.chosen) if progress_check else _skipped("progress")
+  except proof.IntegrityError as e:
+    checks["integrity"] = Check("integrity", False, str(e))
+    return _decide(verdict, checks)
+  recorded = recorded.for_replay(inputs.bounds)  # frees the checked states no chosen segment uses
+  checks["data"] = check_data(inputs, recorded)
+  blocked = _replay_blocked(checks, exact, env, text_differs)
+  if blocked:
+    checks["replay"] = Check("replay", None, f"not run: {blocked}")
+    return _decide(verdict, checks)
+  recheck_init = not own_init and checks["init"].passed is None  # in a worker with the prover's environment
+  verdict.segments, decided = check_replay(
+    inputs, recorded, env, mode, strategy.name, text_differs, recheck_init, builder, on_segment
+  )
+  checks.update(decided)
+  return _decide(verdict, checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  """What the checks compare: the proof as its manifest describes it, and the verifier's program and data."""
+
+  proof_dir: str
+  manifest: dict
+  plan: proof.Plan
+  bounds: list[tuple[int, int]]
+  """Each segment's first and last step."""
+  keys: training.Keys
+  template: Any
+  """The state the seed derives, on the host: every recorded state is restored into its structure."""
+  program: training.Program
+  dataset: data_lib.Dataset
+
+  @classmethod
+  def read(cls, proof_dir: str, program: training.Program, dataset: data_lib.Dataset) -> _Inputs:
+    manifest = proof.read_manifest(proof_dir)
+    plan = proof.Plan.from_manifest(manifest)
+    keys = training.derive_keys(plan.seed)
+    template = training.to_host(program.init(keys.init))
+    return cls(proof_dir, manifest, plan, proof.segments(plan), keys, template, program, dataset)
+
+  @property
+  def segment(self) -> training.Segment:
+    """The verifier's segment runner: the prover's kind around the verifier's step (memoised)."""
+    return training.make_segment(self.program.step, self.plan.runner)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recorded:
+  """What the integrity check read from the proof, each part checked against its digest, and the draw."""
+
+  log: np.ndarray
+  """The index log, ``[steps, batch size]``."""
+  digests: np.ndarray
+  """The data digests, one row per example."""
+  chosen: list[int]
+  """The segments to replay."""
+  guarantee: challenge.Guarantee | None
+  checked: dict
+  """``{step: (state, meta)}``: states the integrity pass restored and checked, kept for replay."""
+
+  def for_replay(self, bounds: list[tuple[int, int]]) -> _Recorded:
+    """Without the checked states that no chosen segment starts or ends on."""
+    needed = {step for i in self.chosen for step in bounds[i]}
+    return dataclasses.replace(self, checked={step: v for step, v in self.checked.items() if step in needed})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Environment:
+  """This verifier's environment against the prover's, and how it is reproduced."""
+
+  differ: list[tuple[str, Any, Any]]
+  """``(field, proof's, here)`` of each field that changes bits and differs."""
+  portable: bool
+  """The proof was recorded with portable numerics."""
+  foreign: bool
+  """The versions or the hardware differ: the lowered program text depends on them."""
+  pinning: workers.Pinning | None
+  """The pinned worker processes that reproduce the prover's threads and flags, if any."""
+  reproduction: list[dict]
+  """Field by field, how each differing field was reproduced (see :func:`reproduction`)."""
+
+
+_SKIPPED = {
+  "data order": "not checked: the prover chose the batches (paper's verifier)",
+  "progress": "not checked (the paper's verifier)",
+}
+
+
+def _skipped(name: str) -> Check:
+  return Check(name, None, _SKIPPED[name])
+
+
+def _settle(strategy: challenge.Challenge, mode: replay.Mode, integrity: str) -> challenge.Challenge:
+  """Refuses impossible settings before any work; returns the challenge with the verifier's seed drawn if it needs one."""
+  if not isinstance(strategy, challenge.Challenge):
+    raise TypeError(f"Expected challenge=All(), TopQ(), Uniform(), FiatShamir() or TopQUniform(), got {strategy!r}.")
+  if not isinstance(mode, replay.Mode):
+    raise TypeError(f"Expected replay=Exact() or Tolerance(delta), got {mode!r}.")
   if integrity not in ("full", "sampled"):
     raise ValueError(f"Expected integrity 'full' or 'sampled', got {integrity!r}.")
-  if mode not in MODES:
-    raise ValueError(f"Expected mode in {MODES}, got {mode!r}.")
-  if init_check not in ("seed", "ks"):
-    raise ValueError(f"Expected init_check 'seed' or 'ks', got {init_check!r}.")
-  if mode == "tolerance" and tolerance is None:
-    raise ValueError("Tolerance mode needs a tolerance: calibrate one (experiments.calibrate) or give delta.")
-  replay.local_devices(devices)  # Refuse an impossible device count before any work.
-  manifest = proof.read_manifest(proof_dir)
-  plan = proof.Plan.from_manifest(manifest)
-  bounds = proof.segments(plan)
-  checks = {name: Check(name, None, "not run") for name in CHECKS}
-  verdict = Verdict(
-    False,
-    mode,
-    strategy,
-    manifest.get("root"),
-    list(checks.values()),
-    [],
-    len(bounds),
-    seed=seed if strategy in ("uniform", challenge.DEFAULT) else None,
-  )
+  if isinstance(mode, replay.Tolerance) and mode.delta is None:
+    raise ValueError(
+      "replay=Tolerance(delta=None): tolerance mode needs a delta: calibrate one (tolerance.calibrate, "
+      "experiments.calibrate) or give Tolerance(delta=tolerance.Thresholds(...))."
+    )
+  replay.local_devices(mode.devices)  # Refuse an impossible device count before any work.
+  if not hasattr(strategy, "seed") or strategy.seed is not None:
+    return strategy
+  if jax.process_count() > 1:
+    raise ValueError(
+      f"challenge={type(strategy).__name__}(seed=None) across processes needs a seed that every process shares."
+    )
+  return dataclasses.replace(strategy, seed=secrets.randbits(63))
 
-  def done() -> Verdict:
-    verdict.checks = list(checks.values())
-    verdict.accepted = checks["replay"].passed is True and checks["init"].passed is True and not verdict.failed
-    return verdict
 
-  keys = training.derive_keys(plan.seed)
-  template = training.to_host(program.init(keys.init))
+def _undecided(inputs: _Inputs, strategy: challenge.Challenge, mode: replay.Mode) -> Verdict:
+  """The verdict before any check has decided."""
+  thresholds = None if mode.name == "exact" else {**mode.delta.to_json(), "bounds": mode.delta.bounds}
+  seed = getattr(strategy, "seed", None)  # uniform, top-q+uniform
+  root = inputs.manifest.get("root")
+  return Verdict(False, mode.name, strategy.name, root, [], [], len(inputs.bounds), tolerance=thresholds, seed=seed)
 
-  # 1. Integrity: nothing from the proof is used before its digest is checked. The file
-  # listing comes first, so Orbax and TensorStore only ever open listed, hashed regular files.
+
+def _decide(verdict: Verdict, checks: dict[str, Check]) -> Verdict:
+  """Accepted only if replay and init passed and no check failed."""
+  verdict.checks = list(checks.values())
+  verdict.accepted = checks["replay"].passed is True and checks["init"].passed is True and not verdict.failed
+  return verdict
+
+
+def check_integrity(inputs: _Inputs, strategy: challenge.Challenge, full: bool) -> tuple[_Recorded | None, Check]:
+  """The integrity check: nothing from the proof is used before its digest is checked.
+
+  The file listing comes first, so Orbax and TensorStore only ever open
+  listed, hashed regular files. ``full`` checks every checkpoint's arrays, as
+  do the strategies that need the update sizes (top-q). The segments are
+  drawn here: first, where the draw needs no update sizes, so that this pass
+  keeps just the states replay uses.
+
+  Returns:
+    ``(what was read, the check)``; None instead of what was read when it failed.
+  """
+  proof_dir, manifest, bounds = inputs.proof_dir, inputs.manifest, inputs.bounds
   try:
     proof.validate_manifest(manifest)
     proof.check_files(proof_dir, manifest)
     log = proof.read_index_log(proof_dir, manifest)
     size = manifest["dataset"]["size"]
-    leaves = proof.read_data_digests(proof_dir, manifest)
-    if data_lib.merkle_root(leaves) != manifest["dataset"]["merkle_root"]:
+    digests = proof.read_data_digests(proof_dir, manifest)
+    if data_lib.merkle_root(digests) != manifest["dataset"]["merkle_root"]:
       raise proof.IntegrityError(f"{proof.DATA_DIGESTS}: Merkle root does not match dataset.merkle_root")
     if log.min(initial=0) < 0 or log.max(initial=0) >= size:
       raise proof.IntegrityError(f"{proof.INDICES}: an index is outside [0, {size})")
-    full = integrity == "full" or strategy in ("top-q", challenge.DEFAULT)
-    per_epoch = sampling.steps_per_epoch(manifest["dataset"]["size"], plan.batch_size)
-
-    def draw(sizes):
-      return challenge.select(
-        strategy,
-        len(bounds),
-        n=num_segments,
-        seed=seed,
-        root=verdict.root,
-        update_sizes=sizes,
-        epochs=np.array([start // per_epoch for start, _ in bounds]),
-        q=q,
-        detect=detect,
-        faked_fraction=faked_fraction,
-      )
-
-    # A draw that needs no update sizes is made first, so the integrity pass keeps just the states it replays.
-    known = None if strategy in ("top-q", challenge.DEFAULT) else draw(None)
+    per_epoch = sampling.steps_per_epoch(size, inputs.plan.batch_size)
+    epochs = np.array([start // per_epoch for start, _ in bounds])
+    segments = challenge.Segments(len(bounds), root=manifest.get("root"), epochs=epochs)
+    known = None if strategy.needs_update_sizes else strategy.select(segments)
     keep = None if known is None else {step for i in known[0] for step in bounds[i]}
-    sizes, checked = _check_checkpoints(proof_dir, manifest, template, bounds, full=full, keep=keep)
+    full = full or strategy.needs_update_sizes
+    sizes, checked = _check_checkpoints(proof_dir, manifest, inputs.template, bounds, full=full, keep=keep)
   except proof.IntegrityError as e:
-    checks["integrity"] = Check("integrity", False, str(e))
-    return done()
-  checks["integrity"] = Check(
-    "integrity",
-    True,
-    f"root {verdict.root[:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests"
-    + ("" if sizes is not None else "; arrays of the checkpoints replay uses are checked as they are restored"),
+    return None, Check("integrity", False, str(e))
+  chosen, guarantee = known or strategy.select(dataclasses.replace(segments, update_sizes=sizes))
+  detail = f"root {manifest['root'][:16]}..., {len(bounds) + 1} checkpoints, index log, {size} data digests" + (
+    "" if sizes is not None else "; arrays of the checkpoints replay uses are checked as they are restored"
   )
+  return _Recorded(log, digests, chosen, guarantee, checked), Check("integrity", True, detail)
 
-  # 2. Environment: exact replay needs every bit-changing field to match or be reproduced.
-  recorded_env, here = manifest["environment"], fingerprint.environment()
+
+def check_environment(
+  manifest: dict, exact: bool, builder: str | None, max_workers: int | None, versions_matched: str | None
+) -> tuple[_Environment, Check]:
+  """The environment check: exact replay needs every bit-changing field to match or be reproduced."""
+  recorded, here = manifest["environment"], fingerprint.environment()
   portable = manifest["numerics"]["kind"] == "portable"
-  differ = fingerprint.mismatches(recorded_env, here, portable)
-  pinning, checks["environment"] = _check_environment(recorded_env, differ, mode, builder, max_workers, portable)
+  differ = fingerprint.mismatches(recorded, here, portable)
+  pinning, check = _environment_check(recorded, differ, exact, builder, max_workers, portable)
   if portable and not differ:
-    checks["environment"].detail = (
+    check.detail = (
       f"portable numerics ({manifest['numerics']['protocol']}): x64 is on here; versions, threads, CPU ISA "
       "and backend do not change its bits"
     )
   if versions_matched:
-    checks["environment"].detail += f"; versions matched in {versions_matched}"
-  verdict.reproduction = reproduction(recorded_env, here, differ, pinning, versions_matched, portable)
-  unlike = fingerprint.mismatches(recorded_env, here) if portable else differ
-  foreign = {fingerprint.KINDS[f] for f, _, _ in unlike} & {"versions", "hardware"}
+    check.detail += f"; versions matched in {versions_matched}"
+  unlike = fingerprint.mismatches(recorded, here) if portable else differ
+  foreign = bool({fingerprint.KINDS[f] for f, _, _ in unlike} & {"versions", "hardware"})
+  rows = reproduction(recorded, here, differ, pinning, versions_matched, portable)
+  return _Environment(differ, portable, foreign, pinning, rows), check
 
-  # 3. Program: the verifier's step lowers to the recorded program. Where it
-  # does not and the verifier's program was not rebuilt from the recorded
-  # config, an exact replay still decides if it reproduces every state.
-  text_differs = None  # what differs, where exact replay is to decide despite it
-  segment = training.make_segment(program.step, plan.runner)
-  texts = fingerprint.program_texts(segment, template, dataset, plan, keys.step)
+
+def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str | None) -> tuple[str | None, Check]:
+  """The program check: the verifier's segment program lowers to the recorded one.
+
+  Where it does not and the verifier's program was not rebuilt from the
+  recorded config, an exact replay still decides if it reproduces every
+  state.
+
+  Returns:
+    ``(what differs, where exact replay is to decide despite it, else None; the check)``.
+  """
+  manifest, program = inputs.manifest, inputs.program
+  texts = fingerprint.program_texts(inputs.segment, inputs.template, inputs.dataset, inputs.plan, inputs.keys.step)
   ours = {name: fingerprint.program_digest(text) for name, text in texts.items()}
   bad = [name for name in ours if manifest["programs"].get(name) != ours[name]]
   if program.numerics != manifest["numerics"]["kind"]:
-    checks["program"] = Check(
+    return None, Check(
       "program",
       False,
       f"the proof was recorded with {manifest['numerics']['kind']} numerics, the verifier's program computes in "
       f"{program.numerics} (numerics.portable_program makes a program portable)",
     )
-  elif bad or set(ours) != set(manifest["programs"]):
-    if foreign and portable:
-      checks["program"] = Check(
-        "program",
-        None,
-        "not comparable (the lowered text depends on the versions and backend that differ); portable numerics: "
-        "the replay decides, bit for bit",
-      )
-    elif foreign:
-      checks["program"] = Check(
-        "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
-      )
-    else:
-      name = (bad or ["segment"])[0]
-      recorded = proof.read_program(proof_dir, name, manifest["programs"].get(name, ""))
-      where = (
-        f"first difference at {proof.first_difference(recorded, texts[name])}"
-        if recorded is not None and name in texts
-        else "the recorded text is not in the proof"
-      )
-      other = _other_source(manifest, builder)
-      if other is None:  # rebuilt from the recorded config, as the prover's builder builds it
-        checks["program"] = Check(
-          "program",
-          False,
-          f"the recorded {', '.join(bad) or 'segment'} program is not the one its recorded config builds ({where})",
-        )
-      else:
-        differs = f"this verifier's {', '.join(bad) or 'segment'} program differs from the recorded one ({where})"
-        exact = mode == "exact"
-        checks["program"] = Check(
-          "program",
-          None,
-          f"{differs}; {other}" + ("; the replay decides whether it reproduces the recorded states" if exact else ""),
-        )
-        text_differs = differs if exact else None
-  else:
-    checks["program"] = Check("program", True, f"{plan.runner} program {ours['segment'][:16]}... as recorded")
+  if not bad and set(ours) == set(manifest["programs"]):
+    return None, Check("program", True, f"{inputs.plan.runner} program {ours['segment'][:16]}... as recorded")
+  if env.foreign and env.portable:
+    return None, Check(
+      "program",
+      None,
+      "not comparable (the lowered text depends on the versions and backend that differ); portable numerics: "
+      "the replay decides, bit for bit",
+    )
+  if env.foreign:
+    return None, Check(
+      "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
+    )
+  name, which = (bad or ["segment"])[0], ", ".join(bad) or "segment"
+  recorded = proof.read_program(inputs.proof_dir, name, manifest["programs"].get(name, ""))
+  where = (
+    f"first difference at {proof.first_difference(recorded, texts[name])}"
+    if recorded is not None and name in texts
+    else "the recorded text is not in the proof"
+  )
+  other = _other_source(manifest, builder)
+  if other is None:  # rebuilt from the recorded config, as the prover's builder builds it
+    return None, Check(
+      "program", False, f"the recorded {which} program is not the one its recorded config builds ({where})"
+    )
+  differs = f"this verifier's {which} program differs from the recorded one ({where})"
+  decides = "; the replay decides whether it reproduces the recorded states" if exact else ""
+  return (differs if exact else None), Check("program", None, f"{differs}; {other}{decides}")
 
-  # 4. Init: the recorded step 0 is the state the seed derives.
-  if init_check == "ks":
-    try:
-      state0, _ = checked[0] if 0 in checked else proof.restore(proof_dir, 0, template, manifest["checkpoints"]["0"])
-    except proof.IntegrityError as e:
-      checks["integrity"] = Check("integrity", False, str(e))
-      return done()
-    p_min, leaf, tests = ks_init(state0.params, program.init(jax.random.key(KS_SEED)).params)
-    checks["init"] = Check(
+
+def check_init(inputs: _Inputs, env: _Environment, exact: bool) -> Check:
+  """The init check: the recorded step 0 is the state the seed derives, bit for bit (leaf digests)."""
+  recorded = proof.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
+  check = _init_check(recorded, proof.leaf_digests(inputs.template), inputs.plan)
+  if check.passed is False and env.differ and not env.portable:
+    # This process's flags or threads derive other bits than the prover's: a worker in its environment decides.
+    fields = ", ".join(f for f, _, _ in env.differ)
+    return Check(
       "init",
-      p_min * tests >= KS_ALPHA,
-      f"KS test of step 0 against a fresh init, {tests} parameter leaves: smallest p = {p_min:.3g} ({leaf}); "
-      f"Holm-Bonferroni at alpha {KS_ALPHA} needs >= {KS_ALPHA / tests:.3g}",
+      None,
+      f"step 0 differs from this process's initialisation, but {fields} differ from the prover's"
+      + ("; checked in a worker with the prover's environment" if exact and env.pinning else ": not decided"),
     )
-  else:
-    recorded0 = proof.read_meta(proof_dir, 0, manifest["checkpoints"]["0"])["leaves"]
-    checks["init"] = _check_init(recorded0, proof.leaf_digests(template), plan)
-    if checks["init"].passed is False and differ and not portable:
-      # This process's flags or threads derive other bits than the prover's: a worker in its environment decides.
-      fields = ", ".join(f for f, _, _ in differ)
-      checks["init"] = Check(
-        "init",
-        None,
-        f"step 0 differs from this process's initialisation, but {fields} differ from the prover's"
-        + ("; checked in a worker with the prover's environment" if mode == "exact" and pinning else ": not decided"),
-      )
+  return check
 
-  # 5. Data order: the index log is the seed-derived order.
-  if order_check:
-    expected = sampling.index_log(keys.order, size, plan.batch_size, plan.steps)
-    rows = np.flatnonzero((expected != log).any(axis=1))
-    checks["data order"] = (
-      Check("data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}")
-      if len(rows)
-      else Check("data order", True, f"all {plan.steps} batches follow the seed's order")
+
+def _init_check(recorded: dict, derived: dict, plan: proof.Plan, where: str = "") -> Check:
+  """The recorded step 0's leaf digests against those of the state the seed derives."""
+  bad = [p for p in derived if recorded.get(p) != derived[p]]
+  if bad:
+    return Check(
+      "init", False, f"step 0 is not the seed's initialisation{where}: {len(bad)} leaves differ, first {bad[0]}"
     )
-  else:
-    checks["data order"] = Check("data order", None, "not checked: the prover chose the batches (paper's verifier)")
+  return Check("init", True, f"step 0 equals init from seed {plan.seed}, bound to key {plan.owner[:16]}...{where}")
 
-  # Segment selection, then 6. data: the verifier's copy of what they use.
-  chosen, verdict.guarantee = known or draw(sizes)
-  needed = {step for i in chosen for step in bounds[i]}
-  checked = {step: v for step, v in checked.items() if step in needed}  # drop what no chosen segment uses
-  if progress_check:
-    try:
-      checks["progress"] = _check_progress(proof_dir, manifest, bounds, chosen)
-    except proof.IntegrityError as e:
-      checks["integrity"] = Check("integrity", False, str(e))
-      return done()
-  else:
-    checks["progress"] = Check("progress", None, "not checked (the paper's verifier)")
-  used = np.unique(np.concatenate([log[bounds[i][0] : bounds[i][1]].ravel() for i in chosen]))
+
+def _state0(inputs: _Inputs, recorded: _Recorded) -> training.TrainState:
+  """The recorded step 0, as the integrity pass checked it, or restored and checked now."""
+  if 0 in recorded.checked:
+    return recorded.checked[0][0]
+  state, _ = proof.restore(inputs.proof_dir, 0, inputs.template, inputs.manifest["checkpoints"]["0"])
+  return state
+
+
+def check_data_order(inputs: _Inputs, log: np.ndarray) -> Check:
+  """The data order check: the index log is the order the seed derives."""
+  plan = inputs.plan
+  expected = sampling.index_log(inputs.keys.order, inputs.manifest["dataset"]["size"], plan.batch_size, plan.steps)
+  rows = np.flatnonzero((expected != log).any(axis=1))
+  if len(rows):
+    return Check(
+      "data order", False, f"{len(rows)} steps use batches other than the seed's order, first step {rows[0]}"
+    )
+  return Check("data order", True, f"all {plan.steps} batches follow the seed's order")
+
+
+def check_progress(inputs: _Inputs, chosen: list[int]) -> Check:
+  """The progress check: every chosen segment moves at least one parameter bit (see :func:`unmoved_segments`).
+
+  Raises:
+    proof.IntegrityError: a checkpoint's meta does not match its digest.
+  """
+  still = unmoved_segments(inputs.proof_dir, inputs.manifest, chosen)
+  if not still:
+    return Check("progress", True, f"each of the {len(chosen)} replayed segments moves the parameters")
+  first = inputs.bounds[still[0]]
+  return Check(
+    "progress",
+    False,
+    f"{len(still)} of {len(chosen)} replayed segments moved no parameter bit (first segment {still[0]}, steps "
+    f"{first[0]}-{first[1]}): k or the learning rate is too small for replay to be evidence",
+  )
+
+
+def check_data(inputs: _Inputs, recorded: _Recorded) -> Check:
+  """The data check: the verifier's own copy of every example the chosen segments use has its recorded digest."""
+  manifest, dataset, bounds = inputs.manifest, inputs.dataset, inputs.bounds
+  size = manifest["dataset"]["size"]
+  used = np.unique(np.concatenate([recorded.log[bounds[i][0] : bounds[i][1]].ravel() for i in recorded.chosen]))
   if dataset.name != manifest["dataset"]["name"] or len(dataset) != size:
-    checks["data"] = Check(
+    return Check(
       "data",
       False,
       f"the verifier's dataset is {dataset.name!r} ({len(dataset)} examples), "
       f"the proof's {manifest['dataset']['name']!r} ({size})",
     )
-  else:
-    differs = used[(dataset.digests(used) != leaves[used]).any(axis=1)]
-    checks["data"] = (
-      Check("data", False, f"{len(differs)} examples differ from their recorded digest, first index {differs[0]}")
-      if len(differs)
-      else Check("data", True, f"{len(used)} examples used by the chosen segments match their digests")
-    )
+  differs = used[(dataset.digests(used) != recorded.digests[used]).any(axis=1)]
+  if len(differs):
+    return Check("data", False, f"{len(differs)} examples differ from their recorded digest, first index {differs[0]}")
+  return Check("data", True, f"{len(used)} examples used by the chosen segments match their digests")
 
-  # 7. Replay, only where it can decide and the inputs are the recorded ones.
-  needed = ("environment", "program", "data") if mode == "exact" else ("program", "data")
+
+def _replay_blocked(checks: dict[str, Check], exact: bool, env: _Environment, text_differs: str | None) -> str | None:
+  """Why replay cannot decide (None: it can): a check it needs failed, or could not decide."""
+  needed = ("environment", "program", "data") if exact else ("program", "data")
   failed = [n for n in needed if checks[n].passed is False]
-  comparable = mode == "exact" and not portable and text_differs is None  # else the replay decides
+  if failed:
+    return f"the {', '.join(failed)} check failed"
+  comparable = exact and not env.portable and text_differs is None  # else the replay decides
   undecided = [n for n in needed if checks[n].passed is None and (comparable or n != "program")]
-  if failed or undecided:
-    why = f"the {', '.join(failed)} check failed" if failed else f"the {', '.join(undecided)} check could not decide"
-    checks["replay"] = Check("replay", None, f"not run: {why}")
-    return done()
-  job = replay.Job(proof_dir, manifest, segment, template, dataset, log, keys.step, checked)
-  work = [(i, *bounds[i]) for i in chosen]
+  if undecided:
+    return f"the {', '.join(undecided)} check could not decide"
+  return None
+
+
+def check_replay(
+  inputs: _Inputs,
+  recorded: _Recorded,
+  env: _Environment,
+  mode: replay.Mode,
+  strategy: str,
+  text_differs: str | None,
+  recheck_init: bool,
+  builder: str | None,
+  on_segment: Callable[[replay.SegmentResult], None] | None,
+) -> tuple[list[replay.SegmentResult], dict[str, Check]]:
+  """The replay check: each chosen segment, replayed from its recorded start, lands on its recorded end.
+
+  Exact mode replays here, or in the pinned worker processes that reproduce
+  the prover's environment; tolerance mode judges by distance
+  (:func:`_judge_tolerance`).
+
+  Returns:
+    Every segment's result, and the checks decided: ``replay``, and those it
+    decides on the way: ``init`` (``recheck_init``: in a worker with the
+    prover's environment), ``environment`` (a worker could not reproduce it),
+    ``integrity`` (a checkpoint replay restores fails its digest) or
+    ``program`` (this verifier's own program reproduces every state).
+  """
+  work = [(i, *inputs.bounds[i]) for i in recorded.chosen]
   mine = work[jax.process_index() :: jax.process_count()]
-  local = replay.local_devices(devices)
-  if mode == "exact" and pinning is not None:
-    init = {} if checks["init"].passed is None else None
+  job = replay.Job(
+    inputs.proof_dir,
+    inputs.manifest,
+    inputs.segment,
+    inputs.template,
+    inputs.dataset,
+    recorded.log,
+    inputs.keys.step,
+    recorded.checked,
+    step=inputs.program.step,
+  )
+  decided: dict[str, Check] = {}
+  if isinstance(mode, replay.Exact) and env.pinning is not None:
     try:
-      results = workers.replay(proof_dir, verdict.root, builder, mine, pinning, on_segment, init)
-      if init is not None:
-        checks["init"] = _check_init(recorded0, init, plan, where=" (in a worker with the prover's environment)")
+      results, decided = _replay_in_workers(inputs, env.pinning, mine, builder, on_segment, recheck_init)
     except workers.Unreproducible as e:
-      checks["environment"] = Check("environment", None, f"not reproduced: {e}")
-      checks["replay"] = Check("replay", None, "not run: the environment could not be reproduced")
-      return done()
-  elif mode == "exact":
-    results = replay.replay(job, mine, local, on_segment)
+      return [], {
+        "environment": Check("environment", None, f"not reproduced: {e}"),
+        "replay": Check("replay", None, "not run: the environment could not be reproduced"),
+      }
   else:
-    batched = training.make_batched_segment(program.step, plan.runner)
-    results = replay.replay_batched(job, batched, mine, chunk, local, on_segment)
+    results = mode.run(job, mine, on_segment)
   if jax.process_count() > 1:
-    results = replay.gather(results, len(work), [proof.path_str(n) for n, _ in proof.flatten(template)])
-  verdict.segments = sorted(results, key=lambda r: r.index)
-  broken = [r for r in verdict.segments if r.error]
+    results = replay.gather(results, len(work), [proof.path_str(n) for n, _ in proof.flatten(inputs.template)])
+  results = sorted(results, key=lambda r: r.index)
+  broken = [r for r in results if r.error]
   if broken:
-    checks["integrity"] = Check("integrity", False, broken[0].error)
-    checks["replay"] = Check("replay", None, "not decided: a checkpoint it needs failed its integrity check")
-    return done()
-  if mode == "exact":
-    bad = [s for s in verdict.segments if not s.match]
-    why = lambda s: f"does not reproduce the recorded state: {s.mismatch}"  # noqa: E731
-    passed = f"{len(chosen)} of {len(bounds)} segments reproduce bit for bit ({strategy})"
-    if text_differs and bad:  # the verifier's own program: it cannot tell a false proof from its difference
-      checks["replay"] = Check(
+    return results, {
+      **decided,
+      "integrity": Check("integrity", False, broken[0].error),
+      "replay": Check("replay", None, "not decided: a checkpoint it needs failed its integrity check"),
+    }
+  if isinstance(mode, replay.Exact):
+    return results, {**decided, **_judge_exact(results, len(work), len(inputs.bounds), strategy, text_differs)}
+  local = replay.local_devices(mode.devices)
+  return results, {**decided, "replay": _judge_tolerance(results, mode.delta, job, local, escalate=not env.differ)}
+
+
+def _replay_in_workers(
+  inputs: _Inputs,
+  pinning: workers.Pinning,
+  segments: list[tuple[int, int, int]],
+  builder: str | None,
+  on_segment: Callable[[replay.SegmentResult], None] | None,
+  recheck_init: bool,
+) -> tuple[list[replay.SegmentResult], dict[str, Check]]:
+  """Exact replay in worker processes pinned to the prover's threads and flags.
+
+  With ``recheck_init`` the first worker also derives the initial state in
+  the prover's environment, and the init check is decided on it.
+
+  Raises:
+    workers.Unreproducible: a worker could not reproduce the environment.
+  """
+  init = {} if recheck_init else None
+  results = workers.replay(inputs.proof_dir, inputs.manifest["root"], builder, segments, pinning, on_segment, init)
+  if init is None:
+    return results, {}
+  recorded = proof.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
+  where = " (in a worker with the prover's environment)"
+  return results, {"init": _init_check(recorded, init, inputs.plan, where=where)}
+
+
+def _judge_exact(results, chosen: int, total: int, strategy: str, text_differs: str | None) -> dict[str, Check]:
+  """Exact mode's decision: every replayed state's digests equal the recorded ones."""
+  bad = [s for s in results if not s.match]
+  if text_differs and bad:  # the verifier's own program: it cannot tell a false proof from its difference
+    return {
+      "replay": Check(
         "replay",
         None,
-        f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) {why(bad[0])}; this verifier's program "
-        "differs from the recorded one, so this does not show the proof false: verify with the program "
-        "rebuilt from the recorded config (builder=, the CLI's --program)",
+        f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) does not reproduce the recorded state: "
+        f"{bad[0].mismatch}; this verifier's program differs from the recorded one, so this does not show the "
+        "proof false: verify with the program rebuilt from the recorded config (builder=, the CLI's --program)",
       )
-      return done()
-    if text_differs:
-      checks["program"] = Check(
-        "program",
-        True,
-        f"{text_differs}, but it reproduces every replayed state bit for bit: the states follow from it",
-      )
-  else:
-    verdict.tolerance = {**tolerance.to_json(), "bounds": tolerance.bounds}
-    bad, why, passed, undecided = _judge_tolerance(verdict.segments, tolerance, job, local, escalate=not differ)
-    if undecided and not bad:
-      checks["replay"] = Check("replay", None, undecided)
-      return done()
-  checks["replay"] = (
-    Check(
-      "replay",
-      False,
-      f"segment {bad[0].index} (steps {bad[0].start}-{bad[0].end}) {why(bad[0])}"
-      + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""),
+    }
+  if bad:
+    return {"replay": _rejection(bad, lambda s: f"does not reproduce the recorded state: {s.mismatch}")}
+  decided = {"replay": Check("replay", True, f"{chosen} of {total} segments reproduce bit for bit ({strategy})")}
+  if text_differs:
+    decided["program"] = Check(
+      "program", True, f"{text_differs}, but it reproduces every replayed state bit for bit: the states follow from it"
     )
-    if bad
-    else Check("replay", True, passed)
+  return decided
+
+
+def _rejection(bad: list[replay.SegmentResult], why: Callable[[replay.SegmentResult], str]) -> Check:
+  """The replay check failed: the first bad segment, why, and how many."""
+  first = bad[0]
+  return Check(
+    "replay",
+    False,
+    f"segment {first.index} (steps {first.start}-{first.end}) {why(first)}"
+    + (f"; {len(bad)} segments in all" if len(bad) > 1 else ""),
   )
-  return done()
 
 
-def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
+def _judge_tolerance(segments, tolerance, job, devices, escalate: bool) -> Check:
   """Tolerance mode's decision: within delta, beyond the honest range, or undecided.
 
   A segment outside delta but inside the range honest replays reach
   (``tolerance.bounds``) is replayed exactly when this verifier's environment
   is the prover's (``escalate``), and its digests decide; otherwise it stays
-  undecided. Returns ``(rejected segments, why(segment), pass detail,
-  undecided detail or None)``.
+  undecided. Returns the replay check.
   """
   for s in segments:
     s.within = tolerance.judge(s.distance, s.update)
@@ -624,30 +795,24 @@ def _judge_tolerance(segments, tolerance, job, devices, escalate: bool):
       f"replay noise ({tolerance.describe_bounds()})"
     )
 
-  exact_note = f"; {escalated} outside delta decided by exact replay" if escalated else ""
-  passed = (
-    f"{len(segments)} segments within {tolerance.describe()}{exact_note}; "
-    f"{sum(bool(s.match) for s in segments)} reproduced bit for bit"
-  )
-  undecided = None
+  if bad:
+    return _rejection(bad, why)
   if unsure:
     first = unsure[0]
-    undecided = (
+    return Check(
+      "replay",
+      None,
       f"{len(unsure)} segments are outside delta but inside the range of honest replay noise, first segment "
       f"{first.index} (steps {first.start}-{first.end}); tolerance mode cannot tell them from honest noise: "
-      "verify exactly on the prover's environment"
+      "verify exactly on the prover's environment",
     )
-  return bad, why, passed, undecided
-
-
-def _check_init(recorded: dict, derived: dict, plan, where: str = "") -> Check:
-  """The init check: the recorded step 0's leaf digests against those of the state the seed derives."""
-  bad = [p for p in derived if recorded.get(p) != derived[p]]
-  if bad:
-    return Check(
-      "init", False, f"step 0 is not the seed's initialisation{where}: {len(bad)} leaves differ, first {bad[0]}"
-    )
-  return Check("init", True, f"step 0 equals init from seed {plan.seed}, bound to key {plan.owner[:16]}...{where}")
+  exact_note = f"; {escalated} outside delta decided by exact replay" if escalated else ""
+  return Check(
+    "replay",
+    True,
+    f"{len(segments)} segments within {tolerance.describe()}{exact_note}; "
+    f"{sum(bool(s.match) for s in segments)} reproduced bit for bit",
+  )
 
 
 def _other_source(manifest: dict, builder: str | None) -> str | None:
@@ -667,8 +832,8 @@ def _other_source(manifest: dict, builder: str | None) -> str | None:
   return None
 
 
-def _check_environment(
-  recorded: dict, differ, mode: str, builder: str | None, max_workers: int | None, portable: bool = False
+def _environment_check(
+  recorded: dict, differ, exact: bool, builder: str | None, max_workers: int | None, portable: bool = False
 ):
   """The environment check, and the worker pinning that reproduces the prover's (or None)."""
   if not differ:
@@ -678,7 +843,7 @@ def _check_environment(
     return None, Check(
       "environment", None, f"portable numerics compute in float64 and need x64 ({detail}): set JAX_ENABLE_X64=1"
     )
-  if mode == "tolerance":
+  if not exact:
     return None, Check("environment", True, f"differs ({detail}); tolerance mode decides by distance")
   kinds = {fingerprint.KINDS[f] for f, _, _ in differ}
   lacking = fingerprint.lacking_isa(str(recorded.get("xla_flags", "")))
@@ -801,69 +966,6 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   return sizes, kept
 
 
-KS_SEED = 20210524
-"""The key of the fresh initialisation the KS init check compares with."""
-KS_ALPHA = 0.01
-"""The paper code's threshold on the KS p-values (here family-wise, Holm-Bonferroni)."""
-
-PAPER_TOLERANCE = tolerance_lib.Tolerance(
-  {"l1": 1000.0, "l2": 10.0, "linf": 0.1, "cosine": 0.001},
-  normalised=False,
-  source="the paper code's default deltas, raw distances",
-  reject={"l1": 1000.0, "l2": 10.0, "linf": 0.1, "cosine": 0.001},  # the paper rejects outside delta
-)
-
-
-def ks_init(params, fresh) -> tuple[float, str, int]:
-  """The paper's initialisation check: a two-sample KS test per parameter leaf.
-
-  Compares each leaf of ``params`` (a recorded step 0) with the same leaf of
-  ``fresh`` (an initialisation the verifier draws itself). A leaf the
-  initialiser sets to a constant (biases: zeros) must equal it.
-
-  Returns:
-    ``(smallest p-value, its leaf, number of leaves tested)``; the family is
-    rejected at level alpha when ``p * tests < alpha`` (Holm-Bonferroni).
-  """
-  from scipy import stats
-
-  results = []
-  fresh_leaves = dict(proof.flatten(fresh))
-  for names, leaf in proof.flatten(params):
-    a, b = np.ravel(np.asarray(leaf, np.float64)), np.ravel(np.asarray(fresh_leaves[names], np.float64))
-    if b.min() == b.max():
-      p = 1.0 if (a == b[0]).all() else 0.0
-    else:
-      p = float(stats.ks_2samp(a, b, method="asymp").pvalue)
-    results.append((p, proof.path_str(names)))
-  p, leaf = min(results)
-  return p, leaf, len(results)
-
-
-def paper(proof_dir: str, program: training.Program, dataset: data_lib.Dataset, *, q: int = 2, **kwargs) -> Verdict:
-  """The paper's verifier, for comparison: what the published attacks were built against.
-
-  Top-Q segments per epoch (``q``, the paper code's default 2), replayed with
-  the tolerance mode and the paper code's default raw deltas
-  (:data:`PAPER_TOLERANCE`), the KS initialisation check instead of the
-  seed's, and no check of the data order or of progress. Integrity, program and data
-  digests are still ours. Do not use it to accept proofs.
-  """
-  return verify(
-    proof_dir,
-    program,
-    dataset,
-    strategy="top-q",
-    q=q,
-    mode="tolerance",
-    tolerance=PAPER_TOLERANCE,
-    init_check="ks",
-    order_check=False,
-    progress_check=False,
-    **kwargs,
-  )
-
-
 def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
   """Those of the segments ``indices`` whose recorded parameters at their end equal those at their start, bit for bit.
 
@@ -880,81 +982,3 @@ def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
   metas = proof.read_metas(proof_dir, {step: manifest["checkpoints"][str(step)] for step in steps})
   params = {step: {p: d for p, d in meta["leaves"].items() if p.startswith("params/")} for step, meta in metas.items()}
   return [i for i in indices if params[bounds[i][0]] == params[bounds[i][1]]]
-
-
-def _check_progress(proof_dir, manifest, bounds, chosen) -> Check:
-  """Every chosen segment moves at least one parameter bit (see :func:`unmoved_segments`)."""
-  still = unmoved_segments(proof_dir, manifest, chosen)
-  if not still:
-    return Check("progress", True, f"each of the {len(chosen)} replayed segments moves the parameters")
-  first = bounds[still[0]]
-  return Check(
-    "progress",
-    False,
-    f"{len(still)} of {len(chosen)} replayed segments moved no parameter bit (first segment {still[0]}, steps "
-    f"{first[0]}-{first[1]}): k or the learning rate is too small for replay to be evidence",
-  )
-
-
-def calibrate(
-  proof_dir: str,
-  program: training.Program,
-  dataset: data_lib.Dataset,
-  *,
-  num_segments: int | None = None,
-  margin: float = 10.0,
-  chunk: int = 16,
-  devices: int | None = None,
-  on_segment: Callable[[replay.SegmentResult], None] | None = None,
-) -> dict:
-  """Measures the tolerance mode's honest noise on a proof and proposes delta.
-
-  The proof must first verify exactly on every segment (or on
-  ``num_segments`` Fiat-Shamir segments), so its recorded states are what
-  exact replay computes here; the same segments are then replayed with
-  ``jit(vmap(...))``, and the noise per metric is the largest normalised
-  distance to the recorded state. The proposed delta is
-  ``max(noise x margin, tolerance.FLOOR)``. The noise is heavy-tailed (one
-  segment of 30 can sit four orders of magnitude above the median), so no
-  delta from one proof bounds another's: a distance above delta but inside
-  ``tolerance.HONEST_RANGE`` is undecided, never rejected.
-
-  Returns:
-    A JSON-serialisable record: the proof root, the noise, the margin, the
-    proposed delta and every segment's distances.
-
-  Raises:
-    ValueError: the proof does not verify exactly here.
-  """
-  which = {"strategy": "all"} if num_segments is None else {"strategy": "fiat-shamir", "num_segments": num_segments}
-  exact = verify(proof_dir, program, dataset, devices=devices, **which)
-  if not exact.accepted:
-    raise ValueError(f"calibrate on a proof that verifies exactly here; this one: {exact.summary()}")
-  loose = tolerance_lib.Tolerance({m: 1e300 for m in distances.METRICS}, source="calibration")
-  noisy = verify(
-    proof_dir,
-    program,
-    dataset,
-    **which,
-    devices=devices,
-    mode="tolerance",
-    tolerance=loose,
-    chunk=chunk,
-    on_segment=on_segment,
-  )
-  noise = {m: max(s.normalised[m] for s in noisy.segments) for m in distances.METRICS}
-  return {
-    "proof_root": exact.root,
-    "margin": margin,
-    "noise": noise,
-    "delta": tolerance_lib.propose(noise, margin),
-    "floor": tolerance_lib.FLOOR,
-    "reject": tolerance_lib.HONEST_RANGE,
-    "normalised": True,
-    "chunk": chunk,
-    "environment": fingerprint.environment(),
-    "segments": [
-      {"index": s.index, "start": s.start, "end": s.end, "bitwise": s.match, "normalised": s.normalised}
-      for s in noisy.segments
-    ],
-  }

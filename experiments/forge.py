@@ -1,15 +1,24 @@
-"""Building blocks of the published spoofing attacks on Proof-of-Learning.
+"""Forging moves: how someone who knows pol-jax's proof format writes a proof of their choosing.
 
-These are the forger's tools, used by ``experiments.attack`` to show which
-verifier rejects which spoof. They write proofs in pol-jax's own layout, sealed
-with a self-computed root, as a forger who knows the format would: the point
-is that integrity alone proves nothing, and replay must decide.
+The spoofing attacks (:mod:`experiments.attack`) and the Byzantine workers
+of a distributed run (:mod:`experiments.byzantine`) are made of these. They
+write proofs in pol-jax's own layout, sealed with a self-computed root, as a
+forger who knows the format would: the point is that integrity alone proves
+nothing, and replay must decide.
 
 * :func:`write_proof` writes any sequence of states as a sealed proof.
+* :func:`seed_order` is the index log a plan's seed derives (the batches an
+  honest prover takes).
+* :func:`checkpoints` trains segment by segment with the real segment
+  runner, letting the forger claim any state it likes at the end of any
+  segment instead (lazy, poisoned, spliced or interpolated segments).
+* :func:`interpolated` moves checkpoints in equal steps from a start to a
+  target: the infinitesimal-update attack's fake training.
+* :func:`interpolate` moves a pytree of floats part of the way to another;
+  :func:`perturb` pushes it along a random direction.
 * :func:`rank_match` builds the infinitesimal-update attack's fake
   initialisation: a genuine initialisation sample rearranged into the rank
   order of the stolen weights, so a KS test sees a genuine sample.
-* :func:`interpolate` moves a pytree of floats part of the way to another.
 * :func:`reseal` edits a proof's manifest and recomputes its root.
 * :func:`replace_checkpoint` swaps one recorded state for another and reseals.
 * :func:`splice_stolen` trains honestly but for one checkpoint, which holds a
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +72,71 @@ def write_proof(
   if sorted(checkpoints, key=int) != expected:
     raise ValueError(f"Expected states at steps {expected}, got {sorted(checkpoints, key=int)}.")
   return recorder.finish(proof_dir, body, checkpoints, np.asarray(log, np.int32), digests)
+
+
+def seed_order(plan: proof.Plan, size: int, seed: int | None = None) -> np.ndarray:
+  """The index log ``plan``'s seed derives for a dataset of ``size`` examples: the batches an honest prover takes.
+
+  ``seed``: another seed's order, of the plan's shape (a prover that picks its own examples).
+  """
+  order = training.derive_keys(plan.seed if seed is None else seed).order
+  return sampling.index_log(order, size, plan.batch_size, plan.steps)
+
+
+Claim = Callable[[int, PyTree, int, Callable[[], PyTree]], PyTree]
+"""``claim(i, state, end, train)``: the state segment ``i`` is claimed to end on (at step ``end``), from the
+``state`` claimed before it; ``train()`` runs the segment honestly from ``state``."""
+
+
+def checkpoints(
+  program: training.Program,
+  dataset: data_lib.Dataset,
+  plan: proof.Plan,
+  log: np.ndarray,
+  claim: Claim | None = None,
+  start: PyTree | None = None,
+) -> list[PyTree]:
+  """The states a forger claims at every checkpoint of ``plan``, on host.
+
+  From ``start`` (default: the initial state ``program`` derives from the
+  plan's seed), segment after segment: ``claim(i, state, end, train)`` says
+  what segment ``i`` ends on, where ``train()`` runs it with the real segment
+  runner on ``log``'s batches from the state claimed before it. Without
+  ``claim`` every segment is trained: an honest run, as the recorder's.
+  """
+  keys = training.derive_keys(plan.seed)
+  segment = training.make_segment(program.step, plan.runner)
+  states = [training.to_host(program.init(keys.init)) if start is None else start]
+  for i, (s, e) in enumerate(proof.segments(plan)):
+
+    def train(state=states[-1], s=s, e=e):
+      return training.to_host(segment.run(state, dataset.batch(log[s:e]), keys.step)[0])
+
+    states.append(train() if claim is None else claim(i, states[-1], e, train))
+  return states
+
+
+def interpolated(start: PyTree, bounds: Sequence[tuple[int, int]], **targets: PyTree) -> list[PyTree]:
+  """``start``, then the state claimed at the end of each segment of ``bounds``: ``start`` with each field named in
+  ``targets`` moved ``(i + 1) / len(bounds)`` of the way to its target, at segment ``i``; the last is the target.
+
+  Nothing is trained: this is Fang et al.'s infinitesimal update, whose every
+  segment is a small, equal step towards a model the forger did not train.
+  """
+  n = len(bounds)
+  return [start] + [
+    start.replace(step=np.int32(e), **{f: interpolate(getattr(start, f), t, (i + 1) / n) for f, t in targets.items()})
+    for i, (_, e) in enumerate(bounds)
+  ]
+
+
+def perturb(tree: PyTree, rng: np.random.Generator, scale: float) -> PyTree:
+  """``tree`` with Gaussian noise of standard deviation ``scale`` added to every floating leaf (in its dtype)."""
+  return jax.tree.map(
+    lambda x: (x + rng.normal(0.0, scale, np.shape(x))).astype(np.asarray(x).dtype)
+    if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+    tree,
+  )  # fmt: skip
 
 
 def rank_match(genuine: PyTree, target: PyTree) -> PyTree:
@@ -168,13 +242,10 @@ def splice_stolen(
   bounds = proof.segments(plan)
   if not 1 <= at <= len(bounds):
     raise ValueError(f"Expected 1 <= at <= {len(bounds)} (a checkpoint after step 0), got at={at}.")
-  _, (state, segment, keys) = recorder.start_body(program, dataset, plan, config)
-  log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
-  states = [state]
-  for i, (start, end) in enumerate(bounds):
-    state, _ = segment.run(state, dataset.batch(log[start:end]), keys.step)
-    state = training.to_host(state)
-    if i + 1 == at:
-      state = state.replace(params=stolen.params, model_state=stolen.model_state)
-    states.append(state)
-  return write_proof(proof_dir, program, dataset, plan, states, log, config)
+
+  def swap_at(i, state, end, train):
+    trained = train()
+    return trained.replace(params=stolen.params, model_state=stolen.model_state) if i + 1 == at else trained
+
+  log = seed_order(plan, len(dataset))
+  return write_proof(proof_dir, program, dataset, plan, checkpoints(program, dataset, plan, log, swap_at), log, config)

@@ -1,20 +1,30 @@
-"""Turns a config into the explicit arguments the library takes.
+"""Rebuilds a program from a recorded config: this project's models, data and optimizers.
 
-The prover and the verifier both call these: the verifier rebuilds the
-program from the config recorded in the proof's manifest.
+A config (an ``ml_collections.ConfigDict`` or the plain dict a proof
+records) names a dataset, a model, an optimizer and a plan;
+:func:`program`, :func:`dataset` and :func:`plan` turn it into the explicit
+arguments :func:`pol_jax.record` and :func:`pol_jax.verify` take. The
+prover and the verifier both call these: a verifier rebuilds the program
+from the config in the proof's manifest (:func:`rebuild`), and its worker
+processes and a coordinator's judging children rebuild it by name
+(:data:`BUILDER`).
+
+A proof's config is input from the prover: :func:`from_config` refuses a
+field this builder does not know and a model over a size limit before
+anything is built, and the data come from this process's own data
+directory, never from one the config names.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 
 import jax
 import numpy as np
 import optax
+from ml_collections import ConfigDict
 
-from pol_jax import augment, data, fingerprint, numerics, proof, training
+from pol_jax import augment, data, numerics, proof, training, workers
 from pol_jax.models import cnn, mlp, resnet
 
 DATASETS = ("digits", *data.TFDS_DATASETS)
@@ -22,6 +32,13 @@ MODELS = ("mlp", "cnn", *(n for n in resnet.VARIANTS))
 AUGMENTATIONS = ("none", "crop_flip")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
+FIELDS = frozenset(
+  {
+    "dataset", "model", "augment", "widths", "features", "dropout", "optimizer", "learning_rate", "momentum",
+    "weight_decay", "schedule", "batch_size", "steps", "k", "seed", "owner", "runner", "numerics",
+  }
+)  # fmt: skip
+"""The config fields this builder knows (those of ``experiments/configs/default.py``)."""
 
 
 class ConfigError(ValueError):
@@ -30,6 +47,10 @@ class ConfigError(ValueError):
   def __init__(self, field: str, message: str):
     super().__init__(f"config.{field}: {message}")
     self.field = field
+
+
+class ProgramUnavailable(Exception):
+  """The builder a verifier names (``program=``) cannot be imported here."""
 
 
 def _get(config, field: str, kind: type | tuple[type, ...]):
@@ -64,8 +85,8 @@ def dataset(config, split: str = "train") -> data.Dataset:
   """The dataset a config names.
 
   TFDS data are read from this process's own data directory, ``$TFDS_DATA_DIR``
-  (the CLIs' ``--data_dir`` sets it), never from a directory a config names:
-  a proof's config must not choose what its verifier reads.
+  (:func:`set_data_dir`, the CLIs' ``--data_dir``), never from a directory a
+  config names: a proof's config must not choose what its verifier reads.
   """
   name = _choice(config, "dataset", DATASETS)
   if name == "digits":
@@ -90,9 +111,7 @@ MAX_LAYERS = 256
 
 def check_fields(config) -> None:
   """Refuses a config field this builder does not know (a reseal must not make a copy look independent)."""
-  from experiments.configs import default
-
-  unknown = sorted(set(config) - set(default.get_config()))
+  unknown = sorted(set(config) - FIELDS)
   if unknown:
     raise ConfigError(unknown[0], "unknown field: a proof's config may hold only the fields this builder knows")
 
@@ -144,35 +163,6 @@ def plan(config) -> proof.Plan:
     raise ConfigError("seed" if field == "nonce" else field, message) from None
 
 
-def bind_owner(config, key_path: str | None) -> str:
-  """Sets ``config.owner`` unless it is set, and says from where.
-
-  From the Ed25519 private key at ``key_path``, created (mode 0600, with
-  ``key_path.pub``) when missing and never overwritten; with ``key_path`` None,
-  from a fresh key that is not kept (benchmarks: nobody can claim the proofs).
-  """
-  from pol_jax import ownership
-
-  if config.owner:
-    return f"owner:  {config.owner} (--config.owner)"
-  if key_path is None:
-    config.owner = _throwaway_owner()
-    return f"owner:  {config.owner} (a throwaway key: nobody can claim these proofs)"
-  config.owner, created = ownership.ensure_key(key_path)
-  if created:
-    return f"owner:  {config.owner} (new key {key_path}; keep it: only it can claim this proof)"
-  return f"owner:  {config.owner} ({key_path})"
-
-
-@functools.cache
-def _throwaway_owner() -> str:
-  from cryptography.hazmat.primitives.asymmetric import ed25519
-
-  from pol_jax import ownership
-
-  return ownership.public_key_of(ed25519.Ed25519PrivateKey.generate())
-
-
 def _model(config, ds: data.Dataset):
   name = _choice(config, "model", MODELS)
   num_classes = _num_classes(config)
@@ -198,6 +188,7 @@ def _model(config, ds: data.Dataset):
 
 
 def optimizer(config) -> optax.GradientTransformation:
+  """The optimizer a config describes, with its learning-rate schedule and weight decay."""
   steps = _get(config, "steps", int)
   lr = _get(config, "learning_rate", float)
   if not lr > 0:
@@ -263,12 +254,9 @@ def evaluate(config, state: training.TrainState, ds: data.Dataset, batch_size: i
   return correct / len(ds)
 
 
-class UsageError(Exception):
-  """A request this machine cannot serve (CLI exit status 2)."""
-
-
-BUILDER = "experiments.build:from_config"
-"""This module's builder, as the verifier names it to its worker processes (``pol_jax.workers``)."""
+BUILDER = "pol_jax.build:from_config"
+"""This module's builder, as the verifier names it to its worker processes (``pol_jax.workers``) and a
+coordinator to its judging children (``pol_jax.distributed``)."""
 
 
 def from_config(config: dict, max_params: int | None = None) -> tuple[training.Program, data.Dataset]:
@@ -279,11 +267,13 @@ def from_config(config: dict, max_params: int | None = None) -> tuple[training.P
   which its worker processes inherit) before it is built; the data come from
   this process's own data directory.
 
+  >>> from_config({"dataset": "digits", "model": "transformer"})
+  Traceback (most recent call last):
+  pol_jax.build.ConfigError: config.model: unknown model 'transformer' (known: mlp, cnn, ...)
+
   Raises:
     ConfigError: a field the builder cannot use.
   """
-  from ml_collections import ConfigDict
-
   check_fields(config)
   config = ConfigDict(config)
   train = dataset(config, "train")
@@ -305,10 +295,8 @@ def rebuild(
   Raises:
     proof.ProofError: the manifest is unusable, its config cannot be rebuilt,
       or it names a builder the verifier did not pass.
-    UsageError: ``program`` cannot be imported here.
+    ProgramUnavailable: ``program`` cannot be imported here.
   """
-  from pol_jax import proof
-
   manifest = proof.read_manifest(proof_dir)
   recorded = manifest.get("builder")
   if program is None and recorded is not None:
@@ -327,13 +315,15 @@ def rebuild(
 
 
 def user_builder(target: str):
-  """The user's ``build(config) -> (program, dataset)``, with its failures as one-line errors."""
-  from pol_jax import proof, workers
+  """The user's ``build(config) -> (program, dataset)`` that ``target`` names, with its failures as one-line errors.
 
+  Raises:
+    ProgramUnavailable: ``target`` cannot be imported here.
+  """
   try:
     fn = workers.load_builder(target)
   except ValueError as e:
-    raise UsageError(f"--program: {e}") from None
+    raise ProgramUnavailable(str(e)) from None
 
   def build_it(config: dict):
     try:
@@ -345,108 +335,3 @@ def user_builder(target: str):
     return program, dataset
 
   return build_it
-
-
-CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_cuda12_pjrt", "jax_cuda13_pjrt")
-
-
-def deterministic_xla_flags(flags: str, has_cuda: bool, isa: str | None = None, speed: tuple[str, ...] = ()) -> str:
-  """``flags`` plus XLA's deterministic GPU flags when CUDA is present, the
-  CPU ISA pin ``isa`` (``--xla_cpu_max_isa=...``) and the ``speed`` flags,
-  each unless already set."""
-  add = list(fingerprint.DETERMINISTIC_GPU_FLAGS) if has_cuda else []
-  if isa:
-    add.append(isa)
-  add.extend(speed)
-  add = [f for f in add if f.split("=")[0] not in flags]
-  return " ".join([flags, *add]).strip()
-
-
-def set_deterministic_flags() -> None:
-  """Sets XLA_FLAGS for deterministic replay; call before JAX starts a backend.
-
-  Deterministic GPU flags where CUDA is present, and the portable CPU vector
-  ISA (``fingerprint.CPU_ISA``: AVX2 on x86, NEON on ARM), so a proof made on
-  an AVX-512 machine replays on an AVX2 one, and the XLA:CPU flags that
-  measure faster (``fingerprint.CPU_SPEED_FLAGS``; ``POL_JAX_NO_SPEED_FLAGS=1``
-  leaves them out). Recorded in the proof's environment fingerprint; the
-  verifier sets the proof's own flags instead (:func:`set_flags_of_proof`).
-  """
-  import importlib.util
-
-  has_cuda = any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
-  speed = () if os.environ.get("POL_JAX_NO_SPEED_FLAGS") else fingerprint.CPU_SPEED_FLAGS
-  flags = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""), has_cuda, fingerprint.cpu_isa_flag(), speed)
-  os.environ["XLA_FLAGS"] = flags
-
-
-def set_flags_of_proof(proof_dir: str) -> None:
-  """Starts this process with the XLA flags and x64 setting a proof recorded.
-
-  Call before JAX starts a backend. Keeps the caller's flags that cannot
-  change numerics (and a forced host device count given by the caller);
-  replaces the rest by the proof's, if every recorded flag is one a verifier
-  sets (``fingerprint.REPRODUCIBLE_FLAGS``). Otherwise changes nothing: the
-  environment check then reports what differs. An unreadable proof is left
-  to the verifier to report.
-  """
-  import shlex
-
-  from pol_jax import proof
-
-  try:
-    manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
-    settings = fingerprint.process_settings(manifest["environment"])
-  except (proof.ProofError, ValueError, KeyError, TypeError):
-    return
-  mine = os.environ.get("XLA_FLAGS", "")
-  kept = [f for f in shlex.split(mine) if f not in fingerprint.numeric_xla_flags(mine).split()]
-  theirs = shlex.split(settings["XLA_FLAGS"])
-  if fingerprint.host_devices(mine) is not None:
-    theirs = [f for f in theirs if not f.startswith(fingerprint.HOST_DEVICES_FLAG)]
-  else:
-    kept = [f for f in kept if not f.startswith(fingerprint.HOST_DEVICES_FLAG)]
-  os.environ["XLA_FLAGS"] = " ".join(kept + theirs)
-  os.environ["JAX_ENABLE_X64"] = settings["JAX_ENABLE_X64"]
-  jax.config.update("jax_enable_x64", settings["JAX_ENABLE_X64"] == "1")  # JAX read the variable at import
-
-
-def define_config(default: str, help_text: str):
-  """``config_flags.DEFINE_config_file("config", default, help_text)``, with a one-line error and exit 2.
-
-  ml_collections applies ``--config.FIELD=VALUE`` overrides to the default
-  config as soon as the flag is defined, so an override of a field the config
-  lacks fails there, before :func:`parse_flags`, when ``--config=`` is not given.
-  """
-  from ml_collections import config_flags
-
-  try:
-    return config_flags.DEFINE_config_file("config", default, help_text)
-  except (AttributeError, KeyError) as e:
-    _config_error(sys.argv, e)
-
-
-def _config_error(argv: list[str], e: Exception):
-  bad = [a for a in argv[1:] if a.startswith("--config.")]
-  field = str(e).strip("\"'")
-  culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + field)), f"--config.{field}")
-  print(f"error: {culprit}: the config has no field {field!r}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error and exit status 2 for a mistyped flag.
-
-  Used as ``app.run(main, flags_parser=build.parse_flags)``: a bad value
-  (``--config.learning_rate=abc``) or an unknown config field
-  (``--config.lr=0.1``) fails before anything runs, naming the flag.
-  """
-  from absl import flags
-
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-    _config_error(argv, e)
