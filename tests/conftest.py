@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from experiments import build
 from experiments.configs import default
-from pol_jax import proof, recorder
-from pol_jax.attacks import reseal  # noqa: F401  (tests edit manifests as a forger would)
+from experiments.forge import reseal  # noqa: F401  (tests edit manifests as a forger would)
+from pol_jax import build, proof, recorder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,10 +91,11 @@ def batch_path(proof_dir: str, step: int) -> str:
 def splice_state(proof_dir: str, source: str, step: int) -> str:
   """Copies ``source``'s recorded state at ``step`` into ``proof_dir`` (its batch rewritten) and reseals, as a
   forger would; returns the spliced state's meta digest."""
-  from pol_jax import attacks, training
+  from experiments import forge
+  from pol_jax import training
 
   program, _ = build.rebuild(source)
   manifest = load_manifest(source)
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
   state, meta = proof.restore(source, step, template, manifest["checkpoints"][str(step)])
-  return attacks.replace_checkpoint(proof_dir, state, meta.get("fingerprints"))["checkpoints"][str(step)]
+  return forge.replace_checkpoint(proof_dir, state, meta.get("fingerprints"))["checkpoints"][str(step)]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from experiments import attack
-from pol_jax import attacks, challenge
+from experiments import attack, forge
+from pol_jax import challenge
 
 # The check of our default verifier that must catch each attack first.
 CAUGHT_BY = {
@@ -135,6 +135,6 @@ def test_blindfold_passes_top_q_but_not_a_sample_that_includes_interpolated_segm
 def test_rank_match_keeps_the_genuine_values_and_the_target_order():
   rng = np.random.default_rng(0)
   genuine, target = rng.normal(size=(16, 8)), rng.normal(size=(16, 8))
-  matched = attacks.rank_match(genuine, target)
+  matched = forge.rank_match(genuine, target)
   np.testing.assert_array_equal(np.sort(matched, axis=None), np.sort(genuine, axis=None))
   np.testing.assert_array_equal(np.argsort(matched, axis=None), np.argsort(target, axis=None))

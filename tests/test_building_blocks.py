@@ -185,16 +185,16 @@ def test_dropout_key_changes_every_step_and_replays(runner):
 
 
 def test_deterministic_gpu_flags_and_the_cpu_speed_flags_are_added_once():
-  from experiments import build
+  from experiments import cli
 
-  assert build.deterministic_xla_flags("--xla_foo=1", has_cuda=False) == "--xla_foo=1"
-  flags = build.deterministic_xla_flags("--xla_foo=1", has_cuda=True)
+  assert cli.deterministic_xla_flags("--xla_foo=1", has_cuda=False) == "--xla_foo=1"
+  flags = cli.deterministic_xla_flags("--xla_foo=1", has_cuda=True)
   assert flags == "--xla_foo=1 --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
-  assert build.deterministic_xla_flags(flags, has_cuda=True) == flags
-  assert "--xla_gpu_autotune_level=2" in build.deterministic_xla_flags("--xla_gpu_autotune_level=2", True)
+  assert cli.deterministic_xla_flags(flags, has_cuda=True) == flags
+  assert "--xla_gpu_autotune_level=2" in cli.deterministic_xla_flags("--xla_gpu_autotune_level=2", True)
   speed = fingerprint.CPU_SPEED_FLAGS
-  assert build.deterministic_xla_flags("", False, speed=speed) == " ".join(speed)
-  assert build.deterministic_xla_flags("--xla_cpu_experimental_ynn_fusion_type=", False, speed=speed).count("ynn") == 1
+  assert cli.deterministic_xla_flags("", False, speed=speed) == " ".join(speed)
+  assert cli.deterministic_xla_flags("--xla_cpu_experimental_ynn_fusion_type=", False, speed=speed).count("ynn") == 1
   assert all(f.split("=")[0] in fingerprint.REPRODUCIBLE_FLAGS for f in speed)  # a verifier sets them again
 
 

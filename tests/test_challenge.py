@@ -32,3 +32,25 @@ def test_each_typed_challenge_selects_what_its_strategy_name_selects(strategy):
 def test_an_unknown_strategy_name_is_refused_naming_the_known_ones():
   with pytest.raises(ValueError, match="Expected strategy in"):
     challenge.from_name("random")
+
+
+@pytest.mark.parametrize(
+  "make, words",
+  [
+    (lambda: challenge.Uniform(n=0), "Expected n >= 1 for Uniform (the last segment is always replayed), got n=0."),
+    (lambda: challenge.FiatShamir(n=0), "Expected n >= 1 for FiatShamir"),
+    (lambda: challenge.TopQUniform(n=-1), "Expected n >= 0 for TopQUniform, got n=-1."),
+    (lambda: challenge.TopQ(q=0), "Expected q >= 1 for TopQ, got q=0."),
+    (lambda: challenge.Uniform(detect=0.0), "Expected 0 < detect <= 1, got detect=0.0."),
+    (lambda: challenge.TopQUniform(faked_fraction=1.5), "Expected 0 < faked_fraction <= 1, got faked_fraction=1.5."),
+  ],
+)
+def test_impossible_settings_are_refused_when_made_naming_the_argument(make, words):
+  with pytest.raises(ValueError) as e:
+    make()
+  assert words in str(e.value), str(e.value)
+
+
+def test_the_default_uniform_part_may_be_empty_and_the_others_accept_their_least_n():
+  assert challenge.TopQUniform(n=0).n == 0
+  assert challenge.Uniform(n=1).n == challenge.FiatShamir(n=1).n == 1

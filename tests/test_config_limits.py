@@ -7,8 +7,7 @@ import time
 import pytest
 from conftest import reseal, run_cli
 
-from experiments import build
-from pol_jax import proof
+from pol_jax import build, proof
 
 
 def test_a_proof_supplied_data_directory_is_refused(honest, copy_of):
@@ -16,6 +15,19 @@ def test_a_proof_supplied_data_directory_is_refused(honest, copy_of):
   reseal(forged, lambda m: m["config"].update(data_dir="/tmp/the-forgers-own-copy"))
   with pytest.raises(proof.ProofError, match=r"config.data_dir: unknown field"):
     build.rebuild(forged)
+
+
+def test_the_builder_knows_exactly_the_fields_of_the_default_config_and_every_config_uses_only_those():
+  import importlib
+  import pkgutil
+
+  from experiments import configs
+  from experiments.configs import default
+
+  assert set(default.get_config()) == build.FIELDS
+  for m in pkgutil.iter_modules(configs.__path__):
+    config = importlib.import_module(f"experiments.configs.{m.name}").get_config()
+    assert set(config) <= build.FIELDS, m.name
 
 
 def test_the_data_come_from_the_verifiers_own_directory(monkeypatch, tmp_path):

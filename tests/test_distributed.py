@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 from conftest import OWNER, ROOT, smoke_config
 
-from experiments import build
+from experiments import byzantine
 from experiments import distributed as experiment
-from pol_jax import distributed, isolation, proof, training
+from pol_jax import build, distributed, isolation, proof, training
 
 ROUNDS, STEPS, K, WORKERS = 2, 4, 2, 4
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +43,7 @@ def cluster():
   config = smoke_config("mlp")
   config.steps = ROUNDS * STEPS
   make = functools.partial(experiment.build_worker, config.to_dict())
-  engine = distributed.RayEngine(["honest"] * WORKERS, make, config.to_dict(), timeout=60)
+  engine = distributed.RayEngine(["honest"] * WORKERS, make, config.to_dict(), worker=byzantine.Worker, timeout=60)
   program, train = make()
   # Two judging children, started once for the runs that judge under the default limits.
   judges = [distributed.Judge(builder=build.BUILDER, config=config.to_dict(), limits=make_setup().limits) for _ in "ab"]
@@ -118,7 +118,7 @@ GROUPS = [("random", "sign-flip", "scale"), ("lazy", "stale", "free-rider"), ("w
 
 
 def test_every_byzantine_behaviour_has_an_expected_check():
-  assert set(REJECTED_BY) == set(distributed.BEHAVIOURS) - {"honest"}
+  assert set(REJECTED_BY) == set(byzantine.BEHAVIOURS) - {"honest"}
   assert sorted(b for g in GROUPS for b in g) == sorted(REJECTED_BY)
 
 
@@ -190,11 +190,11 @@ def test_the_record_audits_and_a_record_naming_other_proofs_does_not(cluster, ho
 
 def test_a_worker_past_the_deadline_is_dropped(cluster, honest_only, tmp_path):
   engine = cluster["engine"]
-  engine.timeout, engine.slow_seconds = 5.0, 60.0
+  engine.timeout, engine.options = 5.0, {"slow_seconds": 60.0}
   try:
     result = coordinate(cluster, tmp_path, "slow", rounds=1)
   finally:
-    engine.timeout, engine.slow_seconds = 60.0, 0.0
+    engine.timeout, engine.options = 60.0, {}
   (r,) = result["rounds"]
   assert "timed out" in r["judgements"][0]["detail"], r
   _check_states(result, honest_only)
@@ -458,9 +458,9 @@ def test_a_hostile_upload_is_rejected_in_one_line(judged, copy_of, name):
 def test_a_judge_that_cannot_start_is_the_coordinators_error_not_the_workers(tmp_path):
   """A failure before the child touches the upload (here: no such builder) stops the coordinator, naming why."""
   (tmp_path / "proof").mkdir()
-  with pytest.raises(distributed.CoordinatorError, match=r"cannot judge: .*experiments\.build:missing"):
+  with pytest.raises(distributed.CoordinatorError, match=r"cannot judge: .*pol_jax\.build:missing"):
     distributed.judge_isolated(
-      str(tmp_path / "proof"), make_setup().assignment(0, 0), {"x": np.zeros(2)}, builder="experiments.build:missing",
+      str(tmp_path / "proof"), make_setup().assignment(0, 0), {"x": np.zeros(2)}, builder="pol_jax.build:missing",
       config={}, max_bytes=1 << 20,
     )  # fmt: skip
 

@@ -18,21 +18,23 @@ SEEDS = int(os.environ.get("POL_HONEST_SEEDS", "1"))
 
 _VERIFY_ALL = """
 import json, sys
-from experiments import build
-from pol_jax import tolerance, verifier
+from pol_jax import build, challenge, paper, replay, tolerance, verifier
 out = {}
 for p in sys.argv[1:]:
   program, train = build.rebuild(p)
-  loose = tolerance.Tolerance({"l2": 1e-3, "linf": 1e-3}, source="test: honest vmapped noise is far below")
-  out[p] = {
-    "exact, all": verifier.verify(p, program, train, strategy="all").accepted,
-    "exact, fiat-shamir": verifier.verify(p, program, train, strategy="fiat-shamir", num_segments=2).accepted,
-    "exact, top-q+uniform (default, OS seed)": verifier.verify(p, program, train, num_segments=2).accepted,
-    "exact, uniform": verifier.verify(p, program, train, strategy="uniform", num_segments=2, seed=7).accepted,
-    "exact, top-q": verifier.verify(p, program, train, strategy="top-q").accepted,
-    "tolerance, all": verifier.verify(p, program, train, strategy="all", mode="tolerance", tolerance=loose).accepted,
-    "paper": verifier.paper(p, program, train).accepted,
+  loose = tolerance.Thresholds({"l2": 1e-3, "linf": 1e-3}, source="test: honest vmapped noise is far below")
+  strategies = {
+    "exact, all": challenge.All(),
+    "exact, fiat-shamir": challenge.FiatShamir(n=2),
+    "exact, top-q+uniform (default, OS seed)": challenge.TopQUniform(n=2),
+    "exact, uniform": challenge.Uniform(n=2, seed=7),
+    "exact, top-q": challenge.TopQ(),
   }
+  out[p] = {name: verifier.verify(p, program, train, challenge=c).accepted for name, c in strategies.items()}
+  out[p]["tolerance, all"] = verifier.verify(
+    p, program, train, challenge=challenge.All(), replay=replay.Tolerance(loose)
+  ).accepted
+  out[p]["paper"] = paper.paper(p, program, train).accepted
 print(json.dumps(out))
 """
 
@@ -57,20 +59,20 @@ def test_honest_proofs_are_accepted_by_every_mode_in_a_fresh_process(tmp_path):
 
 _TOLERANCE_ALL = """
 import json, sys
-from experiments import build
-from pol_jax import distances, tolerance, verifier
-loose = tolerance.Tolerance({m: 1e300 for m in distances.METRICS}, source="test: distances only")
+from pol_jax import build, challenge, distances, replay, tolerance, verifier
+loose = tolerance.Thresholds({m: 1e300 for m in distances.METRICS}, source="test: distances only")
 out = {}
 for group in json.loads(sys.argv[1]):
   calibrated = None
   for p in group:
     program, train = build.rebuild(p)
     if calibrated is None:  # one proof's calibration, applied to the others of its config
-      record = verifier.calibrate(p, program, train, chunk=15)
-      calibrated = tolerance.Tolerance(record["delta"], source="calibrated on " + p, reject=record["reject"])
-    measured = verifier.verify(p, program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=15)
+      record = tolerance.calibrate(p, program, train, chunk=15)
+      calibrated = tolerance.Thresholds(record["delta"], source="calibrated on " + p, reject=record["reject"])
+    every = challenge.All()
+    measured = verifier.verify(p, program, train, challenge=every, replay=replay.Tolerance(loose, chunk=15))
     judged = [calibrated.judge(s.distance, s.update) for s in measured.segments]
-    verdict = verifier.verify(p, program, train, strategy="all", mode="tolerance", tolerance=calibrated, chunk=15)
+    verdict = verifier.verify(p, program, train, challenge=every, replay=replay.Tolerance(calibrated, chunk=15))
     out[p] = {
       "segments": len(judged),
       "rejected": judged.count(False),

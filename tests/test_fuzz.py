@@ -17,8 +17,7 @@ from conftest import smoke_config
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from experiments import build
-from pol_jax import fingerprint, proof, verifier
+from pol_jax import build, challenge, fingerprint, proof, verifier
 
 EXAMPLES = int(os.environ.get("POL_FUZZ_EXAMPLES", "40"))
 VALUES = st.one_of(
@@ -126,7 +125,7 @@ def test_mutated_proofs_are_rejected_cleanly(honest, kind, data):
       open(os.path.join(p, f), "rb").read() != open(os.path.join(honest, f), "rb").read() for f in before
     )
     try:
-      verdict = verifier.verify(p, program, train, strategy="all")
+      verdict = verifier.verify(p, program, train, challenge=challenge.All())
     except proof.ProofError as e:  # Unusable input: one line naming the file and the field.
       assert "\n" not in str(e) and e.file and e.field, repr(e)
       return

@@ -9,7 +9,7 @@ import optax
 import pytest
 from conftest import ROOT, load_manifest
 
-from pol_jax import data, integrations, proof, recorder, training, verifier
+from pol_jax import challenge, data, integrations, proof, recorder, training, verifier
 
 
 def _example(name: str):
@@ -28,7 +28,9 @@ def test_linen_train_state_example_records_and_verifies(tmp_path):
   # differs from the recorded one (the first differing line named) and does not reproduce the states.
   example.tx = optax.sgd(0.06, momentum=0.9)
   other = training.Program(example.init, example.train_step)
-  _assert_cannot_check(verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), strategy="all"))
+  _assert_cannot_check(
+    verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), challenge=challenge.All())
+  )
 
 
 def _assert_cannot_check(verdict):
@@ -55,7 +57,9 @@ def test_nnx_optimizer_example_records_and_verifies(tmp_path):
   # A verifier whose optimizer uses another learning rate cannot check the proof (undecided, exit 2).
   example.optax = _OtherLearningRate()
   other = integrations.nnx_program(example.create, example.train_step)
-  _assert_cannot_check(verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), strategy="all"))
+  _assert_cannot_check(
+    verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), challenge=challenge.All())
+  )
 
 
 class _OtherLearningRate:

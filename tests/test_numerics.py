@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, reseal
 
-from pol_jax import numerics, proof, recorder, training, verifier
+from pol_jax import challenge, numerics, proof, recorder, training, verifier
 
 _PINNED = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
 
@@ -77,7 +77,7 @@ def test_portable_numerics_need_x64():
 def test_a_step_with_a_loop_fails_before_training_starts(tmp_path):
   from conftest import smoke_config
 
-  from experiments import build
+  from pol_jax import build
 
   config = smoke_config("mlp")
   train = build.dataset(config, "train")
@@ -139,13 +139,13 @@ def test_a_float32_proof_of_the_same_run_is_refused_on_one_core(tmp_path):
 
 
 def test_a_float32_verifier_of_a_portable_proof_is_told_so(portable_proof, copy_of):
-  from experiments import build
   from experiments.configs import default
+  from pol_jax import build
 
   config = default.get_config("smoke")
   config.batch_size, config.steps = 64, 16
   train = build.dataset(config, "train")
-  verdict = verifier.verify(portable_proof, build.program(config, train), train, strategy="all")
+  verdict = verifier.verify(portable_proof, build.program(config, train), train, challenge=challenge.All())
   assert "recorded with portable numerics, the verifier's program computes in float32" in verdict.checks[2].detail
 
 
@@ -167,7 +167,7 @@ def test_the_numerics_record_is_validated(portable_proof, copy_of, edit, words):
 
 
 def test_training_state_dtypes_are_float32_in_portable_numerics(portable_proof):
-  from experiments import build
+  from pol_jax import build
 
   with jax.enable_x64(True):
     program, _ = build.rebuild(portable_proof)

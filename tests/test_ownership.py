@@ -12,8 +12,8 @@ import pytest
 from conftest import OWNER, OWNER_KEY, reseal, run_cli, smoke_config
 from conftest import record as record_proof
 
-from experiments import attack, build
-from pol_jax import ownership, proof, training
+from experiments import attack
+from pol_jax import build, challenge, ownership, proof, training
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
@@ -168,7 +168,7 @@ def test_a_proof_cannot_be_moved_to_another_key(scene, copy_of):
   program, train = build.rebuild(files["owner"])
   from pol_jax import verifier
 
-  verdict = verifier.verify(moved, program, train, strategy="all")
+  verdict = verifier.verify(moved, program, train, challenge=challenge.All())
   assert not verdict.accepted and verdict.failed[0].name == "integrity", verdict.table()
 
 

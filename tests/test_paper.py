@@ -10,9 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import OWNER, record, run_cli, smoke_config
 
-from experiments import build
 from experiments.configs import cifar10_resnet20, cifar100_resnet50
-from pol_jax import augment, data, proof, verifier
+from pol_jax import augment, build, challenge, data, proof, verifier
 from pol_jax.models import resnet
 
 
@@ -33,7 +32,7 @@ def test_every_resnet_records_and_verifies_exactly_with_batchnorm_statistics(tmp
   path = str(tmp_path / "proof")
   record(path, config)
   program, train = build.rebuild(path)
-  verdict = verifier.verify(path, program, train, strategy="all")
+  verdict = verifier.verify(path, program, train, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
   stats = [p for p in proof.read_meta(path, 8, None)["leaves"] if p.startswith("model_state/")]
   assert any(p.endswith("/mean") for p in stats) and any(p.endswith("/var") for p in stats), stats
@@ -77,11 +76,11 @@ def test_tfds_path_records_and_verifies_on_mock_data_and_catches_a_changed_examp
     path = str(tmp_path / "proof")
     record(path, config)
     program, ours = build.rebuild(path)
-    assert verifier.verify(path, program, ours, strategy="all").accepted
+    assert verifier.verify(path, program, ours, challenge=challenge.All()).accepted
     used = int(np.load(os.path.join(path, proof.INDICES))[0, 0])
     inputs = ours.inputs.copy()
     inputs[used, 0, 0, 0] ^= 1
-    verdict = verifier.verify(path, program, data.Dataset(ours.name, inputs, ours.labels), strategy="all")
+    verdict = verifier.verify(path, program, data.Dataset(ours.name, inputs, ours.labels), challenge=challenge.All())
   assert [c.name for c in verdict.failed] == ["data"], verdict.table()
 
 

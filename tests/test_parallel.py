@@ -17,8 +17,7 @@ import json, os, sys
 sys.path.insert(0, {tests!r})
 import jax
 from ml_collections import ConfigDict
-from experiments import build
-from pol_jax import verifier
+from pol_jax import build, challenge, replay, verifier
 from conftest import load_manifest
 assert jax.local_device_count() == 4, jax.devices()
 out = {{}}
@@ -31,7 +30,7 @@ for name, path in {proofs!r}.items():
     traces.append(1)
     return step(s, b, k)
   program = program._replace(step=counted)
-  v = verifier.verify(path, program, train, strategy="all", devices=4)
+  v = verifier.verify(path, program, train, challenge=challenge.All(), replay=replay.Exact(devices=4))
   out[name] = {{"accepted": v.accepted, "failed": [c.name for c in v.failed], "traces": len(traces),
                "segments": [(s.index, s.match, s.device) for s in v.segments],
                "mismatch": [s.mismatch for s in v.segments if not s.match]}}

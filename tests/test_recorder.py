@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_manifest, record, run_cli, smoke_config
 
-from experiments import build
-from pol_jax import proof, recorder, training, verifier
+from pol_jax import build, challenge, proof, recorder, training, verifier
 
 _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import smoke_config
-from experiments import build
-from pol_jax import proof, recorder
+from pol_jax import build, proof, recorder
 proof.FLUSH_STATES = 1  # every state its own batch, so that the kill comes after some are durable
 config = smoke_config({model!r}, steps=24, k=4)
 train = build.dataset(config, "train")
@@ -40,8 +38,7 @@ _RECORD_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from conftest import smoke_config
-from experiments import build
-from pol_jax import recorder
+from pol_jax import build, recorder
 config = smoke_config({model!r}, steps=24, k=4)
 train = build.dataset(config, "train")
 program = build.program(config, train)
@@ -129,7 +126,7 @@ def test_sigkill_at_random_moments_never_yields_an_accepted_partial_proof_and_re
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
   assert proof.semantic_root(load_manifest(path)) == uninterrupted[model], f"{outcomes}, POL_CRASH_SEED={seed}"
   assert not os.path.exists(os.path.join(path, proof.RUN))
-  assert verifier.verify(path, *_rebuilt(model), strategy="all").accepted
+  assert verifier.verify(path, *_rebuilt(model), challenge=challenge.All()).accepted
   print(
     f"\n{model}: {kills} kills at random moments, refused as partial after {outcomes['partial']}, "
     f"finished before the kill {outcomes['finished']}; every proof identical; POL_CRASH_SEED={seed}"
@@ -180,12 +177,12 @@ def test_step_is_compiled_once_for_every_segment(tmp_path, model):
   path = str(tmp_path / "proof")
   recorder.record(path, counting("prover"), train, build.plan(config), config=config.to_dict())
   assert traces["prover"] == 1, f"the prover traced its step {traces['prover']} times for 5 segments"
-  verdict = verifier.verify(path, counting("verifier"), train, strategy="all")
+  verdict = verifier.verify(path, counting("verifier"), train, challenge=challenge.All())
   assert verdict.accepted and len(verdict.segments) == 5
   assert traces["verifier"] == 1, f"the verifier traced its step {traces['verifier']} times for 5 segments"
   program_v = counting("verifier")
   for _ in range(2):  # Verifying again in the same process reuses the compiled segment.
-    assert verifier.verify(path, program_v, train, strategy="all").accepted
+    assert verifier.verify(path, program_v, train, challenge=challenge.All()).accepted
   assert traces["verifier"] == 2
 
 
@@ -219,7 +216,7 @@ def test_a_short_last_segment_verifies_with_its_own_recorded_program(tmp_path):
   assert sorted(manifest["checkpoints"], key=int) == ["0", "4", "8", "10"]
   assert set(manifest["programs"]) == {"segment", "tail"}
   train = build.dataset(config, "train")
-  verdict = verifier.verify(path, build.program(config, train), train, strategy="all")
+  verdict = verifier.verify(path, build.program(config, train), train, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
   assert [(s.start, s.end) for s in verdict.segments] == [(0, 4), (4, 8), (8, 10)]
 
@@ -260,7 +257,7 @@ def test_early_stopping_in_the_users_loop_leaves_a_complete_proof_of_the_steps_t
   # The same states as the run that went on, and a proof that verifies on its own.
   full = load_manifest(honest)["checkpoints"]
   assert all(manifest["checkpoints"][s] == full[s] for s in manifest["checkpoints"]), (manifest["checkpoints"], full)
-  verdict = verifier.verify(path, build.program(config, train), train, strategy="all")
+  verdict = verifier.verify(path, build.program(config, train), train, challenge=challenge.All())
   assert verdict.accepted and len(verdict.segments) == stopped // 4, verdict.table()
   assert proof.read_index_log(path, manifest).shape == (stopped, config.batch_size)
 

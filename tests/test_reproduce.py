@@ -7,7 +7,7 @@ import json
 from conftest import run_cli, smoke_config
 
 from experiments import reproduce
-from pol_jax import verifier
+from pol_jax import challenge, verifier
 
 
 def test_reproduce_measures_every_segment_of_every_k(tmp_path):
@@ -31,7 +31,7 @@ def test_reproduce_measures_every_segment_of_every_k(tmp_path):
   assert all(p["accepted"] and p["seconds"] > 0 for p in cost["points"])
   # Each recorded proof is an ordinary proof that verifies.
   program, train = reproduce.build.rebuild(result["per_k"]["2"]["proof"])
-  assert verifier.verify(result["per_k"]["2"]["proof"], program, train, strategy="all").accepted
+  assert verifier.verify(result["per_k"]["2"]["proof"], program, train, challenge=challenge.All()).accepted
   json.dumps(result)
   reproduce.plot(result, str(tmp_path / "figure.png"))
   with open(tmp_path / "figure.png", "rb") as f:

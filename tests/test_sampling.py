@@ -1,6 +1,6 @@
 """Sampling a prover cannot game: the default challenge against one-segment fakes.
 
-Two forgeries, made with the real training code (``attacks.splice_stolen``):
+Two forgeries, made with the real training code (``forge.splice_stolen``):
 honest training from the seed, one checkpoint swapped for another run's final
 model (the stolen one), and honest training from it to the end. Only the
 segment ending on the swapped checkpoint fails to replay. With a tiny
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from conftest import load_manifest, record, smoke_config
 
-from experiments import build
-from pol_jax import attacks, challenge, distances, proof, recorder, sampling, verifier
+from experiments import forge
+from pol_jax import build, challenge, distances, proof, recorder, sampling, verifier
 
 SEEDS = range(50)
 OLD_N = 8
@@ -67,7 +67,7 @@ def forged(tmp_path_factory, stolen):
     train = build.dataset(config, "train")
     path = str(tmp_path_factory.mktemp(name) / "proof")
     program = build.program(config, train)
-    attacks.splice_stolen(path, program, train, build.plan(config), stolen[model], at, config.to_dict())
+    forge.splice_stolen(path, program, train, build.plan(config), stolen[model], at, config.to_dict())
     out[name] = path
   return out
 
@@ -84,7 +84,7 @@ def _sizes_and_epochs(proof_dir: str, everything: verifier.Verdict):
 def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_not(forged, name):
   path = forged[name]
   program, train = _rebuild(path)
-  everything = verifier.verify(path, program, train, strategy="all")
+  everything = verifier.verify(path, program, train, challenge=challenge.All())
   faked = FORGERIES[name][2] - 1
   assert [s.index for s in everything.segments if not s.match] == [faked], everything.table()
   count = everything.num_segments
@@ -93,7 +93,7 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
 
   # One real verification per uniform size: rejected by replay, and challenge.select draws what verify drew.
   for n in (None, 0):
-    verdict = verifier.verify(path, program, train, seed=0, num_segments=n)
+    verdict = verifier.verify(path, program, train, challenge=challenge.TopQUniform(n=n, seed=0))
     assert verdict.strategy == challenge.DEFAULT and verdict.status == "rejected", verdict.table()
     assert verdict.failed[0].name == "replay" and faked in verdict.guarantee.certain, verdict.table()
     chosen, _ = challenge.select(challenge.DEFAULT, count, n=n, seed=0, update_sizes=sizes, epochs=epochs)
@@ -107,7 +107,7 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
   missed = [s for s in SEEDS if faked not in challenge.select("uniform", count, n=OLD_N, seed=s)[0]]
   assert 0 < len(missed) < len(SEEDS)
   assert challenge.pass_probability(count, OLD_N, {faked}) == pytest.approx((count - OLD_N) / (count - 1))
-  old = verifier.verify(path, program, train, strategy="uniform", num_segments=OLD_N, seed=missed[0])
+  old = verifier.verify(path, program, train, challenge=challenge.Uniform(n=OLD_N, seed=missed[0]))
   assert faked not in [s.index for s in old.segments]
   assert old.checks[verifier.CHECKS.index("replay")].passed, old.table()
   if name == "splice":
@@ -115,7 +115,7 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
   else:  # only the new progress check rejects it: the replayed tail moves no bit
     assert [c.name for c in old.failed] == ["progress"], old.table()
     assert verifier.verify(
-      path, program, train, strategy="uniform", num_segments=OLD_N, seed=missed[0], progress_check=False
+      path, program, train, challenge=challenge.Uniform(n=OLD_N, seed=missed[0]), progress_check=False
     ).accepted
 
 
@@ -128,7 +128,7 @@ def test_the_frozen_tail_keeps_the_stolen_weights_and_the_progress_check_rejects
     p: d for p, d in theirs.items() if p.startswith("params/")
   }
   program, train = _rebuild(path)
-  verdict = verifier.verify(path, program, train, strategy="all")
+  verdict = verifier.verify(path, program, train, challenge=challenge.All())
   progress = verdict.checks[verifier.CHECKS.index("progress")]
   tail = manifest["steps"] - FORGERIES["frozen"][2]  # k = 1: one segment a step after the swap
   assert progress.passed is False, verdict.table()
@@ -151,7 +151,7 @@ def test_honest_proofs_pass_the_default_and_move_every_segment(honest, other_see
     assert f"a proof with >= {g.faked} faked segment" in verdict.summary()
     assert verdict.to_json()["guarantee"]["statement"] == g.describe()
   # Asked for a uniform part of 2: top-q and the last, 2 more, and the weaker guarantee it gives.
-  verdict = verifier.verify(more, program, train, num_segments=2, seed=5)
+  verdict = verifier.verify(more, program, train, challenge=challenge.TopQUniform(n=2, seed=5))
   g = verdict.guarantee
   assert verdict.accepted and g.drawn == 2 and len(verdict.segments) == len(g.certain) + 2
   assert g.catch == pytest.approx(1 - math.comb(g.population - 1, 2) / math.comb(g.population, 2))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import load_manifest, record, reseal, run_cli, smoke_config
 
-from experiments import build
-from pol_jax import attacks, proof, tolerance, training, verifier
+from experiments import forge
+from pol_jax import build, challenge, proof, replay, tolerance, training, verifier
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def cnn_proof(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibration(cnn_proof):
   program, train = build.rebuild(cnn_proof)
-  record_ = verifier.calibrate(cnn_proof, program, train, num_segments=6, chunk=6)
+  record_ = tolerance.calibrate(cnn_proof, program, train, num_segments=6, chunk=6)
   path = os.path.join(os.path.dirname(cnn_proof), "calibration.json")
   with open(path, "w") as f:
     json.dump(record_, f)
@@ -75,7 +75,7 @@ def _perturb_end_of_segment(p: str, end: int, scale: float) -> None:
   norm = np.sqrt(sum(d.size for d in direction))
   moved = [(a + (scale * update / norm) * d).astype(a.dtype) for a, d in zip(leaves, direction, strict=True)]
   state = end_state.replace(params=jax.tree.unflatten(jax.tree.structure(end_state.params), moved))
-  attacks.replace_checkpoint(p, state)
+  forge.replace_checkpoint(p, state)
 
 
 def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, calibration, copy_of):
@@ -84,7 +84,7 @@ def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, c
   _perturb_end_of_segment(p, 12, 10 * record_["delta"]["l2"])
   program, train = build.rebuild(p)
   verdict = verifier.verify(
-    p, program, train, strategy="all", mode="tolerance", tolerance=tolerance.load(path), chunk=3
+    p, program, train, challenge=challenge.All(), replay=replay.Tolerance(tolerance.load(path), chunk=3)
   )
   assert not verdict.accepted
   assert [c.name for c in verdict.failed] == ["replay"], verdict.table()
@@ -94,7 +94,7 @@ def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, c
   l2 = next(s for s in verdict.segments if s.index == 2).normalised["l2"]
   assert l2 == pytest.approx(10 * record_["delta"]["l2"], rel=0.2)
   # The exact verifier rejects it too, by digest.
-  exact = verifier.verify(p, program, train, strategy="all")
+  exact = verifier.verify(p, program, train, challenge=challenge.All())
   assert [c.name for c in exact.failed] == ["replay"]
 
 
@@ -133,9 +133,9 @@ def test_batched_segment_compiles_once_for_every_chunk(cnn_proof):
     return program.step(state, batch, key)
 
   counted_program = training.Program(program.init, counted)
-  loose = tolerance.Tolerance({"l2": 1.0})
+  loose = tolerance.Thresholds({"l2": 1.0})
   verdict = verifier.verify(
-    cnn_proof, counted_program, train, strategy="all", mode="tolerance", tolerance=loose, chunk=2
+    cnn_proof, counted_program, train, challenge=challenge.All(), replay=replay.Tolerance(loose, chunk=2)
   )
   assert verdict.accepted and len(verdict.segments) == 6
   # One trace for the program check (the exact segment), one for the vmapped chunk program: 3 chunks, one compile.

@@ -21,8 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, batch_path, record, reseal, run_cli, smoke_config
 
-from experiments import build
-from pol_jax import ownership, proof, safeio, verifier
+from pol_jax import build, challenge, ownership, proof, safeio, verifier
 
 HANG_SECONDS = 30
 
@@ -97,7 +96,7 @@ def test_the_honest_proof_lists_every_file_and_is_accepted(honest, rebuilt):
   assert set(manifest["files"]) == on_disk
   assert any(p.endswith("_CHECKPOINT_METADATA") for p in on_disk)  # Orbax's bookkeeping is covered too
   proof.check_files(honest, manifest)
-  verdict = verifier.verify(honest, *rebuilt, strategy="all")
+  verdict = verifier.verify(honest, *rebuilt, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
 
 
@@ -134,7 +133,7 @@ def test_fifo_in_the_proof_is_refused_at_once(honest, copy_of, rebuilt, target):
   p = copy_of(honest)
   rel = FIFO_TARGETS[target](p)
   fifo = _plant_fifo(p, rel)
-  error = _within(lambda: verifier.verify(p, *rebuilt, strategy="all"), fifo)
+  error = _within(lambda: verifier.verify(p, *rebuilt, challenge=challenge.All()), fifo)
   _check_one_line(error, proof.ProofError, rel, "a FIFO, refused")
 
 
@@ -165,7 +164,7 @@ def test_manifest_linked_to_dev_zero_is_refused_in_bounded_memory(honest, copy_o
   p = copy_of(honest)
   os.remove(os.path.join(p, proof.MANIFEST))
   os.symlink("/dev/zero", os.path.join(p, proof.MANIFEST))
-  result = _run_limited("from pol_jax import verifier\nverify.read_manifest(sys.argv[1])", p, "ProofError")
+  result = _run_limited("from pol_jax import proof\nproof.read_manifest(sys.argv[1])", p, "ProofError")
   assert result.returncode == 2, result.stdout + result.stderr[-2000:]
   assert result.stdout.startswith("manifest.json: file: a symbolic link, refused"), result.stdout
 
@@ -178,7 +177,7 @@ def test_symbolic_link_in_the_proof_is_refused(honest, copy_of, rebuilt, tmp_pat
   outside = str(tmp_path / "outside")
   shutil.move(os.path.join(p, rel), outside)
   os.symlink(outside, os.path.join(p, rel))
-  error = _within(lambda: verifier.verify(p, *rebuilt, strategy="all"))
+  error = _within(lambda: verifier.verify(p, *rebuilt, challenge=challenge.All()))
   _check_one_line(error, proof.ProofError, rel, "a symbolic link, refused")
 
 
@@ -231,7 +230,7 @@ def test_resealed_deep_json_in_a_checkpoint_meta_fails_integrity(honest, copy_of
   p = copy_of(honest)
   open(os.path.join(p, batch_path(p, 4), "meta/metadata"), "w").write("[" * 100_000 + "]" * 100_000)
   reseal(p, lambda body: None)
-  _check_integrity_fails(verifier.verify(p, *rebuilt, strategy="all"), f"{batch_path(p, 4)}: meta", "nested")
+  _check_integrity_fails(verifier.verify(p, *rebuilt, challenge=challenge.All()), f"{batch_path(p, 4)}: meta", "nested")
 
 
 # ------------------------------------------------------------------ every byte accounted for
@@ -250,14 +249,14 @@ def test_changed_byte_in_orbax_bookkeeping_fails_integrity(honest, copy_of, rebu
   p = copy_of(honest)
   rel = f"{batch_path(p, step)}/{rel}"
   _flip(os.path.join(p, rel))
-  _check_integrity_fails(verifier.verify(p, *rebuilt, strategy="all"), rel, "does not match its SHA-256")
+  _check_integrity_fails(verifier.verify(p, *rebuilt, challenge=challenge.All()), rel, "does not match its SHA-256")
 
 
 def test_extra_file_fails_integrity(honest, copy_of, rebuilt):
   p = copy_of(honest)
   open(os.path.join(p, batch_path(p, 4), "state/notes.txt"), "w").write("unlisted")
   _check_integrity_fails(
-    verifier.verify(p, *rebuilt, strategy="all"),
+    verifier.verify(p, *rebuilt, challenge=challenge.All()),
     f"{batch_path(p, 4)}/state/notes.txt is not in the manifest's file listing",
   )
 
@@ -266,7 +265,8 @@ def test_missing_file_fails_integrity(honest, copy_of, rebuilt):
   p = copy_of(honest)
   os.remove(os.path.join(p, "checkpoints/12/_CHECKPOINT_METADATA"))
   _check_integrity_fails(
-    verifier.verify(p, *rebuilt, strategy="all"), "checkpoints/12/_CHECKPOINT_METADATA is listed in the manifest but"
+    verifier.verify(p, *rebuilt, challenge=challenge.All()),
+    "checkpoints/12/_CHECKPOINT_METADATA is listed in the manifest but",
   )
 
 

@@ -15,7 +15,8 @@ from conftest import OWNER
 from flax import nnx
 from flax.training import train_state
 
-from pol_jax import attacks, data, proof, recorder, training, verifier
+from experiments import forge
+from pol_jax import challenge, data, proof, recorder, training, verifier
 
 
 class CNN(nn.Module):
@@ -93,7 +94,7 @@ def user_proof(tmp_path_factory):
 
 def test_a_linen_trainstate_step_with_dict_batches_records_and_verifies(user_proof):
   path, program, examples = user_proof
-  verdict = verifier.verify(path, program, examples, strategy="all")
+  verdict = verifier.verify(path, program, examples, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
   batch = examples.batch(np.array([[0, 1]]))
   assert set(batch) == {"image", "label", "weight"} and batch["image"].shape == (1, 2, 8, 8, 1)
@@ -103,7 +104,7 @@ def test_every_field_of_an_example_is_in_its_digest(user_proof):
   path, program, examples = user_proof
   tree = jax.tree.map(np.copy, examples.tree)
   tree["weight"][int(np.asarray(verifier.proof.read_index_log(path, proof.read_manifest(path)))[0, 0])] += 1.0
-  verdict = verifier.verify(path, program, data.Examples(examples.name, tree), strategy="all")
+  verdict = verifier.verify(path, program, data.Examples(examples.name, tree), challenge=challenge.All())
   assert [c.name for c in verdict.failed] == ["data"], verdict.table()
 
 
@@ -121,7 +122,9 @@ def test_a_grain_source_records_a_proof_that_the_dict_of_arrays_verifies_and_an_
   # Recorded from the Grain source, verified with the same examples as a dict of arrays: the same digests.
   plan = proof.Plan(owner=OWNER, nonce=1, k=4, steps=8, batch_size=32, runner="loop")
   recorder.record(str(tmp_path / "proof"), training.Program(create, train_step), loaded, plan, config={})
-  verdict = verifier.verify(str(tmp_path / "proof"), training.Program(create, train_step), examples, strategy="all")
+  verdict = verifier.verify(
+    str(tmp_path / "proof"), training.Program(create, train_step), examples, challenge=challenge.All()
+  )
   assert verdict.accepted, verdict.table()
   # A source whose examples change structure is named; an iterator is refused in one line.
   ragged = data.from_source("ragged", [{"x": np.zeros(2)}, {"x": np.zeros(2), "y": np.ones(1)}])
@@ -187,7 +190,7 @@ def test_typed_prng_keys_in_the_state_are_recorded_restored_and_replayed(tmp_pat
   state = recorder.final_state(path, program, manifest)
   keys = [leaf for leaf in jax.tree.leaves(state) if training.is_key(leaf)]
   assert keys and all(str(k.dtype) == "key<fry>" for k in keys)
-  verdict = verifier.verify(path, program, train, strategy="all")
+  verdict = verifier.verify(path, program, train, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
 
 
@@ -217,7 +220,7 @@ def test_the_nnx_tutorials_step_shape_records_and_carries_its_metrics(tmp_path):
   train = data.load_digits("train")
   plan = proof.Plan(owner=OWNER, nonce=1, k=3, steps=6, batch_size=32, runner="loop")
   manifest = recorder.record(str(tmp_path / "proof"), program, train, plan, config={"example": "nnx tutorial"})
-  assert verifier.verify(str(tmp_path / "proof"), program, train, strategy="all").accepted
+  assert verifier.verify(str(tmp_path / "proof"), program, train, challenge=challenge.All()).accepted
   _, _, metrics = program.objects(recorder.final_state(str(tmp_path / "proof"), program, manifest))
   assert 0.0 <= float(metrics.compute()["accuracy"]) <= 1.0 and float(metrics.compute()["loss"]) > 0
 
@@ -262,7 +265,7 @@ def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_th
   assert missing.returncode == 2 and "--program: builder 'no_such_project:build': cannot import it" in missing.stderr
   # A proof whose recorded program is not the one its recorded config builds (trained at another learning
   # rate, the manifest resealed to claim this one) is false: exit 1, with the first differing line.
-  attacks.reseal(path, lambda m: m["config"].update(learning_rate=0.02))
+  forge.reseal(path, lambda m: m["config"].update(learning_rate=0.02))
   tampered = _cli("experiments.verify", f"--proof={path}", "--program=user_project:build", "--strategy=all")
   assert tampered.returncode == 1, tampered.stdout + tampered.stderr
   assert tampered.stdout.startswith(
@@ -284,7 +287,7 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
 
   # Not rebuilt from the recorded config (no builder): this verifier's program differs, so it cannot tell
   # a false proof from its own difference: undecided (exit 2), never rejected.
-  verdict = verifier.verify(path, training.Program(create, unclipped), examples, strategy="all")
+  verdict = verifier.verify(path, training.Program(create, unclipped), examples, challenge=challenge.All())
   program, replayed = verdict.checks[verifier.CHECKS.index("program")], verdict.checks[verifier.CHECKS.index("replay")]
   assert verdict.status == "undecided" and not verdict.failed, verdict.table()
   assert program.passed is None and "this verifier's segment program differs from the recorded one" in program.detail
@@ -294,7 +297,7 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
 
   # A step wrapped in one more jax.jit lowers to other text but computes the same bits: exact replay decides.
   rewrapped = jax.jit(lambda state, batch, key: train_step(state, batch, key))
-  verdict = verifier.verify(path, training.Program(create, rewrapped), examples, strategy="all")
+  verdict = verifier.verify(path, training.Program(create, rewrapped), examples, challenge=challenge.All())
   program = verdict.checks[verifier.CHECKS.index("program")]
   assert verdict.accepted, verdict.table()
   assert "first difference at line" in program.detail and "reproduces every replayed state" in program.detail

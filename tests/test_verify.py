@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from conftest import batch_path, load_manifest, reseal, run_cli, smoke_config, splice_state
 
-from experiments import build
-from pol_jax import data, fingerprint, proof, verifier
+from pol_jax import build, challenge, data, fingerprint, proof, verifier
 
 
 def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str = "all") -> verifier.Verdict:
@@ -20,7 +19,9 @@ def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str =
   config = ConfigDict(load_manifest(proof_dir)["config"])
   train = build.dataset(config, "train") if dataset is None else dataset
   # Rebuilt from the recorded config, as the CLI does (builder=): a program that differs shows the proof false.
-  return verifier.verify(proof_dir, build.program(config, train), train, strategy=strategy, builder=build.BUILDER)
+  return verifier.verify(
+    proof_dir, build.program(config, train), train, challenge=challenge.from_name(strategy), builder=build.BUILDER
+  )
 
 
 def _check_rejected_by(verdict: verifier.Verdict, check: str, words: str = "") -> None:
@@ -47,11 +48,13 @@ def test_every_strategy_accepts_the_honest_proof(honest, strategy):
 
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
-  verdict = verifier.verify(honest, build.program(config, train), train, strategy=strategy, num_segments=2, seed=3)
+  verdict = verifier.verify(
+    honest, build.program(config, train), train, challenge=challenge.from_name(strategy, n=2, seed=3)
+  )
   assert verdict.accepted, verdict.table()
   chosen = [s.index for s in verdict.segments]
   if strategy == "top-q":  # One epoch: per metric the largest update, united over the four metrics.
-    everything = verifier.verify(honest, build.program(config, train), train, strategy="all").segments
+    everything = verifier.verify(honest, build.program(config, train), train, challenge=challenge.All()).segments
     assert max(everything, key=lambda s: s.update["l2"]).index in chosen
     assert 1 <= len(chosen) <= 3
   else:
@@ -66,12 +69,14 @@ def test_the_default_draw_is_top_q_and_uniform_from_a_fresh_verifier_seed_that_t
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
   program = build.program(config, train)
-  first = verifier.verify(honest, program, train, num_segments=2)
+  first = verifier.verify(honest, program, train, challenge=challenge.TopQUniform(n=2))
   assert first.strategy == challenge.DEFAULT and first.seed is not None and first.accepted
-  seeds = {first.seed} | {verifier.verify(honest, program, train, num_segments=2).seed for _ in range(2)}
+  seeds = {first.seed} | {
+    verifier.verify(honest, program, train, challenge=challenge.TopQUniform(n=2)).seed for _ in range(2)
+  }
   assert len(seeds) == 3, "the default seed must be fresh for every verification"
-  drawn = verifier.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
-  again = verifier.verify(honest, program, train, strategy="uniform", num_segments=2, seed=first.seed)
+  drawn = verifier.verify(honest, program, train, challenge=challenge.Uniform(n=2, seed=first.seed))
+  again = verifier.verify(honest, program, train, challenge=challenge.Uniform(n=2, seed=first.seed))
   assert [s.index for s in again.segments] == [s.index for s in drawn.segments]
   assert 2 in [s.index for s in drawn.segments]  # the last of 3 segments is always drawn
   # One false segment among the 2 others: a draw of 2 (the last and one more) misses it half the time.
@@ -275,8 +280,8 @@ def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
   import jax
   from conftest import record
 
+  from experiments.forge import replace_checkpoint
   from pol_jax import training
-  from pol_jax.attacks import replace_checkpoint
 
   p = str(tmp_path / "proof")
   record(p, smoke_config("cnn"))
@@ -330,15 +335,15 @@ def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
   config = ConfigDict(load_manifest(p)["config"])
   train = build.dataset(config, "train")
   program = build.program(config, train)
-  full = verifier.verify(p, program, train, strategy="fiat-shamir", num_segments=1)
+  full = verifier.verify(p, program, train, challenge=challenge.FiatShamir(n=1))
   assert [c.name for c in full.failed] == ["integrity"], full.table()
   chosen = verifier.challenge.including_last(3, 1, lambda c, m: verifier.challenge.fiat_shamir(c, m, full.root))
-  sampled = verifier.verify(p, program, train, strategy="fiat-shamir", num_segments=1, integrity="sampled")
+  sampled = verifier.verify(p, program, train, challenge=challenge.FiatShamir(n=1), integrity="sampled")
   if 8 in {4 * chosen[0], 4 * chosen[0] + 4}:
     assert [c.name for c in sampled.failed] == ["integrity"], sampled.table()
   else:  # The damaged checkpoint is not used by the sampled segment, as documented.
     assert sampled.accepted, sampled.table()
-  every = verifier.verify(p, program, train, strategy="all", integrity="sampled")
+  every = verifier.verify(p, program, train, challenge=challenge.All(), integrity="sampled")
   _check_rejected_by(every, "integrity", f"checkpoint batch 12: {batch_path(p, 8)}/state/")
 
 
@@ -371,6 +376,24 @@ def test_sampled_integrity_reads_each_batch_the_chosen_segments_use_once(honest,
   monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
-  verdict = verifier.verify(honest, build.program(config, train), train, strategy="all", integrity="sampled")
+  verdict = verifier.verify(honest, build.program(config, train), train, challenge=challenge.All(), integrity="sampled")
   assert verdict.accepted, verdict.table()
   assert sorted(reads) == proof.batches(honest), reads
+
+
+def test_settings_are_typed_values_and_impossible_ones_are_refused_before_any_work(tmp_path):
+  from pol_jax import replay
+
+  nowhere = str(tmp_path / "no proof here")  # the settings are refused before the proof is read
+  with pytest.raises(TypeError, match="Expected challenge=All"):
+    verifier.verify(nowhere, None, None, challenge="all")
+  with pytest.raises(TypeError, match="Expected replay=Exact"):
+    verifier.verify(nowhere, None, None, replay="tolerance")
+  with pytest.raises(ValueError, match=r"replay=Tolerance\(delta=None\): tolerance mode needs a delta"):
+    verifier.verify(nowhere, None, None, replay=replay.Tolerance())
+  with pytest.raises(
+    ValueError, match=r"asked for 4096 devices, .*; pass Exact\(devices=N\) or Tolerance\(devices=N\)"
+  ):
+    verifier.verify(nowhere, None, None, replay=replay.Exact(devices=4096))
+  with pytest.raises(ValueError, match="Expected integrity 'full' or 'sampled'"):
+    verifier.verify(nowhere, None, None, integrity="most")

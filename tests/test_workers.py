@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import ROOT, reseal
 
-from experiments import build
-from pol_jax import fingerprint, proof, replay, training, verifier, workers
+from experiments import cli
+from pol_jax import build, challenge, fingerprint, proof, replay, training, verifier, workers
 
 # Runs a module as a program with this process's CPU affinity set first (before JAX starts).
 _PINNED = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
@@ -83,10 +83,10 @@ def test_one_thread_proof_verifies_in_two_pinned_workers_and_needs_them(one_thre
 
 def test_library_without_a_builder_leaves_the_thread_mismatch_undecided(one_thread_proof):
   program, train = build.rebuild(one_thread_proof)
-  verdict = verifier.verify(one_thread_proof, program, train, strategy="all")
+  verdict = verifier.verify(one_thread_proof, program, train, challenge=challenge.All())
   assert verdict.status == "undecided" and not verdict.segments
   assert "builder=" in verdict.checks[1].detail
-  with_builder = verifier.verify(one_thread_proof, program, train, strategy="all", builder=build.BUILDER)
+  with_builder = verifier.verify(one_thread_proof, program, train, challenge=challenge.All(), builder=build.BUILDER)
   assert with_builder.status == "accepted", with_builder.summary()
   # The CLI recorded with its speed flags, which this process lacks: they change the initialisation's bits, so
   # step 0 is checked against the init a worker derives in the prover's environment, not this process's.
@@ -161,7 +161,7 @@ def test_worker_plans_split_the_cores():
 
 def test_builders_are_named_by_the_verifier_and_must_import():
   assert workers.load_builder(build.BUILDER) is build.from_config
-  for bad in ("experiments.build", "os:system;x", "no_such_module_xyz:f"):
+  for bad in ("pol_jax.build", "os:system;x", "no_such_module_xyz:f"):
     with pytest.raises(ValueError, match="builder"):
       workers.load_builder(bad)
 
@@ -184,9 +184,9 @@ def test_environment_fields_record_the_forced_device_count_and_what_cpu_ignores(
 def test_every_cli_pins_the_cpu_isa():
   assert fingerprint.cpu_isa_flag("x86_64") == "--xla_cpu_max_isa=AVX2"
   assert fingerprint.cpu_isa_flag("aarch64") == "--xla_cpu_max_isa=NEON"
-  flags = build.deterministic_xla_flags("--xla_foo=1", has_cuda=False, isa=fingerprint.cpu_isa_flag("x86_64"))
+  flags = cli.deterministic_xla_flags("--xla_foo=1", has_cuda=False, isa=fingerprint.cpu_isa_flag("x86_64"))
   assert flags == "--xla_foo=1 --xla_cpu_max_isa=AVX2"
-  assert build.deterministic_xla_flags("--xla_cpu_max_isa=AVX512", False, "--xla_cpu_max_isa=AVX2").count("isa") == 1
+  assert cli.deterministic_xla_flags("--xla_cpu_max_isa=AVX512", False, "--xla_cpu_max_isa=AVX2").count("isa") == 1
   assert fingerprint.reproducible_flags({"xla_flags": flags.replace("--xla_foo=1 ", "")}) == "--xla_cpu_max_isa=AVX2"
 
 
