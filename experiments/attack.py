@@ -279,7 +279,7 @@ def _tampered_copy(v: Victim, out: str) -> None:
 def tamper_hyperparameters(v: Victim, out: str) -> dict:
   """The victim's proof, claiming a doubled learning rate (manifest edited and resealed)."""
   _tampered_copy(v, out)
-  forge.reseal(out, lambda b: b["config"].update(learning_rate=b["config"]["learning_rate"] * 2))
+  proof.reseal(out, lambda b: b["config"].update(learning_rate=b["config"]["learning_rate"] * 2))
   return {}
 
 
@@ -289,7 +289,7 @@ def _edit_log(v: Victim, out: str, edit) -> None:
   log = np.load(path)
   edit(log)
   proof.write_npy_atomic(path, log)
-  forge.reseal(out, lambda b: b.update(indices={"sha256": proof.leaf_digest("indices", log)}))
+  proof.reseal(out, lambda b: b.update(indices={"sha256": proof.leaf_digest("indices", log)}))
 
 
 def tamper_reorder(v: Victim, out: str) -> dict:
@@ -553,7 +553,7 @@ def main(argv) -> None:
   try:
     result = run(_CONFIG.value, _WORKDIR.value, names, _SEGMENTS.value, progress=sys.stderr.isatty())
   except (build.ConfigError, proof.ProofError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   print(table(result))
   if _OUT.value:

@@ -1,5 +1,11 @@
 """Benchmark: ``python -m experiments.benchmark [--config=...] [--devices=N] [--out=FILE.json]``.
 
+Without ``--config`` it measures the default config, then ResNet-20
+(:data:`RESNET20`: the paper's model, batch 128, crop and flip, a short run),
+then ResNet-20's training step against the official PoL code's PyTorch step
+when PyTorch is installed (the ``bench`` extra), all in one run. With
+``--config`` it measures that config alone.
+
 Measures, in one run on one machine (medians over ``--repeats``; the timings
 of each repeat run back to back, so machine noise hits all of them alike):
 
@@ -41,6 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cli
+from experiments.configs import cifar10_resnet20
 from pol_jax import (
   build,
   challenge,
@@ -56,20 +63,39 @@ from pol_jax import (
 )
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+_RESNET = os.path.join(os.path.dirname(__file__), "configs", "cifar10_resnet20.py")
 
 
-def _plain_training(config, train, plan) -> float:
-  """Seconds to run the run's segments through a fresh runner, writing nothing."""
+def resnet20_config(owner: str):
+  """The ResNet-20 run of the default benchmark: the paper's config (batch 128, crop and flip), 3 segments of 8 steps."""
+  c = cifar10_resnet20.get_config()
+  c.steps, c.k, c.owner = 24, 8, owner
+  return c
+
+
+def _plain_training(config, train, plan, steady: list | None = None) -> float:
+  """Seconds to run the run's segments through a fresh runner, writing nothing.
+
+  ``steady``, if given, gets the seconds per step after the first segment (whose
+  time includes compiling the step): the step time replay is compared with.
+  """
   t0 = time.perf_counter()
   program = build.program(config, train)
   keys = training.derive_keys(plan.seed)
   segment = training.make_segment(program.step, plan.runner)
   state = training.to_host(program.init(keys.init))
   log = sampling.index_log(keys.order, len(train), plan.batch_size, plan.steps)
-  for start, end in proof.segments(plan):
+  bounds = proof.segments(plan)
+  for i, (start, end) in enumerate(bounds):
     state, _ = segment.run(state, train.batch(log[start:end]), keys.step)
+    if i == 0:
+      jax.block_until_ready(state)
+      t1 = time.perf_counter()
   jax.block_until_ready(state)
-  return time.perf_counter() - t0
+  t2 = time.perf_counter()
+  if steady is not None and len(bounds) > 1:
+    steady.append((t2 - t1) / (plan.steps - bounds[0][1]))
+  return t2 - t0
 
 
 def _timed(fn):
@@ -94,8 +120,14 @@ def _verifier_peak_rss_mib(proof_dir: str) -> float:
   return max(after, before) / 1024
 
 
-def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segments: int = 8) -> dict:
-  """Runs the benchmark for one config; returns the figures as a dict."""
+def measure(
+  config, repeats: int = 3, devices: int = 2, chunk: int = 16, segments: int = 8, brief: bool = False
+) -> dict:
+  """Runs the benchmark for one config; returns the figures as a dict.
+
+  ``brief``: exact replay and the default strategy only (no vmapped replay,
+  whose compile dominates for a large model, and no other strategies).
+  """
   train, source = training_data(config)
   plan = build.plan(config)
   devices = min(devices, jax.local_device_count())
@@ -113,12 +145,17 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     "top-q": challenge.TopQ(q=1),
     "all": challenge.All(),
   }
+  if devices == 1:  # "exact, 1 device" already
+    modes.pop("exact, 1 devices")
+  if brief:
+    modes = {name: mode for name, mode in modes.items() if isinstance(mode, replay.Exact)}
+    strategies = dict(list(strategies.items())[:1])
   t: dict[str, list[float]] = {"train": [], "record": []}
   size, steps_replayed = 0, {}
   _plain_training(config, train, plan)  # Warm-up: JAX's backend start-up is nobody's cost.
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
-      t["train"].append(_plain_training(config, train, plan))
+      t["train"].append(_plain_training(config, train, plan, t.setdefault("train step", [])))
       path = os.path.join(tmp, f"proof{r}")
       seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
       t["record"].append(seconds)
@@ -142,7 +179,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     # The CLI verifier rebuilds the data from the config: only for data prepared here.
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
   med = {name: statistics.median(v) for name, v in t.items()}
-  train_rate = plan.steps / med["train"]
+  train_rate = 1 / med["train step"]  # after compiling: replay is timed compiled too
   verify_all = {}
   sequential = med["verify all: exact, 1 device"]
   for name in modes:
@@ -150,7 +187,8 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     verify_all[name] = {
       "seconds": seconds,
       "steps_per_second": plan.steps / seconds,
-      "to_training": (plan.steps / seconds) / train_rate,
+      "step_seconds": seconds / plan.steps,
+      "to_training_step": seconds / plan.steps / med["train step"],
       "to_sequential_exact": sequential / seconds,
     }
   return {
@@ -165,6 +203,7 @@ def measure(config, repeats: int = 3, devices: int = 2, chunk: int = 16, segment
     "train_seconds": med["train"],
     "record_seconds": med["record"],
     "recording_overhead": med["record"] / med["train"],
+    "train_step_seconds": med["train step"],
     "train_steps_per_second": train_rate,
     "verify_all": verify_all,
     "strategy_cost": {
@@ -410,12 +449,24 @@ def torch_comparison(config_arg: list[str], steps: int = 10, repeats: int = 3) -
   }
 
 
+def torch_line(result: dict) -> str:
+  """One line: pol-jax's step against PyTorch's, from :func:`torch_comparison`."""
+  med = result["step_seconds"]
+  return (
+    f"{result['pol-jax']['model']} step, batch {result['pol-jax']['batch_size']}, "
+    f"augment {result['pol-jax']['augment']}: pol-jax {med['pol-jax']:.3f} s (jax {result['environment']['jax']}), "
+    f"PyTorch {med['torch']:.3f} s ({result['torch']['framework']}, {result['torch']['threads']} threads): "
+    f"{result['ratio']:.2f}x (medians of {len(result['runs']['torch'])} alternating processes)"
+  )
+
+
 def table(result: dict) -> str:
   c = result["config"]
   width = {"cnn": f" (widths {tuple(c.get('widths', ()))})", "mlp": f" (features {tuple(c.get('features', ()))})"}
   lines = [
     f"{c['model']}{width.get(c['model'], '')} on {result['data']}, {result['runner']} runner, T={result['steps']}, k={result['k']}, B={c['batch_size']}",
-    f"  train without proof {result['train_seconds']:.2f} s ({result['train_steps_per_second']:.0f} steps/s), "
+    f"  train without proof {result['train_seconds']:.2f} s (compiling included; then "
+    f"{result['train_step_seconds'] * 1e3:.1f} ms/step), "
     f"record with proof {result['record_seconds']:.2f} s: overhead {result['recording_overhead']:.3f}x",
     f"  proof {result['proof_bytes'] / 1e6:.2f} MB, {result['proof_bytes_per_step']:.0f} bytes/step; "
     "verifier peak RSS "
@@ -425,12 +476,12 @@ def table(result: dict) -> str:
       else f"{result['verifier_peak_rss_mib']:.0f} MiB"
     ),
     "",
-    f"  {'verify all segments':<32} {'seconds':>8} {'steps/s':>8} {'x training':>10} {'x sequential':>12}",
+    f"  {'verify all segments':<32} {'seconds':>8} {'ms/step':>8} {'x train step':>12} {'speed-up':>9}",
   ]
   for name, r in result["verify_all"].items():
     lines.append(
-      f"  {name:<32} {r['seconds']:>8.2f} {r['steps_per_second']:>8.0f} {r['to_training']:>10.2f} "
-      f"{r['to_sequential_exact']:>12.2f}"
+      f"  {name:<32} {r['seconds']:>8.2f} {r['step_seconds'] * 1e3:>8.1f} {r['to_training_step']:>12.2f} "
+      f"{r['to_sequential_exact']:>9.2f}"
     )
   lines += [
     "",
@@ -447,6 +498,20 @@ def _write(result: dict) -> None:
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
+
+
+_INSTALL_TORCH = (
+  "pip install 'pol-jax[bench]' (the CPU wheel: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+def _has_torch() -> bool:
+  """Whether PyTorch is importable here (the timing itself runs in its own process)."""
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
 
 
 def main(argv) -> None:
@@ -490,25 +555,13 @@ def main(argv) -> None:
       _write(result)
       return
     if _TORCH.value:
-      try:
-        import torch  # noqa: F401  (only to say what to install; the timing runs in its own process)
-      except ImportError:
-        print(
-          "error: --torch needs PyTorch: pip install 'pol-jax[bench]' (the CPU wheel: pip install torch "
-          "--index-url https://download.pytorch.org/whl/cpu)",
-          file=sys.stderr,
-        )
+      if not _has_torch():
+        print(f"error: --torch needs PyTorch: {_INSTALL_TORCH}", file=sys.stderr)
         sys.exit(2)
       config_arg = [a for a in sys.argv[1:] if a.startswith("--config")]
       result = torch_comparison(config_arg, _STEP_TIME.value or 10, _REPEATS.value)
       result["environment"] = fingerprint.environment()
-      med = result["step_seconds"]
-      print(
-        f"{result['pol-jax']['model']} step, batch {result['pol-jax']['batch_size']}, "
-        f"augment {result['pol-jax']['augment']}: pol-jax {med['pol-jax']:.3f} s (jax {result['environment']['jax']}), "
-        f"PyTorch {med['torch']:.3f} s ({result['torch']['framework']}, {result['torch']['threads']} threads): "
-        f"{result['ratio']:.2f}x (medians of {_REPEATS.value} alternating processes)"
-      )
+      print(torch_line(result))
       _write(result)
       return
     if _STEP_TIME.value:
@@ -520,18 +573,32 @@ def main(argv) -> None:
       )
       _write(result)
       return
+    env = fingerprint.environment()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **env}
+    print(
+      f"pol-jax benchmark: {env['device_kind']} x{env['device_count']}, {env['cpu_threads']} CPU threads, "
+      f"jax {env['jax']}, {machine['processor']}; medians of {_REPEATS.value}\n",
+      flush=True,
+    )
     result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value)
+    print(table(result), flush=True)
+    if any(a.startswith("--config") for a in sys.argv[1:]):  # that config alone
+      _write({**result, "machine": machine})
+      return
+    print("\nResNet-20 (measuring: a few minutes on a 2-core CPU) ...", file=sys.stderr, flush=True)
+    resnet = measure(resnet20_config(_CONFIG.value.owner), _REPEATS.value, _DEVICES.value, brief=True)
+    print("\n" + table(resnet), flush=True)
+    versus = None
+    if _has_torch():
+      versus = torch_comparison([f"--config={_RESNET}"], 10, _REPEATS.value)
+      versus["environment"] = env
+      print("\n" + torch_line(versus))
+    else:
+      print(f"\nResNet-20 step against PyTorch's: not measured: PyTorch is not installed ({_INSTALL_TORCH})")
+    _write({"default": result, "resnet20": resnet, "torch": versus, "machine": machine})
   except build.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
-  env = fingerprint.environment()
-  result["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **env}
-  print(
-    f"pol-jax benchmark: {env['device_kind']} x{env['device_count']}, {env['cpu_threads']} CPU threads, "
-    f"jax {env['jax']}; medians of {result['repeats']}\n"
-  )
-  print(table(result))
-  _write(result)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
     _config_error(argv, e)
@@ -148,6 +148,12 @@ _FLAG_WORDS = (
   (re.compile(r"Exact\(devices=N\) or Tolerance\(devices=N\)"), "--devices=N"),
   (re.compile(r"(?:replay=)?(?:Exact|Tolerance)\((\w+)=([^()]*)\)"), r"--\1=\2"),
   (re.compile(r"challenge=All\(\)"), "--strategy=all"),
+  (re.compile(r"the max_params argument raises it"), "--max_params raises it"),
+  (
+    re.compile(r"set config\.owner to an ownership\.new_key's"),
+    "experiments.train --key=PATH makes one, or pass --config.owner=HEX",
+  ),
+  (re.compile(r"\bprogram='([^']*)'"), r"--program=\1"),
 )
 
 

@@ -78,7 +78,7 @@ def main(argv) -> None:
     print(f"error: --program: {e}", file=sys.stderr)
     sys.exit(2)
   except cli.UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   findings, verdict, status = ownership.settle(
     _MODEL.value,

@@ -350,7 +350,7 @@ def main(argv) -> None:
       judges=_JUDGES.value,
     )
   except (build.ConfigError, cli.UsageError, proof.ProofError, distributed.CoordinatorError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   print(result["owner"])
   if "pol" in result["coordinators"]:

@@ -30,7 +30,7 @@ def main(argv) -> None:
     program, _ = build.rebuild(_PROOF.value)
     state = recorder.final_state(_PROOF.value, program, proof.read_manifest(_PROOF.value))
   except (proof.ProofError, proof.IntegrityError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   if _DTYPE.value:
     dtype = np.dtype(getattr(ml_dtypes, _DTYPE.value, None) or _DTYPE.value)

@@ -174,22 +174,6 @@ def interpolate(a: PyTree, b: PyTree, fraction: float) -> PyTree:
   return jax.tree.map(one, a, b)
 
 
-def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
-  """Edits the manifest body with ``edit(body)`` and recomputes the root.
-
-  The ``files`` listing is re-hashed first (a forger who changed files can),
-  so ``edit`` sees, and may still change, the listing of the files as they are.
-  """
-  manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
-  body = {k: v for k, v in manifest.items() if k != "root"}
-  if "files" in body:
-    body["files"] = proof.file_listing(proof_dir)
-  edit(body)
-  sealed = proof.seal(body)
-  proof.write_json_atomic(os.path.join(proof_dir, proof.MANIFEST), sealed)
-  return sealed
-
-
 def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray | None = None) -> dict:
   """Replaces the recorded state at ``state.step`` by ``state`` (host arrays) and reseals.
 
@@ -216,7 +200,7 @@ def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray |
   shutil.rmtree(target)
   shutil.copytree(os.path.join(scratch, proof.CHECKPOINTS, str(batch)), target)
   shutil.rmtree(scratch)
-  return reseal(proof_dir, lambda body: body["checkpoints"].update({str(step): digest}))
+  return proof.reseal(proof_dir, lambda body: body["checkpoints"].update({str(step): digest}))
 
 
 def splice_stolen(

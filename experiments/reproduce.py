@@ -249,7 +249,7 @@ def main(argv) -> None:
     build.plan(config)
     result = run(config, _WORKDIR.value, ks, counts, _CHUNK.value, _PROGRESS.value)
   except (build.ConfigError, cli.UsageError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   except (proof.ProofError, recorder.ProofExistsError) as e:
     print(f"error: {e} (choose an empty --workdir)", file=sys.stderr)

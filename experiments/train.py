@@ -90,7 +90,7 @@ def main(argv) -> None:
     recorder.ProofExistsError,
     ownership.DisputeError,
   ) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   print(
     f"recorded {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['checkpoints']} checkpoints, "

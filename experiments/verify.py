@@ -178,7 +178,7 @@ def main(argv) -> None:
     try:
       status = _in_matched_versions(_PROOF.value, sys.argv)
     except (proof.ProofError, cli.UsageError) as e:
-      print(f"error: {e}", file=sys.stderr)
+      print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
       sys.exit(2)
     if status is not None:
       sys.exit(status)
@@ -203,7 +203,7 @@ def main(argv) -> None:
       user_program=_PROGRAM.value,
     )
   except (proof.ProofError, cli.UsageError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.in_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   if _REPORT.value and _PROCESS_ID.value == 0:
     with open(_REPORT.value, "w") as f:

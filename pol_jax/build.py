@@ -126,7 +126,8 @@ def check_size(config, ds: data.Dataset, max_params: int = MAX_PARAMS) -> int:
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
   if count > max_params:
     raise ConfigError(
-      "model", f"{count:,} parameters is over this verifier's limit of {max_params:,} (--max_params raises it)"
+      "model",
+      f"{count:,} parameters is over this verifier's limit of {max_params:,} (the max_params argument raises it)",
     )
   return count
 
@@ -141,8 +142,7 @@ def plan(config) -> proof.Plan:
   if not owner:
     raise ConfigError(
       "owner",
-      "missing: the hex Ed25519 public key the proof is bound to (experiments.train --key=PATH makes one, "
-      "or pass --config.owner=HEX)",
+      "missing: the hex Ed25519 public key the proof is bound to (set config.owner to an ownership.new_key's)",
     )
   try:
     return proof.Plan(
@@ -304,7 +304,7 @@ def rebuild(
       proof.MANIFEST,
       "builder",
       f"recorded by {recorded['target']} (version {recorded['version']}); install that package and pass "
-      f"--program={recorded['target']} (pol-jax never imports code a proof names)",
+      f"program={recorded['target']!r} (pol-jax never imports code a proof names)",
     )
   if program is not None:
     return user_builder(program)(manifest["config"])

@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -398,6 +398,25 @@ def first_difference(recorded: str, ours: str) -> str:
 def seal(body: dict) -> dict:
   """The manifest: ``body`` plus ``root``, the digest of its canonical form."""
   return {**body, "root": digest_json(body)}
+
+
+def reseal(proof_dir: str, edit: Callable[[dict], None]) -> dict:
+  """Edits the manifest body with ``edit(body)`` and recomputes the root: what a forger can do.
+
+  For experiments and tests that play the forger (``experiments.forge``); a
+  verifier never needs it.
+
+  The ``files`` listing is re-hashed first (a forger who changed files can),
+  so ``edit`` sees, and may still change, the listing of the files as they are.
+  """
+  manifest = read_json(os.path.join(proof_dir, MANIFEST), MANIFEST)
+  body = {k: v for k, v in manifest.items() if k != "root"}
+  if "files" in body:
+    body["files"] = file_listing(proof_dir)
+  edit(body)
+  sealed = seal(body)
+  write_json_atomic(os.path.join(proof_dir, MANIFEST), sealed)
+  return sealed
 
 
 def _field(obj: dict, name: str, kind, label: str = MANIFEST, prefix: str = ""):

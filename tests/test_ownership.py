@@ -1,4 +1,5 @@
-"""Ownership disputes: the owner with an honest proof and commitment wins; thieves, copiers, spoofers lose."""
+"""Ownership disputes: the owner with an honest proof and commitment wins; thieves, copiers, spoofers lose; hostile
+commitments and model files are refused in one line."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import os
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from conftest import OWNER, OWNER_KEY, reseal, run_cli, smoke_config
+from conftest import (
+  OWNER,
+  OWNER_KEY,
+  check_one_line,
+  huge_orbax_model,
+  reseal,
+  run_cli,
+  run_limited,
+  smoke_config,
+  within,
+)
 from conftest import record as record_proof
 
 from experiments import attack
-from pol_jax import build, challenge, ownership, proof, training
+from pol_jax import build, challenge, ownership, proof, safeio, training
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
@@ -316,3 +328,70 @@ def test_a_recorded_state_inside_a_batch_is_loaded_by_its_step_and_an_old_proof_
   reseal(huge, lambda body: None)
   with pytest.raises(ownership.DisputeError, match="layout sizes .* do not match the stored buffers"):
     ownership.load_model(huge)
+
+
+# ------------------------------------------------------------------ hostile commitments and model files
+
+
+@pytest.mark.parametrize(
+  "attack, words",
+  [
+    ("fifo", "a FIFO, refused"),
+    ("deep", "nested 30000 levels deep"),
+    ("infinite", "the number 1e400 is not finite"),
+    ("link", "a symbolic link, refused"),
+  ],
+)
+def test_hostile_commitment_is_one_line(tmp_path, attack, words):
+  path = str(tmp_path / "commitment.json")
+  if attack == "fifo":
+    os.mkfifo(path)
+  elif attack == "deep":  # under the size limit
+    open(path, "w").write("[" * 30_000 + "]" * 30_000)
+  elif attack == "infinite":
+    open(path, "w").write('{"schema": "x", "time": 1e400}')
+  else:
+    os.symlink("/etc/passwd", path)
+  error = within(lambda: ownership.read_commitment(path), path)
+  check_one_line(error, ownership.DisputeError, path, words)
+
+
+def test_orbax_model_declaring_a_huge_array_is_refused_before_restoring(tmp_path):
+  """In a child limited to 3 GiB of address space: restoring it would allocate 14.4 GB (it aborted)."""
+  path = str(tmp_path / "model")
+  huge_orbax_model(path)
+  assert sum(safeio.walk(path).values()) < 2000
+  result = run_limited("from pol_jax import ownership\nownership.load_model(sys.argv[1])", path, "DisputeError")
+  assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+  assert "w declares shape (60000, 60000)" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("attack", ["shape over data", "link", "fifo", "orbax link"])
+def test_hostile_model_files_are_one_line(tmp_path, attack):
+  from safetensors.numpy import save_file
+
+  path = str(tmp_path / "model.safetensors")
+  save_file({"w": np.ones((2, 3), np.float32)}, path)
+  if attack == "shape over data":  # 24 bytes of data under a header declaring 240 GB
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 30000000000], "data_offsets": [0, 24]}}).encode()
+    open(path, "wb").write(len(header).to_bytes(8, "little") + header + b"\0" * 24)
+    words = "shape [2, 30000000000] of F32 is 240000000000 bytes, data_offsets span [0, 24]"
+  elif attack == "link":
+    os.rename(path, path + ".real")
+    os.symlink(path + ".real", path)
+    words = "a symbolic link, refused"
+  elif attack == "fifo":
+    os.remove(path)
+    os.mkfifo(path)
+    words = "a FIFO, refused"
+  else:
+    path = str(tmp_path / "orbax")
+    ocp.PyTreeCheckpointer().save(path, {"w": np.ones((2, 3), np.float32)})
+    victim = os.path.join(path, "_METADATA")
+    os.rename(victim, str(tmp_path / "elsewhere"))
+    os.symlink(str(tmp_path / "elsewhere"), victim)
+    words = "_METADATA: file: a symbolic link, refused"
+  # In a child: a FIFO opened by the safetensors library blocks while holding the GIL.
+  result = run_limited("from pol_jax import ownership\nownership.load_model(sys.argv[1])", path, "DisputeError")
+  assert result.returncode == 2 and len(result.stdout.splitlines()) == 1, result.stdout + result.stderr[-2000:]
+  assert words in result.stdout, result.stdout

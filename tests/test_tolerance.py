@@ -1,35 +1,25 @@
-"""The vmapped tolerance mode and its calibration."""
+"""Tolerance mode: its calibration, its acceptance rule, and no false rejections.
+
+No false rejections: honest proofs over several seeds and both small models are accepted
+in a fresh process by every verification mode that applies, and tolerance mode never rejects one.
+``POL_HONEST_SEEDS`` sets the number of seeds per model (default 1; 10 gives the 20 full-length
+proofs of the tolerance measurement in ``tolerance.HONEST_RANGE``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import load_manifest, record, reseal, run_cli, smoke_config
+from conftest import ROOT, load_manifest, record, smoke_config
 
 from experiments import forge
 from pol_jax import build, challenge, proof, replay, tolerance, training, verifier
-
-
-@pytest.fixture(scope="module")
-def cnn_proof(tmp_path_factory):
-  """A BatchNorm CNN proof: vmapped replay does not reproduce its bits."""
-  path = str(tmp_path_factory.mktemp("cnn") / "proof")
-  record(path, smoke_config("cnn", steps=24, k=4))
-  return path
-
-
-@pytest.fixture(scope="module")
-def calibration(cnn_proof):
-  program, train = build.rebuild(cnn_proof)
-  record_ = tolerance.calibrate(cnn_proof, program, train, num_segments=6, chunk=6)
-  path = os.path.join(os.path.dirname(cnn_proof), "calibration.json")
-  with open(path, "w") as f:
-    json.dump(record_, f)
-  return path, record_
 
 
 def test_calibration_measures_real_noise_and_proposes_delta_with_margin(calibration):
@@ -39,21 +29,6 @@ def test_calibration_measures_real_noise_and_proposes_delta_with_margin(calibrat
   for m, noise in record_["noise"].items():
     assert record_["delta"][m] == max(noise * record_["margin"], tolerance.FLOOR[m])
   assert 0 < record_["noise"]["l2"] < 1e-4
-
-
-def test_tolerance_mode_accepts_the_honest_proof_with_the_calibrated_delta(cnn_proof, calibration):
-  path, _ = calibration
-  result = run_cli(
-    "experiments.verify",
-    f"--proof={cnn_proof}",
-    "--mode=tolerance",
-    f"--calibration={path}",
-    "--strategy=all",
-    "--chunk=3",
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert result.stdout.startswith("ACCEPTED in tolerance mode: 6 of 6 segments within delta")
-  assert f"calibrated in {path}: 10.0x the honest noise of 6 segments" in result.stdout
 
 
 def _perturb_end_of_segment(p: str, end: int, scale: float) -> None:
@@ -98,45 +73,113 @@ def test_tolerance_mode_rejects_a_checkpoint_perturbed_by_10x_delta(cnn_proof, c
   assert [c.name for c in exact.failed] == ["replay"]
 
 
-def test_tolerance_mode_serves_a_different_environment_when_asked(cnn_proof, calibration, copy_of):
-  path, _ = calibration
-  p = copy_of(cnn_proof)
-  reseal(p, lambda b: b["environment"].update(jax="0.0.1"))
-  assert run_cli("experiments.verify", f"--proof={p}").returncode == 2
-  result = run_cli("experiments.verify", f"--proof={p}", "--mode=tolerance", f"--calibration={path}", "--chunk=4")
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert "differs (jax: proof '0.0.1'" in result.stdout and "tolerance mode decides by distance" in result.stdout
+# ------------------------------------------------------------------ no false rejections
 
 
-@pytest.mark.parametrize(
-  "args, words",
-  [
-    (["--mode=tolerance"], "--mode=tolerance needs a delta"),
-    (["--mode=tolerance", "--delta=l2=1e-3", "--chunk=1000000000"], "pass --chunk="),
-    (["--mode=tolerance", "--delta=l7=1"], "Expected delta for metrics among"),
-    (["--delta=l2=1"], "apply to --mode=tolerance only"),
-    (["--devices=64"], "asked for 64 devices, this process has 1"),
-  ],
-)
-def test_bad_tolerance_requests_get_one_line(cnn_proof, args, words):
-  result = run_cli("experiments.verify", f"--proof={cnn_proof}", *args)
-  assert result.returncode == 2, result.stdout + result.stderr
-  assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+SEEDS = int(os.environ.get("POL_HONEST_SEEDS", "1"))
 
 
-def test_batched_segment_compiles_once_for_every_chunk(cnn_proof):
-  program, train = build.rebuild(cnn_proof)
-  traces = []
+_VERIFY_ALL = """
+import json, sys
+from pol_jax import build, challenge, paper, replay, tolerance, verifier
+out = {}
+for p in sys.argv[1:]:
+  program, train = build.rebuild(p)
+  loose = tolerance.Thresholds({"l2": 1e-3, "linf": 1e-3}, source="test: honest vmapped noise is far below")
+  strategies = {
+    "exact, all": challenge.All(),
+    "exact, fiat-shamir": challenge.FiatShamir(n=2),
+    "exact, top-q+uniform (default, OS seed)": challenge.TopQUniform(n=2),
+    "exact, uniform": challenge.Uniform(n=2, seed=7),
+    "exact, top-q": challenge.TopQ(),
+  }
+  out[p] = {name: verifier.verify(p, program, train, challenge=c).accepted for name, c in strategies.items()}
+  out[p]["tolerance, all"] = verifier.verify(
+    p, program, train, challenge=challenge.All(), replay=replay.Tolerance(loose)
+  ).accepted
+  out[p]["paper"] = paper.paper(p, program, train).accepted
+print(json.dumps(out))
+"""
 
-  def counted(state, batch, key):
-    traces.append(1)
-    return program.step(state, batch, key)
 
-  counted_program = training.Program(program.init, counted)
-  loose = tolerance.Thresholds({"l2": 1.0})
-  verdict = verifier.verify(
-    cnn_proof, counted_program, train, challenge=challenge.All(), replay=replay.Tolerance(loose, chunk=2)
+def test_honest_proofs_are_accepted_by_every_mode_in_a_fresh_process(tmp_path):
+  proofs = []
+  for model in ("mlp", "cnn"):
+    for seed in range(SEEDS):
+      p = str(tmp_path / f"{model}-{seed}")
+      record(p, smoke_config(model, seed=seed))
+      proofs.append(p)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(
+    [sys.executable, "-c", _VERIFY_ALL, *proofs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
-  assert verdict.accepted and len(verdict.segments) == 6
-  # One trace for the program check (the exact segment), one for the vmapped chunk program: 3 chunks, one compile.
-  assert len(traces) == 2, len(traces)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(done.stdout.strip().splitlines()[-1])
+  rejected = {(os.path.basename(p), mode) for p, modes in results.items() for mode, ok in modes.items() if not ok}
+  assert not rejected, rejected
+  assert len(results) == 2 * SEEDS
+
+
+_TOLERANCE_ALL = """
+import json, sys
+from pol_jax import build, challenge, distances, replay, tolerance, verifier
+loose = tolerance.Thresholds({m: 1e300 for m in distances.METRICS}, source="test: distances only")
+out = {}
+for group in json.loads(sys.argv[1]):
+  calibrated = None
+  for p in group:
+    program, train = build.rebuild(p)
+    if calibrated is None:  # one proof's calibration, applied to the others of its config
+      record = tolerance.calibrate(p, program, train, chunk=15)
+      calibrated = tolerance.Thresholds(record["delta"], source="calibrated on " + p, reject=record["reject"])
+    every = challenge.All()
+    measured = verifier.verify(p, program, train, challenge=every, replay=replay.Tolerance(loose, chunk=15))
+    judged = [calibrated.judge(s.distance, s.update) for s in measured.segments]
+    verdict = verifier.verify(p, program, train, challenge=every, replay=replay.Tolerance(calibrated, chunk=15))
+    out[p] = {
+      "segments": len(judged),
+      "rejected": judged.count(False),
+      "undecided": judged.count(None),
+      "worst_l2": max(s.normalised["l2"] for s in measured.segments),
+      "status": verdict.status,
+      "detail": verdict.checks[-1].detail,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_tolerance_mode_never_rejects_an_honest_full_length_proof(tmp_path):
+  """Full-length runs (660 steps, 30 segments), where the heavy tail of the vmapped noise shows.
+
+  Each config's first proof calibrates delta; every segment of every proof is then judged by it as
+  a verifier on another environment would (no exact replay to fall back on): never rejected; and
+  the verdict, where exact replay decides what lies outside delta, accepts every proof.
+  """
+  from experiments.configs import default, digits_mlp
+
+  groups = []
+  for name, module in (("cnn", default), ("mlp", digits_mlp)):
+    group = []
+    for seed in range(SEEDS):
+      p = str(tmp_path / f"{name}-{seed}")
+      config = module.get_config()
+      config.seed = seed
+      record(p, config)
+      group.append(p)
+    groups.append(group)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(
+    [sys.executable, "-c", _TOLERANCE_ALL, json.dumps(groups)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(done.stdout.strip().splitlines()[-1])
+  assert len(results) == 2 * SEEDS and all(r["segments"] == 30 for r in results.values()), results
+  rejected = {os.path.basename(p): r for p, r in results.items() if r["rejected"]}
+  assert not rejected, rejected
+  not_accepted = {os.path.basename(p): r for p, r in results.items() if r["status"] != "accepted"}
+  assert not not_accepted, not_accepted

@@ -1,8 +1,14 @@
-"""A Flax user's own program, written as the Flax examples write it: dict batches, extra fields, a TrainState subclass."""
+"""A Flax user's own training code records and verifies: pol_jax.integrations and the examples.
+
+Programs written as the Flax examples write them (dict batches, extra fields, a Linen TrainState subclass, a
+Grain source), NNX programs through :func:`pol_jax.integrations.nnx_program`, and the examples in ``examples/``.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -11,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import OWNER
+from conftest import OWNER, ROOT, load_manifest
 from flax import nnx
 from flax.training import train_state
 
-from experiments import forge
-from pol_jax import challenge, data, proof, recorder, training, verifier
+from pol_jax import challenge, data, integrations, proof, recorder, training, verifier
 
 
 class CNN(nn.Module):
@@ -134,24 +139,6 @@ def test_a_grain_source_records_a_proof_that_the_dict_of_arrays_verifies_and_an_
     data.from_source("gen", (examples.batch(np.array(i)) for i in range(3)))
 
 
-def test_a_tfds_data_source_is_read_by_index_in_its_own_structure():
-  import tensorflow_datasets as tfds
-
-  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = data.from_source("mnist:train (mock)", tfds.data_source("mnist", split="train"))
-    batch = source.batch(np.array([[0, 19], [7, 7]]))
-    assert len(source) == 20 and set(batch) == {"image", "label"}
-    assert batch["image"].shape == (2, 2, 28, 28, 1) and batch["image"].dtype == np.uint8
-    assert np.array_equal(batch["image"][1, 0], batch["image"][1, 1]) and not np.array_equal(
-      batch["image"][0, 0], batch["image"][0, 1]
-    )
-    tree = {
-      "image": np.stack([source.source[i]["image"] for i in range(20)]),
-      "label": np.array([source.source[i]["label"] for i in range(20)]),
-    }
-    assert np.array_equal(source.digests(), data.Examples("same", tree).digests())
-
-
 class NNXNet(nnx.Module):
   """The NNX tutorial's way: the model keeps its own random state (``Dropout(rngs=rngs)``)."""
 
@@ -235,45 +222,6 @@ def test_a_step_that_does_not_fit_the_objects_says_the_signature_it_needs():
     integrations.nnx_program(tutorial_create, wrong)
 
 
-def _cli(module: str, *args: str):
-  import os
-  import subprocess
-  import sys
-
-  from conftest import ROOT
-
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-
-
-def test_a_third_party_verifies_a_user_programs_proof_with_one_command_naming_the_program(tmp_path):
-  from conftest import ROOT
-
-  config = f"--config={ROOT}/tests/user_project/config.py"
-  trained = _cli("experiments.train", "--program=user_project:build", config, f"--workdir={tmp_path}")
-  assert trained.returncode == 0, trained.stderr
-  path = str(tmp_path / "proof")
-  assert proof.read_manifest(path)["builder"] == {"target": "user_project:build", "version": None}
-  unnamed = _cli("experiments.verify", f"--proof={path}")  # the proof names its builder; it is never imported
-  assert unnamed.returncode == 2 and unnamed.stderr.strip().splitlines() == [
-    "error: manifest.json: builder: recorded by user_project:build (version None); install that package and pass "
-    "--program=user_project:build (pol-jax never imports code a proof names)"
-  ], unnamed.stderr
-  named = _cli("experiments.verify", f"--proof={path}", "--program=user_project:build", "--strategy=all")
-  assert named.returncode == 0 and named.stdout.startswith("ACCEPTED: 3 of 3 segments"), named.stdout + named.stderr
-  missing = _cli("experiments.verify", f"--proof={path}", "--program=no_such_project:build")
-  assert missing.returncode == 2 and "--program: builder 'no_such_project:build': cannot import it" in missing.stderr
-  # A proof whose recorded program is not the one its recorded config builds (trained at another learning
-  # rate, the manifest resealed to claim this one) is false: exit 1, with the first differing line.
-  forge.reseal(path, lambda m: m["config"].update(learning_rate=0.02))
-  tampered = _cli("experiments.verify", f"--proof={path}", "--program=user_project:build", "--strategy=all")
-  assert tampered.returncode == 1, tampered.stdout + tampered.stderr
-  assert tampered.stdout.startswith(
-    "REJECTED by the program check: the recorded segment program is not the one its "
-    "recorded config builds (first difference at line"
-  ), tampered.stdout
-
-
 def test_a_program_mismatch_names_the_first_differing_line(user_proof):
   import os
 
@@ -301,3 +249,66 @@ def test_a_program_mismatch_names_the_first_differing_line(user_proof):
   program = verdict.checks[verifier.CHECKS.index("program")]
   assert verdict.accepted, verdict.table()
   assert "first difference at line" in program.detail and "reproduces every replayed state" in program.detail
+
+
+# ------------------------------------------------------------------ the examples
+
+
+def _example(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_linen_train_state_example_records_and_verifies(tmp_path):
+  example = _example("linen_train_state")
+  verdict = example.main(str(tmp_path))
+  assert verdict.accepted, verdict.table()
+  assert len(verdict.segments) == 6 and all(s.match for s in verdict.segments)
+  # A verifier whose step uses another learning rate cannot check the proof (undecided, exit 2): its program
+  # differs from the recorded one (the first differing line named) and does not reproduce the states.
+  example.tx = optax.sgd(0.06, momentum=0.9)
+  other = training.Program(example.init, example.train_step)
+  _assert_cannot_check(
+    verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), challenge=challenge.All())
+  )
+
+
+def _assert_cannot_check(verdict):
+  program = verdict.checks[verifier.CHECKS.index("program")]
+  assert verdict.status == "undecided", verdict.table()
+  assert program.passed is None and "first difference at line" in program.detail, program.detail
+
+
+def test_nnx_optimizer_example_records_and_verifies(tmp_path):
+  example = _example("nnx_optimizer")
+  verdict = example.main(str(tmp_path))
+  assert verdict.accepted, verdict.table()
+  assert len(verdict.segments) == 6 and all(s.match for s in verdict.segments)
+  # The proof holds the whole NNX state: BatchNorm statistics and the optimizer's moments and step.
+  manifest = load_manifest(tmp_path / "proof")
+  meta = proof.read_meta(str(tmp_path / "proof"), 120, manifest["checkpoints"]["120"])
+  leaves = set(meta["leaves"])
+  assert {"rest/0/bn/mean", "rest/0/bn/var", "rest/1/step"} <= leaves, sorted(leaves)
+  assert any(p.startswith("rest/1/opt_state/") for p in leaves), sorted(leaves)
+  # The trained model comes back as an NNX module holding the recorded final state.
+  program = integrations.nnx_program(example.create, example.train_step)
+  model, optimizer = program.objects(recorder.final_state(str(tmp_path / "proof"), program, manifest))
+  assert int(optimizer.step[...]) == 120
+  # A verifier whose optimizer uses another learning rate cannot check the proof (undecided, exit 2).
+  example.optax = _OtherLearningRate()
+  other = integrations.nnx_program(example.create, example.train_step)
+  _assert_cannot_check(
+    verifier.verify(str(tmp_path / "proof"), other, data.load_digits("train"), challenge=challenge.All())
+  )
+
+
+class _OtherLearningRate:
+  """Stands in for ``optax`` in the example module: ``adamw`` with another learning rate."""
+
+  def __getattr__(self, name):
+    return getattr(optax, name)
+
+  def adamw(self, learning_rate, **kwargs):
+    return optax.adamw(learning_rate * 1.5, **kwargs)

@@ -1,4 +1,5 @@
-"""The Python examples of README.md and docs/*.md run as written, and their excerpts are from their files.
+"""The documentation runs: README.md and docs/*.md (their Python examples run as written, their excerpts are
+from their files) and the Colab notebook (top to bottom, on CPU, with a smoke-sized config).
 
 A fenced block's info string says what it is: ```python runs (the blocks of one page in order, in
 one namespace, in a fresh directory; a docs page's after the README's example, which it may build
@@ -12,8 +13,10 @@ import glob
 import os
 import re
 
+import nbformat
 import pytest
 from conftest import ROOT
+from nbclient import NotebookClient
 
 FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", flags=re.S | re.M)
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -85,3 +88,26 @@ def test_readme_excerpts_are_from_their_files():
       source = {line.strip() for line in f}
     stale = [line for line in code.splitlines() if line.strip() and line.strip() not in source]
     assert not stale, f"{page}: excerpt of {path} has lines that are not in the file: {stale}"
+
+
+def test_colab_notebook_executes(tmp_path, monkeypatch):
+  monkeypatch.setenv("POL_NOTEBOOK_SMOKE", "1")
+  monkeypatch.setenv("POL_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+  monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "pol_colab.ipynb"), as_version=4)
+  NotebookClient(
+    notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  ).execute()
+  outputs = "".join(
+    out.get("text", "") + "".join(out.get("data", {}).get("text/plain", ""))
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for out in cell.outputs
+  )
+  assert "accelerator: cpu" in outputs
+  assert "ACCEPTED: 3 of 3 segments replayed bit for bit" in outputs, outputs[-3000:]
+  assert any(
+    "image/png" in out.get("data", {}) for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+  ), "the notebook shows no figure"
+  assert (tmp_path / "run" / "proof" / "manifest.json").exists()

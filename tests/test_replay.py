@@ -1,4 +1,4 @@
-"""Device-parallel and multi-process exact replay."""
+"""Replay across devices and processes (exact), and vmapped in chunks (tolerance mode)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, batch_path, splice_state
+from conftest import ROOT, batch_path, load_manifest
+
+from experiments import forge
+from pol_jax import build, challenge, proof, replay, tolerance, training, verifier
 
 _FOUR_DEVICES = """
 import json, os, sys
@@ -49,6 +52,16 @@ for name, model, seed in (("mlp", "mlp", 0), ("cnn", "cnn", 0), ("other", "mlp",
 """
 
 
+def _splice_state(proof_dir: str, source: str, step: int) -> None:
+  """Copies ``source``'s recorded state at ``step`` into ``proof_dir`` (its batch rewritten) and reseals, as a
+  forger would."""
+  program, _ = build.rebuild(source)
+  manifest = load_manifest(source)
+  template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
+  state, meta = proof.restore(source, step, template, manifest["checkpoints"][str(step)])
+  forge.replace_checkpoint(proof_dir, state, meta.get("fingerprints"))
+
+
 def _record_eight_segment_proofs(base, devices: int | None) -> dict:
   """Proofs of 8 segments for both runners and a spliced one, recorded in a fresh process.
 
@@ -66,7 +79,7 @@ def _record_eight_segment_proofs(base, devices: int | None) -> dict:
   # A forger splices another run's state in at step 16, the end of segment 3.
   paths["tampered"] = str(base / "tampered")
   shutil.copytree(paths["mlp"], paths["tampered"])
-  splice_state(paths["tampered"], other, 16)
+  _splice_state(paths["tampered"], other, 16)
   return paths
 
 
@@ -161,3 +174,21 @@ def test_two_process_verification_reports_a_damaged_checkpoint_found_by_one_proc
     assert f"REJECTED by the integrity check: checkpoint batch {batch.split('/')[1]}: {batch}/state/" in r.stdout, (
       r.stdout
     )
+
+
+def test_batched_segment_compiles_once_for_every_chunk(cnn_proof):
+  program, train = build.rebuild(cnn_proof)
+  traces = []
+
+  def counted(state, batch, key):
+    traces.append(1)
+    return program.step(state, batch, key)
+
+  counted_program = training.Program(program.init, counted)
+  loose = tolerance.Thresholds({"l2": 1.0})
+  verdict = verifier.verify(
+    cnn_proof, counted_program, train, challenge=challenge.All(), replay=replay.Tolerance(loose, chunk=2)
+  )
+  assert verdict.accepted and len(verdict.segments) == 6
+  # One trace for the program check (the exact segment), one for the vmapped chunk program: 3 chunks, one compile.
+  assert len(traces) == 2, len(traces)

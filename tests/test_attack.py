@@ -1,4 +1,4 @@
-"""Spoofing attacks: each spoof is rejected by our verifier, with the named check.
+"""experiments/attack.py, the attack table: each spoof is rejected by our verifier, with the named check.
 
 Checks other than replay reject a spoof whatever segments are drawn; a spoof
 that only replay can catch is caught by a draw with the probability the
@@ -13,11 +13,10 @@ that the draw is a real sample.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import smoke_config
 
-from experiments import attack, forge
+from experiments import attack
 from pol_jax import challenge
 
 # The check of our default verifier that must catch each attack first.
@@ -130,11 +129,3 @@ def test_blindfold_passes_top_q_but_not_a_sample_that_includes_interpolated_segm
   row = row_of(table, "blindfold-top-q")
   assert row["verdicts"]["paper"]["accepted"], row
   assert row["details"]["honest_segments"] < row["details"]["segments"]
-
-
-def test_rank_match_keeps_the_genuine_values_and_the_target_order():
-  rng = np.random.default_rng(0)
-  genuine, target = rng.normal(size=(16, 8)), rng.normal(size=(16, 8))
-  matched = forge.rank_match(genuine, target)
-  np.testing.assert_array_equal(np.sort(matched, axis=None), np.sort(genuine, axis=None))
-  np.testing.assert_array_equal(np.argsort(matched, axis=None), np.argsort(target, axis=None))
