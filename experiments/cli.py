@@ -154,6 +154,14 @@ _FLAG_WORDS = (
     "experiments.train --key=PATH makes one, or pass --config.owner=HEX",
   ),
   (re.compile(r"\bprogram='([^']*)'"), r"--program=\1"),
+  (re.compile(r"pass its path as data_dir"), "pass --data_dir"),
+  (re.compile(r"use a new workdir"), "use a new --workdir"),
+  (
+    re.compile(
+      r"settle again with a fresh challenge=TEXT that each claimant signs with ownership\.commit\(\.\.\., challenge=TEXT\)"
+    ),
+    "rerun with --challenge=TEXT; each claimant signs it with experiments.commit --challenge=TEXT",
+  ),
 )
 
 

@@ -87,6 +87,7 @@ def main(argv) -> None:
     challenge=_CHALLENGE.value,
     builder=_PROGRAM.value or build.BUILDER,
   )
+  verdict = cli.in_flags(verdict)
   if status == 2:
     print(f"error: {verdict}", file=sys.stderr)
     sys.exit(2)

@@ -282,7 +282,7 @@ def load_tfds(name: str, split: str = "train", data_dir: str | None = None) -> D
     raise DataUnavailable(
       f"TFDS dataset {name!r} (split {split!r}) is not prepared in {where} ({type(e).__name__}); on a machine with "
       f"internet run: pip install tensorflow tensorflow-datasets && tfds build {name} --data_dir={where} "
-      "--file_format=array_record, then copy that directory here and pass --data_dir (or set TFDS_DATA_DIR)"
+      "--file_format=array_record, then copy that directory here and pass its path as data_dir (or set TFDS_DATA_DIR)"
     ) from None
   version = tfds.builder(name, data_dir=data_dir).info.version
   records = [source[i] for i in range(len(source))]

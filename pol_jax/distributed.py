@@ -874,7 +874,7 @@ def coordinate(
   if os.path.exists(setup_path):
     saved = proof.read_json(setup_path, SETUP)
     if saved.get("setup") != dataclasses.asdict(setup):
-      raise proof.ProofError(SETUP, "setup", f"{workdir} holds a run of another setup; use a new --workdir")
+      raise proof.ProofError(SETUP, "setup", f"{workdir} holds a run of another setup; use a new workdir")
   else:
     proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup)})
   rounds_path = os.path.join(own, ROUNDS)

@@ -698,8 +698,8 @@ def settle(
   return (
     findings,
     f"NOT ESTABLISHED as a claimant: {trained}; {_and(f.name for f in standing)} all present it with a commitment "
-    "by the key (commitments can be copied), and only the key's holder can sign a fresh challenge (rerun with --challenge=TEXT; each claimant signs it with "
-    "experiments.commit --challenge=TEXT)",
+    "by the key (commitments can be copied), and only the key's holder can sign a fresh challenge (settle again with a fresh challenge=TEXT that each "
+    "claimant signs with ownership.commit(..., challenge=TEXT))",
     1,
   )
 

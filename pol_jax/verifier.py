@@ -886,7 +886,7 @@ def reproduction(
     if kind in ("threads", "flags") and pinning is not None:
       how = f"matched in {len(pinning.cores)} pinned worker process{'es' if len(pinning.cores) > 1 else ''}"
     elif kind == "versions":
-      how = "not reproduced: needs the prover's versions (--env=match)"
+      how = "not reproduced: needs the prover's versions (pol_jax.venv; the CLI's --env=match)"
     else:
       how = "not reproduced"
     rows.append({"field": field, "proof": proof_value, "here": here_value, "how": how})

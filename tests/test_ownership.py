@@ -24,7 +24,7 @@ from conftest import (
 )
 from conftest import record as record_proof
 
-from experiments import attack
+from experiments import attack, cli
 from pol_jax import build, challenge, ownership, proof, safeio, training
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
@@ -138,7 +138,8 @@ def test_a_copied_commitment_ties_until_a_challenge_only_the_key_holder_can_answ
     ("owner", files["owner"], files["owner_commitment"]),
     ("thief", files["copy"], files["owner_commitment"]),
   )
-  assert status == 1 and verdict.startswith("NOT ESTABLISHED as a claimant") and "--challenge" in verdict, verdict
+  assert status == 1 and verdict.startswith("NOT ESTABLISHED as a claimant") and "challenge=TEXT" in verdict, verdict
+  assert "rerun with --challenge=TEXT" in cli.in_flags(verdict)  # what experiments.dispute prints
   challenge = "dispute 2031-06-01 #7"
   answer = _write(root / "answer.json", ownership.commit(files["owner"], OWNER_KEY, challenge=challenge))
   with pytest.raises(ownership.DisputeError, match="only the proof's owner can commit"):
