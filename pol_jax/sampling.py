@@ -43,3 +43,19 @@ def index_log(order_key: jax.Array, num_examples: int, batch_size: int, num_step
     b = t % per_epoch
     out[t - start] = order[b * batch_size : (b + 1) * batch_size]
   return out
+
+
+def index_log_job(job: dict, ready) -> dict:
+  """``{"sha256": ...}`` of the index log that ``job`` describes, computed in this process's JAX settings.
+
+  For :func:`pol_jax.isolation.run`: the verifier derives the seed's order in a
+  child process started with the prover's x64 setting (the order depends on
+  it) when its own differs. ``job``: ``seed``, ``num_examples``, ``batch_size``,
+  ``num_steps``.
+  """
+  from pol_jax import proof, training
+
+  ready()
+  order = training.derive_keys(int(job["seed"])).order
+  log = index_log(order, int(job["num_examples"]), int(job["batch_size"]), int(job["num_steps"]))
+  return {"sha256": proof.leaf_digest("indices", log)}

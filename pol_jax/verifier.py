@@ -13,14 +13,16 @@ the tolerance mode's calibration is :func:`pol_jax.tolerance.calibrate`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from pol_jax import challenge, distances, fingerprint, proof, replay, sampling, training, workers
+from pol_jax import challenge, distances, fingerprint, isolation, proof, replay, sampling, training, workers
 from pol_jax import data as data_lib
 
 CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay", "progress")
@@ -299,7 +301,7 @@ def verify(
   try:  # these read recorded states: a damaged one fails the integrity check
     own_init = init_check is not None
     checks["init"] = init_check(_state0(inputs, recorded), program) if own_init else check_init(inputs, env, exact)
-    checks["data order"] = check_data_order(inputs, recorded.log) if order_check else _skipped("data order")
+    checks["data order"] = check_data_order(inputs, recorded.log, env) if order_check else _skipped("data order")
     checks["progress"] = check_progress(inputs, recorded.chosen) if progress_check else _skipped("progress")
   except proof.IntegrityError as e:
     checks["integrity"] = Check("integrity", False, str(e))
@@ -377,6 +379,8 @@ class _Environment:
   """The proof was recorded with portable numerics."""
   foreign: bool
   """The versions or the hardware differ: the lowered program text depends on them."""
+  lowering: list[str]
+  """The settings of this process that change the lowered text and differ from the prover's (x64, ...)."""
   pinning: workers.Pinning | None
   """The pinned worker processes that reproduce the prover's threads and flags, if any."""
   reproduction: list[dict]
@@ -487,8 +491,14 @@ def check_environment(
     check.detail += f"; versions matched in {versions_matched}"
   unlike = fingerprint.mismatches(recorded, here) if portable else differ
   foreign = bool({fingerprint.KINDS[f] for f, _, _ in unlike} & {"versions", "hardware"})
+  lowering = [f for f in LOWERING_FIELDS if f in recorded and recorded[f] != here.get(f)]
   rows = reproduction(recorded, here, differ, pinning, versions_matched, portable)
-  return _Environment(differ, portable, foreign, pinning, rows), check
+  return _Environment(differ, portable, foreign, lowering, pinning, rows), check
+
+
+LOWERING_FIELDS = ("x64", "matmul_precision")
+"""Environment fields that change the lowered program text itself (x64: integer and float widths;
+the default matmul precision: each dot's precision), not only the compiled program's bits."""
 
 
 def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str | None) -> tuple[str | None, Check]:
@@ -524,6 +534,14 @@ def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str 
   if env.foreign:
     return None, Check(
       "program", None, "not comparable: the lowered program depends on the versions and backend that differ"
+    )
+  if env.lowering:  # the text made here is not the prover's whatever the program: the replay decides
+    where = "in worker processes with the prover's settings" if env.pinning is not None else "if it can run here"
+    return None, Check(
+      "program",
+      None,
+      f"not comparable in this process: its {', '.join(env.lowering)} differs from the prover's and the lowered "
+      f"text depends on it; the replay {where} decides, bit for bit",
     )
   name, which = (bad or ["segment"])[0], ", ".join(bad) or "segment"
   recorded = proof.read_program(inputs.proof_dir, name, manifest["programs"].get(name, ""))
@@ -576,9 +594,32 @@ def _state0(inputs: _Inputs, recorded: _Recorded) -> training.TrainState:
   return state
 
 
-def check_data_order(inputs: _Inputs, log: np.ndarray) -> Check:
-  """The data order check: the index log is the order the seed derives."""
+def check_data_order(inputs: _Inputs, log: np.ndarray, env: _Environment) -> Check:
+  """The data order check: the index log is the order the seed derives.
+
+  The order depends on x64: where this process's differs from the prover's, a
+  child process started with the prover's setting derives it.
+  """
   plan = inputs.plan
+  if "x64" in env.lowering:
+    x64 = inputs.manifest["environment"]["x64"]
+    job = {"seed": plan.seed, "num_examples": inputs.manifest["dataset"]["size"], "batch_size": plan.batch_size}
+    with tempfile.TemporaryDirectory() as scratch:
+      derived = isolation.run(
+        "pol_jax.sampling:index_log_job",
+        {**job, "num_steps": plan.steps},
+        isolation.Limits(seconds=600.0, memory_bytes=0),
+        scratch,
+        env={**os.environ, "JAX_ENABLE_X64": "1" if x64 else "0"},
+        label="the data order's child process",
+      )
+    if derived["sha256"] != proof.leaf_digest("indices", log):
+      return Check(
+        "data order", False, f"the index log is not the order the seed derives (with x64 {x64}, as recorded)"
+      )
+    return Check(
+      "data order", True, f"all {plan.steps} batches follow the seed's order (derived with x64 {x64}, as recorded)"
+    )
   expected = sampling.index_log(inputs.keys.order, inputs.manifest["dataset"]["size"], plan.batch_size, plan.steps)
   rows = np.flatnonzero((expected != log).any(axis=1))
   if len(rows):
@@ -630,7 +671,7 @@ def _replay_blocked(checks: dict[str, Check], exact: bool, env: _Environment, te
   failed = [n for n in needed if checks[n].passed is False]
   if failed:
     return f"the {', '.join(failed)} check failed"
-  comparable = exact and not env.portable and text_differs is None  # else the replay decides
+  comparable = exact and not env.portable and text_differs is None and not env.lowering  # else the replay decides
   undecided = [n for n in needed if checks[n].passed is None and (comparable or n != "program")]
   if undecided:
     return f"the {', '.join(undecided)} check could not decide"
@@ -678,6 +719,16 @@ def check_replay(
   if isinstance(mode, replay.Exact) and env.pinning is not None:
     try:
       results, decided = _replay_in_workers(inputs, env.pinning, mine, builder, on_segment, recheck_init)
+    except workers.ProgramDiffers as e:
+      if _other_source(inputs.manifest, builder) is None:  # the prover's builder, in the prover's environment
+        return [], {
+          "program": Check("program", False, f"the recorded program is not the one its recorded config builds ({e})"),
+          "replay": Check("replay", None, "not run: the program check failed"),
+        }
+      return [], {
+        "environment": Check("environment", None, f"not reproduced: {e}"),
+        "replay": Check("replay", None, "not run: the environment could not be reproduced"),
+      }
     except workers.Unreproducible as e:
       return [], {
         "environment": Check("environment", None, f"not reproduced: {e}"),

@@ -49,6 +49,10 @@ class Unreproducible(Exception):
   """This machine cannot reproduce the proof's environment: says what it needs."""
 
 
+class ProgramDiffers(Unreproducible):
+  """In the prover's environment, the builder does not build the recorded program from the recorded config."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Pinning:
   """How the workers reproduce the prover's CPU environment.
@@ -196,7 +200,7 @@ def replay(
   for t in threads:
     t.join()
   if errors:
-    raise Unreproducible(errors[0])
+    raise (ProgramDiffers if f": {ProgramDiffers.__name__}: " in errors[0] else Unreproducible)(errors[0])
   if init is not None and not init and shares[0]:
     raise Unreproducible("the first worker did not report the initial state it derives")
   missing = [i for i, _, _ in segments if i not in results]
@@ -256,7 +260,7 @@ def _work(job: dict) -> None:
   template = training.to_host(program.init(keys.init))
   segment = training.make_segment(program.step, plan.runner)
   if fingerprint.program_digests(segment, template, dataset, plan, keys.step) != manifest["programs"]:
-    raise Unreproducible(f"the builder {job['builder']} does not build the recorded program")
+    raise ProgramDiffers(f"the builder {job['builder']} does not build the recorded program")
   log = proof.read_index_log(proof_dir, manifest)
   size = manifest["dataset"]["size"]
   digests = proof.read_data_digests(proof_dir, manifest)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import batch_path, load_manifest, reseal, run_cli, smoke_config
+from conftest import ROOT, batch_path, load_manifest, reseal, run_cli, smoke_config
 
 from experiments import forge
 from pol_jax import build, challenge, data, fingerprint, proof, training, verifier
@@ -340,3 +342,39 @@ def test_settings_are_typed_values_and_impossible_ones_are_refused_before_any_wo
     verifier.verify(nowhere, None, None, replay=replay.Exact(devices=4096))
   with pytest.raises(ValueError, match="Expected integrity 'full' or 'sampled'"):
     verifier.verify(nowhere, None, None, integrity="most")
+
+
+_VERIFY_IN_LIBRARY = """
+import sys, pol_jax
+from pol_jax import build
+program, train = build.rebuild(sys.argv[1])
+verdict = pol_jax.verify(sys.argv[1], program, train, challenge=pol_jax.All(), builder=build.BUILDER)
+print(verdict.summary())
+print(verdict.table())
+"""
+
+
+def test_a_proof_recorded_with_x64_is_judged_by_workers_with_x64_not_by_this_processs_lowering(tmp_path, copy_of):
+  # x64 changes the lowered program text and the seed's data order: a library verifier whose process
+  # has x64 off once rejected an honest x64 proof by the program check. The text is not comparable
+  # here; the order is derived in a child with the prover's x64, the program checked and the segments
+  # replayed in workers with it.
+  def run(*args, x64):
+    env = {**os.environ, "JAX_ENABLE_X64": "1" if x64 else "0"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+  config = ["--config=experiments/configs/default.py:smoke", "--config.model=mlp", "--config.runner=scan"]
+  trained = run("-m", "experiments.train", *config, f"--workdir={tmp_path}", x64=True)
+  assert trained.returncode == 0, trained.stderr
+  honest = str(tmp_path / "proof")
+  assert load_manifest(honest)["environment"]["x64"] is True
+  verified = run("-c", _VERIFY_IN_LIBRARY, honest, x64=False)
+  assert verified.stdout.startswith("ACCEPTED"), verified.stdout + verified.stderr
+  assert "its x64 differs from the prover's" in verified.stdout, verified.stdout
+  assert "derived with x64 True, as recorded" in verified.stdout, verified.stdout
+  forged = copy_of(honest)
+  reseal(forged, lambda b: b["config"].update(learning_rate=b["config"]["learning_rate"] * 2))
+  rejected = run("-c", _VERIFY_IN_LIBRARY, forged, x64=False)
+  assert rejected.stdout.startswith("REJECTED by the program check: the recorded program is not the one its "), (
+    rejected.stdout + rejected.stderr
+  )
