@@ -603,6 +603,8 @@ def check_data_order(inputs: _Inputs, log: np.ndarray, env: _Environment) -> Che
   plan = inputs.plan
   if "x64" in env.lowering:
     x64 = inputs.manifest["environment"]["x64"]
+    if not isinstance(x64, bool):  # a hostile manifest: nothing is started on its say-so
+      return Check("data order", None, f"not derived: environment.x64 is {x64!r:.40}, not true or false")
     job = {"seed": plan.seed, "num_examples": inputs.manifest["dataset"]["size"], "batch_size": plan.batch_size}
     with tempfile.TemporaryDirectory() as scratch:
       derived = isolation.run(

@@ -200,7 +200,8 @@ def replay(
   for t in threads:
     t.join()
   if errors:
-    raise (ProgramDiffers if f": {ProgramDiffers.__name__}: " in errors[0] else Unreproducible)(errors[0])
+    kind = errors[0].split(": ", 2)[1:2]  # "worker W: ExceptionName: message"
+    raise (ProgramDiffers if kind == [ProgramDiffers.__name__] else Unreproducible)(errors[0])
   if init is not None and not init and shares[0]:
     raise Unreproducible("the first worker did not report the initial state it derives")
   missing = [i for i, _, _ in segments if i not in results]

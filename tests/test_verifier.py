@@ -378,3 +378,14 @@ def test_a_proof_recorded_with_x64_is_judged_by_workers_with_x64_not_by_this_pro
   assert rejected.stdout.startswith("REJECTED by the program check: the recorded program is not the one its "), (
     rejected.stdout + rejected.stderr
   )
+
+
+def test_a_manifest_whose_x64_is_not_a_bool_starts_nothing_and_decides_nothing(honest, copy_of):
+  p = copy_of(honest)
+  reseal(p, lambda b: b["environment"].update(x64="yes"))
+  config = smoke_config()
+  train = build.dataset(config, "train")
+  verdict = verifier.verify(p, build.program(config, train), train, challenge=challenge.All())
+  checks = {c.name: c for c in verdict.checks}
+  assert not verdict.accepted and not verdict.failed, verdict.table()
+  assert checks["data order"].passed is None and "environment.x64 is 'yes'" in checks["data order"].detail
