@@ -7,7 +7,9 @@ when PyTorch is installed (the ``bench`` extra), all in one run. With
 ``--config`` it measures that config alone.
 
 Measures, in one run on one machine (medians over ``--repeats``; the timings
-of each repeat run back to back, so machine noise hits all of them alike):
+of each repeat run back to back, and each ratio is the median of the repeats'
+own ratios, so a machine whose speed drifts between repeats moves both sides
+of a ratio alike; training and recording alternate which runs first):
 
 * recording overhead: the wall time of ``record`` over the wall time of the
   same jitted segments over the same batches writing nothing (both include
@@ -156,10 +158,14 @@ def measure(
   program = build.program(config, train)  # the verifier's: compiled once, as for a verifier of many proofs
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
-      t["train"].append(_plain_training(config, train, plan, t.setdefault("train step", [])))
       path = os.path.join(tmp, f"proof{r}")
-      seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
-      t["record"].append(seconds)
+      # Training and recording alternate which goes first, so a machine's drift favours neither.
+      for which in ("train", "record") if r % 2 == 0 else ("record", "train"):
+        if which == "train":
+          t["train"].append(_plain_training(config, train, plan, t.setdefault("train step", [])))
+        else:
+          seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
+          t["record"].append(seconds)
       size = proof.size_bytes(path)
       for name, mode in modes.items():
         if r == 0:  # Compile outside the timing: a verifier checks many proofs per process.
@@ -180,15 +186,20 @@ def measure(
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
   med = {name: statistics.median(v) for name, v in t.items()}
   train_rate = 1 / med["train step"]  # after compiling: replay is timed compiled too
+  # Ratios are medians over repeats of each repeat's own ratio: a repeat's timings are minutes apart at
+  # most, while the repeats of a run drift apart by 10% and more on a shared machine.
+  overheads = [rec / plain for rec, plain in zip(t["record"], t["train"], strict=True)]
   verify_all = {}
   sequential = med["verify all: exact, 1 device"]
   for name in modes:
     seconds = med[f"verify all: {name}"]
+    to_step = [v / plan.steps / s for v, s in zip(t[f"verify all: {name}"], t["train step"], strict=True)]
     verify_all[name] = {
       "seconds": seconds,
       "steps_per_second": plan.steps / seconds,
       "step_seconds": seconds / plan.steps,
-      "to_training_step": seconds / plan.steps / med["train step"],
+      "to_training_step": statistics.median(to_step),
+      "to_training_step_per_repeat": to_step,
       "to_sequential_exact": sequential / seconds,
     }
   return {
@@ -202,7 +213,8 @@ def measure(
     "timings": t,
     "train_seconds": med["train"],
     "record_seconds": med["record"],
-    "recording_overhead": med["record"] / med["train"],
+    "recording_overhead": statistics.median(overheads),
+    "recording_overhead_per_repeat": overheads,
     "train_step_seconds": med["train step"],
     "train_steps_per_second": train_rate,
     "verify_all": verify_all,
@@ -467,7 +479,8 @@ def table(result: dict) -> str:
     f"{c['model']}{width.get(c['model'], '')} on {result['data']}, {result['runner']} runner, T={result['steps']}, k={result['k']}, B={c['batch_size']}",
     f"  train without proof {result['train_seconds']:.2f} s (compiling included; then "
     f"{result['train_step_seconds'] * 1e3:.1f} ms/step), "
-    f"record with proof {result['record_seconds']:.2f} s: overhead {result['recording_overhead']:.3f}x",
+    f"record with proof {result['record_seconds']:.2f} s: overhead {result['recording_overhead']:.3f}x "
+    f"(median of the repeats' ratios: {', '.join(f'{x:.3f}' for x in result['recording_overhead_per_repeat'])})",
     f"  proof {result['proof_bytes'] / 1e6:.2f} MB, {result['proof_bytes_per_step']:.0f} bytes/step; "
     "verifier peak RSS "
     + (

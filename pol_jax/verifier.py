@@ -501,6 +501,11 @@ LOWERING_FIELDS = ("x64", "matmul_precision")
 the default matmul precision: each dot's precision), not only the compiled program's bits."""
 
 
+CONFIG_UNCHECKED = "the recorded config was not rebuilt (builder=None): it is the prover's description, unchecked"
+"""What a verdict says where the verifier was given its program rather than building it from the recorded
+config: the lowered program is checked, the config that claims to describe it is not."""
+
+
 def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str | None) -> tuple[str | None, Check]:
   """The program check: the verifier's segment program lowers to the recorded one.
 
@@ -523,7 +528,10 @@ def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str 
       f"{program.numerics} (numerics.portable_program makes a program portable)",
     )
   if not bad and set(ours) == set(manifest["programs"]):
-    return None, Check("program", True, f"{inputs.plan.runner} program {ours['segment'][:16]}... as recorded")
+    unchecked = "" if builder is not None else f"; {CONFIG_UNCHECKED}"
+    return None, Check(
+      "program", True, f"{inputs.plan.runner} program {ours['segment'][:16]}... as recorded{unchecked}"
+    )
   if env.foreign and env.portable:
     return None, Check(
       "program",

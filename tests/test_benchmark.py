@@ -29,13 +29,16 @@ def test_measure_times_recording_and_replay_against_the_compiled_training_step()
   config.owner = OWNER
   result = benchmark.measure(config, repeats=1, devices=1, brief=True)
   assert len(result["timings"]["train"]) == len(result["timings"]["record"]) == 1
+  # Ratios are the median of each repeat's own ratio (one repeat here: that repeat's).
   assert result["recording_overhead"] == result["record_seconds"] / result["train_seconds"] > 0
+  assert result["recording_overhead_per_repeat"] == [result["recording_overhead"]]
   # The step time replay is compared with excludes the first segment (it compiles the step).
   assert 0 < result["train_step_seconds"] * (result["steps"] - result["k"]) < result["train_seconds"]
   assert list(result["verify_all"]) == ["exact, 1 device"]  # brief, and one device: no vmapped replay
   exact = result["verify_all"]["exact, 1 device"]
   assert exact["step_seconds"] == exact["seconds"] / result["steps"]
   assert exact["to_training_step"] == exact["step_seconds"] / result["train_step_seconds"]
+  assert exact["to_training_step_per_repeat"] == [exact["to_training_step"]]
   assert list(result["strategy_cost"]) == ["top-q+uniform (default)"]
   assert result["strategy_cost"]["top-q+uniform (default)"]["steps_replayed"] == result["steps"]
   assert "overhead" in benchmark.table(result) and "x train step" in benchmark.table(result)

@@ -445,10 +445,10 @@ _PIN = "import os, runpy, sys; os.sched_setaffinity(0, {0}); sys.argv = sys.argv
 
 @pytest.fixture(scope="module", params=["cnn", "tiny_resnet20"])
 def portable_jax012_proof(request, built, tmp_path_factory):
-  """Six epochs of the default CNN and four of a tiny ResNet (on digits), in portable numerics."""
+  """Three epochs of the default CNN and two of a tiny ResNet (on digits), in portable numerics."""
   cache, _, python, _, _ = built
   workdir = str(tmp_path_factory.mktemp(f"portable-{request.param}"))
-  steps = "--config.steps=132" if request.param == "cnn" else "--config.steps=88"
+  steps = "--config.steps=66" if request.param == "cnn" else "--config.steps=44"
   done = subprocess.run(
     [python, "-m", "experiments.train", f"--workdir={workdir}", f"--config.model={request.param}",
      "--config.numerics=portable", steps],

@@ -127,6 +127,20 @@ def test_learning_rate_edited_resealed(honest, copy_of):
   _check_rejected_by(_verify(p), "program", "is not the one its recorded config builds (first difference at line")
 
 
+def test_config_edited_resealed_own_program(honest, copy_of):
+  """A verifier given its program (builder=None) checks that program, and says the config was not checked."""
+  p = copy_of(honest)
+  reseal(p, lambda b: b["config"].update(momentum="not a float"))
+  config = smoke_config()
+  train = build.dataset(config, "train")
+  verdict = verifier.verify(p, build.program(config, train), train, challenge=challenge.All())
+  assert verdict.accepted, verdict.table()
+  program = next(c for c in verdict.checks if c.name == "program")
+  assert verifier.CONFIG_UNCHECKED in program.detail and "unchecked" in verdict.table()
+  with pytest.raises(proof.ProofError, match="config.momentum"):  # rebuilt from the config: refused
+    build.rebuild(p)
+
+
 def test_learning_rate_edited_with_matching_program_digest(honest, copy_of):
   """A forger who also records the edited program's digest is caught by replay."""
   from ml_collections import ConfigDict
