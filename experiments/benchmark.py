@@ -17,7 +17,9 @@ of a ratio alike; training and recording alternate which runs first):
 * verification throughput of every segment (``all``), in replayed steps per
   second, for sequential exact replay (one device), device-parallel exact
   replay (``--devices``) and vmapped tolerance replay, with each one's ratio to
-  the training step rate and to sequential exact replay;
+  the training step rate and to sequential exact replay; for sequential exact
+  replay also the replay alone (the segments' own times) per step against the
+  training step, and the rest (restores, the other checks, digest compares);
 * the cost of verifying with each strategy (every check included) as a
   fraction of the cost of training without a proof;
 * proof bytes per training step, and the verifier's peak resident memory
@@ -176,6 +178,8 @@ def measure(
         if not verdict.accepted:
           raise RuntimeError(f"benchmark proof rejected ({name}): {verdict.summary()}")
         t.setdefault(f"verify all: {name}", []).append(seconds)
+        if name == "exact, 1 device":  # one segment at a time: its segments' times do not overlap
+          t.setdefault("replay only: exact, 1 device", []).append(sum(s.seconds for s in verdict.segments))
       for name, drawn in strategies.items():
         seconds, verdict = _timed(
           lambda d=drawn, p=path, g=program: verifier.verify(p, g, train, challenge=d, replay=replay.Exact(devices))
@@ -202,6 +206,15 @@ def measure(
       "to_training_step_per_repeat": to_step,
       "to_sequential_exact": sequential / seconds,
     }
+  replay_only = t["replay only: exact, 1 device"]
+  fixed = [total - part for total, part in zip(t["verify all: exact, 1 device"], replay_only, strict=True)]
+  verify_all["exact, 1 device"].update(
+    replay_step_seconds=statistics.median(replay_only) / plan.steps,
+    replay_to_training_step=statistics.median(
+      [part / plan.steps / s for part, s in zip(replay_only, t["train step"], strict=True)]
+    ),
+    fixed_seconds=statistics.median(fixed),
+  )
   return {
     "config": config.to_dict(),
     "data": source,
@@ -496,6 +509,15 @@ def table(result: dict) -> str:
       f"  {name:<32} {r['seconds']:>8.2f} {r['step_seconds'] * 1e3:>8.1f} {r['to_training_step']:>12.2f} "
       f"{r['to_sequential_exact']:>9.2f}"
     )
+  exact = result["verify_all"]["exact, 1 device"]
+  lines.append(
+    f"  {'  of which replay':<32} {exact['seconds'] - exact['fixed_seconds']:>8.2f} "
+    f"{exact['replay_step_seconds'] * 1e3:>8.1f} {exact['replay_to_training_step']:>12.2f}"
+  )
+  lines.append(
+    f"  {'  of which fixed per proof':<32} {exact['fixed_seconds']:>8.2f}   (restores, checks, compare: "
+    "paid once per proof)"
+  )
   lines += [
     "",
     f"  {'strategy (exact, ' + str(result['devices']) + ' devices)':<32} {'steps':>8} {'seconds':>8} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import OWNER
 
 from experiments.configs import cifar10_resnet20
@@ -39,6 +40,9 @@ def test_measure_times_recording_and_replay_against_the_compiled_training_step()
   assert exact["step_seconds"] == exact["seconds"] / result["steps"]
   assert exact["to_training_step"] == exact["step_seconds"] / result["train_step_seconds"]
   assert exact["to_training_step_per_repeat"] == [exact["to_training_step"]]
+  # The replay alone (the segments' own times) and the rest add up to the verification.
+  assert 0 < exact["replay_step_seconds"] * result["steps"] < exact["seconds"]
+  assert exact["fixed_seconds"] == pytest.approx(exact["seconds"] - exact["replay_step_seconds"] * result["steps"])
   assert list(result["strategy_cost"]) == ["top-q+uniform (default)"]
   assert result["strategy_cost"]["top-q+uniform (default)"]["steps_replayed"] == result["steps"]
   assert "overhead" in benchmark.table(result) and "x train step" in benchmark.table(result)
