@@ -770,7 +770,7 @@ class Writer:
     self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else flush_seconds
     self.flush_states = FLUSH_STATES if flush_states is None else flush_states
     self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
-    self._manager = None  # made by the first save, off the training thread (it takes tens of ms)
+    self._manager = None  # made by prepare() or the first save, off the training thread
     if os.path.isdir(self.directory):  # a partial proof: Orbax removes the leftovers of a killed save now
       self._checkpoint_manager()
     self._pending: list[tuple[int, dict, dict]] = []
@@ -788,6 +788,14 @@ class Writer:
     for batch in batches(self.proof_dir):
       steps += [int(s) for s in read_batch_meta(self.proof_dir, batch)["states"]]
     return sorted(steps)
+
+  def prepare(self) -> None:
+    """Makes the Orbax checkpoint manager now (tens of ms the first time in a process), off the training thread.
+
+    Else the first save makes it; for a run shorter than one flush window that
+    is its only save, at the end, where nothing overlaps it.
+    """
+    self._checkpoint_manager()
 
   def _checkpoint_manager(self):
     if self._manager is None:

@@ -241,6 +241,7 @@ class _Saver:
       raise self._error
 
   def _work(self) -> None:
+    self._guard(self._writer.prepare)  # while the training thread compiles the step
     while True:
       try:
         item = self._queue.get(timeout=self._writer.seconds_left() if self._error is None else None)
