@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -869,68 +870,18 @@ def coordinate(
   if judges is not None and (not judges or any(not j.made_for(builder, config, setup.limits) for j in judges)):
     raise ValueError("Expected judges made with this run's builder, config and setup.limits.")
   own = os.path.join(workdir, COORDINATOR)
-  os.makedirs(own, exist_ok=True)
-  setup_path = os.path.join(own, SETUP)
-  if os.path.exists(setup_path):
-    saved = proof.read_json(setup_path, SETUP)
-    if saved.get("setup") != dataclasses.asdict(setup):
-      raise proof.ProofError(SETUP, "setup", f"{workdir} holds a run of another setup; use a new workdir")
-  else:
-    proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup)})
-  rounds_path = os.path.join(own, ROUNDS)
-  done = proof.read_json(rounds_path, ROUNDS) if os.path.exists(rounds_path) else []
-  state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
-  if done:
-    state, _ = proof.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])
+  done, state = _open_run(own, workdir, setup, program)
   excluded = {w for r in done for w in r.get("excluded", [])}
   private = tempfile.mkdtemp(prefix="pol-jax-coordinator-", dir=scratch)  # mode 0700: this process's alone
   writer = proof.Writer(own)
-  idle: queue.SimpleQueue[Judge] = queue.SimpleQueue()  # the judging children not judging now
-  for j in judges or ():
-    idle.put(j)
-  made: list[Judge] = []  # the ones this run made (up to `parallel`), kept for the whole run and ended with it
-
-  def judge_one(*args, **kwargs):
-    try:
-      j = idle.get(block=judges is not None)  # the caller's: there is one for every thread of the pool
-    except queue.Empty:
-      j = Judge(
-        builder=builder, config=config, limits=setup.limits, scratch=private,
-        compilation_cache=os.path.join(private, "xla-cache"),
-      )  # fmt: skip
-      made.append(j)
-    try:
-      return j(*args, **kwargs)
-    finally:
-      idle.put(j)
-
+  pool = _Judges(judges, builder=builder, config=config, limits=setup.limits, scratch=private)
   try:
     for r in range(len(done), setup.rounds):
       assignments = {w: setup.assignment(r, w) for w in range(setup.workers) if w not in excluded}
       dirs = {w: worker_dir(os.path.join(workdir, "rounds"), r, w) for w in assignments}
       start = starting_at(state)(None)
       results = dispatch(r, start, assignments, dirs)
-      pending = {}
-      with concurrent.futures.ThreadPoolExecutor(len(judges) if judges else max(1, parallel)) as pool:
-        for w in sorted(assignments):
-          if isinstance(results.get(w), dict):
-            pending[w] = pool.submit(
-              judge_one, dirs[w], assignments[w], start, verify=setup.defence == "pol", strategy=setup.strategy,
-              num_segments=setup.segments, max_bytes=setup.max_bytes,
-            )  # fmt: skip
-      judgements, finals, roots = [], [], {}
-      for w in sorted(assignments):
-        result = results.get(w)
-        if w not in pending:
-          why = result if isinstance(result, str) and result else "no submission"
-          judgements.append(Judgement(w, "dropped", None, why[:300]))
-          continue
-        judgement, final = pending[w].result()
-        judgement.train_seconds = _seconds(result.get("seconds"))
-        judgements.append(judgement)
-        if final is not None:
-          finals.append(final)
-          roots[w] = judgement.root
+      judgements, finals, roots = _judge_round(setup, pool, start, assignments, dirs, results, parallel)
       how = "median" if setup.defence == "median" else "mean"
       state = aggregate(start, finals, how).replace(step=np.asarray((r + 1) * setup.steps, np.int32))
       digest = writer.save(state, {"round": r})
@@ -947,15 +898,104 @@ def coordinate(
       }
       writer.wait()  # the state is on disk before the round counts as done
       done.append(record)
-      proof.write_json_atomic(rounds_path, done)
+      proof.write_json_atomic(os.path.join(own, ROUNDS), done)
       if on_round:
         on_round(record)
   finally:
-    for j in made:
-      j.close()
+    pool.close()
     writer.close()
     shutil.rmtree(private, ignore_errors=True)
   return {"state": state, "rounds": done}
+
+
+def _open_run(own: str, workdir: str, setup: Setup, program: training.Program) -> tuple[list[dict], PyTree]:
+  """The rounds a run in ``workdir`` completed and the state after the last (or the initial state).
+
+  Records ``setup`` in a new run; refuses a ``workdir`` that holds a run of another setup.
+  """
+  os.makedirs(own, exist_ok=True)
+  setup_path = os.path.join(own, SETUP)
+  if os.path.exists(setup_path):
+    saved = proof.read_json(setup_path, SETUP)
+    if saved.get("setup") != dataclasses.asdict(setup):
+      raise proof.ProofError(SETUP, "setup", f"{workdir} holds a run of another setup; use a new workdir")
+  else:
+    proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup)})
+  rounds_path = os.path.join(own, ROUNDS)
+  done = proof.read_json(rounds_path, ROUNDS) if os.path.exists(rounds_path) else []
+  state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
+  if done:
+    state, _ = proof.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])
+  return done, state
+
+
+class _Judges:
+  """The judging children of a run: the caller's (one per judging thread), else made on demand and kept.
+
+  Calling it judges one submission with a child not judging now; :meth:`close`
+  ends the children it made (never the caller's).
+  """
+
+  def __init__(self, given: Sequence[Judge] | None, *, builder: str, config: dict, limits, scratch: str):
+    self.given = given
+    self._make = functools.partial(
+      Judge, builder=builder, config=config, limits=limits, scratch=scratch,
+      compilation_cache=os.path.join(scratch, "xla-cache"),
+    )  # fmt: skip
+    self._idle: queue.SimpleQueue[Judge] = queue.SimpleQueue()  # the children not judging now
+    for j in given or ():
+      self._idle.put(j)
+    self._made: list[Judge] = []
+
+  def threads(self, parallel: int) -> int:
+    """Judging threads for a round: one per given child, else ``parallel``."""
+    return len(self.given) if self.given else max(1, parallel)
+
+  def __call__(self, *args, **kwargs):
+    try:
+      j = self._idle.get(block=self.given is not None)  # the caller's: there is one for every thread
+    except queue.Empty:
+      j = self._make()
+      self._made.append(j)
+    try:
+      return j(*args, **kwargs)
+    finally:
+      self._idle.put(j)
+
+  def close(self) -> None:
+    for j in self._made:
+      j.close()
+
+
+def _judge_round(
+  setup: Setup, pool: _Judges, start: PyTree, assignments: dict, dirs: dict, results: dict, parallel: int
+) -> tuple[list[Judgement], list[PyTree], dict[int, str]]:
+  """Judges a round's submissions, in parallel: ``(judgements by worker, accepted final states, their roots)``.
+
+  A worker that returned no result dict is dropped (with what it returned, if a string).
+  """
+  pending = {}
+  with concurrent.futures.ThreadPoolExecutor(pool.threads(parallel)) as threads:
+    for w in sorted(assignments):
+      if isinstance(results.get(w), dict):
+        pending[w] = threads.submit(
+          pool, dirs[w], assignments[w], start, verify=setup.defence == "pol", strategy=setup.strategy,
+          num_segments=setup.segments, max_bytes=setup.max_bytes,
+        )  # fmt: skip
+  judgements, finals, roots = [], [], {}
+  for w in sorted(assignments):
+    result = results.get(w)
+    if w not in pending:
+      why = result if isinstance(result, str) and result else "no submission"
+      judgements.append(Judgement(w, "dropped", None, why[:300]))
+      continue
+    judgement, final = pending[w].result()
+    judgement.train_seconds = _seconds(result.get("seconds"))
+    judgements.append(judgement)
+    if final is not None:
+      finals.append(final)
+      roots[w] = judgement.root
+  return judgements, finals, roots
 
 
 class LocalEngine:
