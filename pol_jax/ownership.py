@@ -644,7 +644,15 @@ def settle(
       _examine(claim, f, model, fmt, rebuild, finals, starts, builder, challenge)
     except (DisputeError, proof.ProofError, proof.IntegrityError) as e:
       f.usable, f.reason = False, str(e)
-  for f in findings:  # where does each initial state come from?
+  _trace_origins(findings, starts, finals, model)
+  _mark_twins(findings)
+  line, status = _decide(findings, challenge)
+  return findings, line, status
+
+
+def _trace_origins(findings: list[Finding], starts: dict, finals: dict, model: Any) -> None:
+  """Where each initial state that is not its key's seed's comes from: another claimant's model, the disputed one."""
+  for f in findings:
     if not f.usable or f.name not in starts or f.origin == "seed":
       continue
     sources = [
@@ -656,21 +664,25 @@ def settle(
       f.origin = "derived from the disputed model"
     else:
       f.origin = "unknown (neither the seed's initialisation nor another claimant's model)"
-  for f in findings:  # copies are recognised by their checkpoint digests, not by their root
+
+
+def _mark_twins(findings: list[Finding]) -> None:
+  """Notes the claimants that present the same training: copies are recognised by checkpoint digests, not root."""
+  for f in findings:
     twins = [g.name for g in findings if g is not f and g.usable and f.usable and g.training == f.training]
     if twins:
       f.note = f"the same training as {', '.join(twins)} (identical checkpoint digests)"
+
+
+def _decide(findings: list[Finding], challenge: str | None) -> tuple[str, int]:
+  """The verdict line and exit status: the key whose proof ends on the model, and who of its presenters stands."""
   candidates = [f for f in findings if f.usable and f.verified and f.origin == "seed" and f.model.startswith("equal")]
   keys = sorted({f.owner for f in candidates})
   if not keys:
-    return findings, "NOT ESTABLISHED: no claimant has a verifying proof from its key's seed that ends on the model", 1
+    return "NOT ESTABLISHED: no claimant has a verifying proof from its key's seed that ends on the model", 1
   if len(keys) > 1:
     names = ", ".join(f.name for f in candidates)
-    return (
-      findings,
-      f"NOT ESTABLISHED: proofs bound to {len(keys)} different keys end on the disputed model ({names})",
-      1,
-    )
+    return f"NOT ESTABLISHED: proofs bound to {len(keys)} different keys end on the disputed model ({names})", 1
   key = keys[0]
   presenting = [f for f in candidates if f.owner == key]
   standing = [f for f in presenting if _stands(f, challenge)]
@@ -690,13 +702,12 @@ def settle(
     lack = "no answer to the challenge" if challenge else "no valid commitment by the key"
     verb = "presents" if len(others) == 1 else "present"
     tail = f"; {_and(others)} {verb} the same key's proof with {lack}" if others else ""
-    return findings, f"ESTABLISHED: {w.name} ({shown}): {trained}{tail}; {TIMES_DECIDE_NOTHING}", 0
+    return f"ESTABLISHED: {w.name} ({shown}): {trained}{tail}; {TIMES_DECIDE_NOTHING}", 0
   names = ", ".join(f.name for f in presenting)
   if not standing:
     why = "answered this dispute's challenge" if challenge else "stands (each is disqualified by its commitment)"
-    return findings, f"NOT ESTABLISHED as a claimant: {trained}, but none of {names} {why}", 1
+    return f"NOT ESTABLISHED as a claimant: {trained}, but none of {names} {why}", 1
   return (
-    findings,
     f"NOT ESTABLISHED as a claimant: {trained}; {_and(f.name for f in standing)} all present it with a commitment "
     "by the key (commitments can be copied), and only the key's holder can sign a fresh challenge (settle again with a fresh challenge=TEXT that each "
     "claimant signs with ownership.commit(..., challenge=TEXT))",
