@@ -135,7 +135,42 @@ def measure(
   train, source = training_data(config)
   plan = build.plan(config)
   devices = min(devices, jax.local_device_count())
-  chunk = max(devices, chunk // devices * devices)
+  modes, strategies = _modes_and_strategies(devices, max(devices, chunk // devices * devices), segments, brief)
+  t, size, steps_replayed, peak = _time_repeats(config, train, source, plan, modes, strategies, repeats, devices)
+  med = {name: statistics.median(v) for name, v in t.items()}
+  overheads = [rec / plain for rec, plain in zip(t["record"], t["train"], strict=True)]
+  return {
+    "config": config.to_dict(),
+    "data": source,
+    "steps": plan.steps,
+    "k": plan.k,
+    "runner": plan.runner,
+    "repeats": repeats,
+    "devices": devices,
+    "timings": t,
+    "train_seconds": med["train"],
+    "record_seconds": med["record"],
+    "recording_overhead": statistics.median(overheads),
+    "recording_overhead_per_repeat": overheads,
+    "train_step_seconds": med["train step"],
+    "train_steps_per_second": 1 / med["train step"],  # after compiling: replay is timed compiled too
+    "verify_all": _verify_all_figures(t, modes, plan.steps),
+    "strategy_cost": {
+      name: {
+        "seconds": med[f"strategy: {name}"],
+        "fraction_of_training": med[f"strategy: {name}"] / med["train"],
+        "steps_replayed": steps_replayed[name],
+      }
+      for name in strategies
+    },
+    "proof_bytes": size,
+    "proof_bytes_per_step": size / plan.steps,
+    "verifier_peak_rss_mib": peak,
+  }
+
+
+def _modes_and_strategies(devices: int, chunk: int, segments: int, brief: bool) -> tuple[dict, dict]:
+  """The replay modes timed verifying every segment, and the challenges whose cost is timed, by name."""
   loose = tolerance.Thresholds({"l2": 1e300}, source="benchmark: timing only")
   modes = {
     "exact, 1 device": replay.Exact(devices=1),
@@ -154,17 +189,26 @@ def measure(
   if brief:
     modes = {name: mode for name, mode in modes.items() if isinstance(mode, replay.Exact)}
     strategies = dict(list(strategies.items())[:1])
-  t: dict[str, list[float]] = {"train": [], "record": []}
+  return modes, strategies
+
+
+def _time_repeats(config, train, source, plan, modes, strategies, repeats, devices) -> tuple:
+  """Times every repeat: ``(timings by name, proof bytes, steps each strategy replayed, verifier peak MiB)``.
+
+  Each repeat trains, records (alternating which goes first, so the machine's
+  drift favours neither), then verifies its proof in every mode and with
+  every strategy.
+  """
+  t: dict[str, list[float]] = {"train": [], "record": [], "train step": []}
   size, steps_replayed = 0, {}
   _plain_training(config, train, plan)  # Warm-up: JAX's backend start-up is nobody's cost.
   program = build.program(config, train)  # the verifier's: compiled once, as for a verifier of many proofs
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
       path = os.path.join(tmp, f"proof{r}")
-      # Training and recording alternate which goes first, so a machine's drift favours neither.
       for which in ("train", "record") if r % 2 == 0 else ("record", "train"):
         if which == "train":
-          t["train"].append(_plain_training(config, train, plan, t.setdefault("train step", [])))
+          t["train"].append(_plain_training(config, train, plan, t["train step"]))
         else:
           seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
           t["record"].append(seconds)
@@ -188,61 +232,41 @@ def measure(
         steps_replayed[name] = sum(s.end - s.start for s in verdict.segments)
     # The CLI verifier rebuilds the data from the config: only for data prepared here.
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
-  med = {name: statistics.median(v) for name, v in t.items()}
-  train_rate = 1 / med["train step"]  # after compiling: replay is timed compiled too
-  # Ratios are medians over repeats of each repeat's own ratio: a repeat's timings are minutes apart at
-  # most, while the repeats of a run drift apart by 10% and more on a shared machine.
-  overheads = [rec / plain for rec, plain in zip(t["record"], t["train"], strict=True)]
-  verify_all = {}
-  sequential = med["verify all: exact, 1 device"]
+  return t, size, steps_replayed, peak
+
+
+def _per_step_ratios(seconds: list[float], steps: int, step_seconds: list[float]) -> list[float]:
+  """Each repeat's seconds per step over that repeat's training step.
+
+  Medians of these, not ratios of medians: a repeat's timings are minutes apart
+  at most, while a run's repeats drift apart by 10% and more on a shared machine.
+  """
+  return [v / steps / s for v, s in zip(seconds, step_seconds, strict=True)]
+
+
+def _verify_all_figures(t: dict, modes: dict, steps: int) -> dict:
+  """Verifying every segment, per mode: seconds, per step, against the training step and sequential replay."""
+  figures = {}
+  sequential = statistics.median(t["verify all: exact, 1 device"])
   for name in modes:
-    seconds = med[f"verify all: {name}"]
-    to_step = [v / plan.steps / s for v, s in zip(t[f"verify all: {name}"], t["train step"], strict=True)]
-    verify_all[name] = {
+    seconds = statistics.median(t[f"verify all: {name}"])
+    to_step = _per_step_ratios(t[f"verify all: {name}"], steps, t["train step"])
+    figures[name] = {
       "seconds": seconds,
-      "steps_per_second": plan.steps / seconds,
-      "step_seconds": seconds / plan.steps,
+      "steps_per_second": steps / seconds,
+      "step_seconds": seconds / steps,
       "to_training_step": statistics.median(to_step),
       "to_training_step_per_repeat": to_step,
       "to_sequential_exact": sequential / seconds,
     }
   replay_only = t["replay only: exact, 1 device"]
   fixed = [total - part for total, part in zip(t["verify all: exact, 1 device"], replay_only, strict=True)]
-  verify_all["exact, 1 device"].update(
-    replay_step_seconds=statistics.median(replay_only) / plan.steps,
-    replay_to_training_step=statistics.median(
-      [part / plan.steps / s for part, s in zip(replay_only, t["train step"], strict=True)]
-    ),
+  figures["exact, 1 device"].update(
+    replay_step_seconds=statistics.median(replay_only) / steps,
+    replay_to_training_step=statistics.median(_per_step_ratios(replay_only, steps, t["train step"])),
     fixed_seconds=statistics.median(fixed),
   )
-  return {
-    "config": config.to_dict(),
-    "data": source,
-    "steps": plan.steps,
-    "k": plan.k,
-    "runner": plan.runner,
-    "repeats": repeats,
-    "devices": devices,
-    "timings": t,
-    "train_seconds": med["train"],
-    "record_seconds": med["record"],
-    "recording_overhead": statistics.median(overheads),
-    "recording_overhead_per_repeat": overheads,
-    "train_step_seconds": med["train step"],
-    "train_steps_per_second": train_rate,
-    "verify_all": verify_all,
-    "strategy_cost": {
-      name: {
-        "seconds": med[f"strategy: {name}"],
-        "fraction_of_training": med[f"strategy: {name}"] / med["train"],
-        "steps_replayed": steps_replayed[name],
-      }
-      for name in strategies
-    },
-    "proof_bytes": size,
-    "proof_bytes_per_step": size / plan.steps,
-    "verifier_peak_rss_mib": peak,
-  }
+  return figures
 
 
 SHAPES = {
