@@ -761,10 +761,8 @@ class Writer:
     flush_states: int | None = None,
     flush_bytes: int | None = None,
   ):
-    import orbax.checkpoint as ocp
-
     logging.getLogger("absl").addFilter(_quiet_orbax)
-    self._ocp = ocp
+    self._ocp = None  # Orbax, imported by prepare() or the first save (a quarter of a second, the first time)
     self.proof_dir = os.path.abspath(proof_dir)
     self.directory = os.path.join(self.proof_dir, CHECKPOINTS)
     self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else flush_seconds
@@ -790,19 +788,29 @@ class Writer:
     return sorted(steps)
 
   def prepare(self) -> None:
-    """Makes the Orbax checkpoint manager now (tens of ms the first time in a process), off the training thread.
+    """Imports Orbax and makes the checkpoint manager now, for a thread that runs while the step compiles.
 
-    Else the first save makes it; for a run shorter than one flush window that
-    is its only save, at the end, where nothing overlaps it.
+    The first time in a process that is a quarter of a second of imports and
+    tens of ms of Orbax start-up; else the first save pays it, and for a run
+    shorter than one flush window that is its only save, at the end, where
+    nothing overlaps it.
     """
     self._checkpoint_manager()
 
+  def _orbax(self):
+    if self._ocp is None:
+      import orbax.checkpoint as ocp
+
+      self._ocp = ocp
+    return self._ocp
+
   def _checkpoint_manager(self):
     if self._manager is None:
-      options = self._ocp.CheckpointManagerOptions(
+      ocp = self._orbax()
+      options = ocp.CheckpointManagerOptions(
         max_to_keep=None, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
       )
-      self._manager = self._ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
     return self._manager
 
   def save(self, state: Any, metrics: dict | None = None, fingerprints: np.ndarray | None = None) -> str:
@@ -846,7 +854,7 @@ class Writer:
     """Starts the save of the pending states as one batch (waiting for the save in flight first)."""
     if not self._pending:
       return
-    ocp = self._ocp
+    ocp = self._orbax()
     # One [states, elements] array per dtype: Orbax's cost grows with the number of arrays.
     tree = {d: np.stack([buffers[d] for _, buffers, _ in self._pending]) for d in self._pending[0][1]}
     meta = {"states": {str(step): meta for step, _, meta in self._pending}, "layout": self._layout}
