@@ -511,11 +511,19 @@ def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str 
 
   Where it does not and the verifier's program was not rebuilt from the
   recorded config, an exact replay still decides if it reproduces every
-  state.
+  state. Without ``builder``, a check that does not fail says that the
+  recorded config was not checked (:data:`CONFIG_UNCHECKED`).
 
   Returns:
     ``(what differs, where exact replay is to decide despite it, else None; the check)``.
   """
+  differs, check = _check_program(inputs, env, exact, builder)
+  if builder is None and check.passed is not False and "builder=None" not in check.detail:
+    check = dataclasses.replace(check, detail=f"{check.detail}; {CONFIG_UNCHECKED}")
+  return differs, check
+
+
+def _check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str | None) -> tuple[str | None, Check]:
   manifest, program = inputs.manifest, inputs.program
   texts = fingerprint.program_texts(inputs.segment, inputs.template, inputs.dataset, inputs.plan, inputs.keys.step)
   ours = {name: fingerprint.program_digest(text) for name, text in texts.items()}
@@ -528,10 +536,7 @@ def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str 
       f"{program.numerics} (numerics.portable_program makes a program portable)",
     )
   if not bad and set(ours) == set(manifest["programs"]):
-    unchecked = "" if builder is not None else f"; {CONFIG_UNCHECKED}"
-    return None, Check(
-      "program", True, f"{inputs.plan.runner} program {ours['segment'][:16]}... as recorded{unchecked}"
-    )
+    return None, Check("program", True, f"{inputs.plan.runner} program {ours['segment'][:16]}... as recorded")
   if env.foreign and env.portable:
     return None, Check(
       "program",
