@@ -618,11 +618,16 @@ def check_data_order(inputs: _Inputs, log: np.ndarray, env: _Environment) -> Che
     x64 = inputs.manifest["environment"]["x64"]
     if not isinstance(x64, bool):  # a hostile manifest: nothing is started on its say-so
       return Check("data order", None, f"not derived: environment.x64 is {x64!r:.40}, not true or false")
-    job = {"seed": plan.seed, "num_examples": inputs.manifest["dataset"]["size"], "batch_size": plan.batch_size}
+    job = {
+      "seed": plan.seed,
+      "num_examples": inputs.manifest["dataset"]["size"],
+      "batch_size": plan.batch_size,
+      "num_steps": plan.steps,
+    }
     with tempfile.TemporaryDirectory() as scratch:
       derived = isolation.run(
         "pol_jax.sampling:index_log_job",
-        {**job, "num_steps": plan.steps},
+        job,
         isolation.Limits(seconds=600.0, memory_bytes=0),
         scratch,
         env={**os.environ, "JAX_ENABLE_X64": "1" if x64 else "0"},

@@ -27,6 +27,13 @@ def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str =
   )
 
 
+def _verify_own_program(proof_dir: str) -> verifier.Verdict:
+  """Verifies with the verifier's own smoke program and no builder=, as a library user may."""
+  config = smoke_config()
+  train = build.dataset(config, "train")
+  return verifier.verify(proof_dir, build.program(config, train), train, challenge=challenge.All())
+
+
 def _check_rejected_by(verdict: verifier.Verdict, check: str, words: str = "") -> None:
   assert not verdict.accepted, verdict.table()
   failed = [c.name for c in verdict.failed]
@@ -131,9 +138,7 @@ def test_config_edited_resealed_own_program(honest, copy_of):
   """A verifier given its program (builder=None) checks that program, and says the config was not checked."""
   p = copy_of(honest)
   reseal(p, lambda b: b["config"].update(momentum="not a float"))
-  config = smoke_config()
-  train = build.dataset(config, "train")
-  verdict = verifier.verify(p, build.program(config, train), train, challenge=challenge.All())
+  verdict = _verify_own_program(p)
   assert verdict.accepted, verdict.table()
   program = next(c for c in verdict.checks if c.name == "program")
   assert verifier.CONFIG_UNCHECKED in program.detail and "unchecked" in verdict.table()
@@ -397,9 +402,7 @@ def test_a_proof_recorded_with_x64_is_judged_by_workers_with_x64_not_by_this_pro
 def test_a_manifest_whose_x64_is_not_a_bool_starts_nothing_and_decides_nothing(honest, copy_of):
   p = copy_of(honest)
   reseal(p, lambda b: b["environment"].update(x64="yes"))
-  config = smoke_config()
-  train = build.dataset(config, "train")
-  verdict = verifier.verify(p, build.program(config, train), train, challenge=challenge.All())
+  verdict = _verify_own_program(p)
   checks = {c.name: c for c in verdict.checks}
   assert not verdict.accepted and not verdict.failed, verdict.table()
   assert checks["data order"].passed is None and "environment.x64 is 'yes'" in checks["data order"].detail
