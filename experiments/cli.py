@@ -127,13 +127,59 @@ def _config_error(argv: list[str], e: Exception):
   sys.exit(2)
 
 
+class _ReaderMayLeave:
+  """A text stream that goes quiet once its reader has left (``experiments.verify ... | head``).
+
+  Writing to a pipe whose reader has gone raises ``BrokenPipeError``; left
+  alone it ends the program with a traceback and exit status 1, which for the
+  verifier says "rejected" of an accepted proof. Here the stream's descriptor
+  is pointed at ``os.devnull`` instead, and the program finishes with the
+  exit status it decides: nobody is reading what it would have printed.
+  """
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._reader_left()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._reader_left()
+
+  def _reader_left(self) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, self._stream.fileno())
+    os.close(devnull)
+
+  def __getattr__(self, name: str):
+    return getattr(self._stream, name)
+
+
+def quiet_when_readers_leave() -> None:
+  """Makes ``sys.stdout`` and ``sys.stderr`` :class:`_ReaderMayLeave` streams (once)."""
+  for name in ("stdout", "stderr"):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _ReaderMayLeave):
+      setattr(sys, name, _ReaderMayLeave(stream))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error and exit status 2 for a mistyped flag.
 
   Used as ``app.run(main, flags_parser=cli.parse_flags)``: a bad value
   (``--config.learning_rate=abc``) or an unknown config field
-  (``--config.lr=0.1``) fails before anything runs, naming the flag.
+  (``--config.lr=0.1``) fails before anything runs, naming the flag. Also
+  makes the program's output streams :func:`quiet_when_readers_leave`, so a
+  reader that leaves early (``| head``) never changes the exit status.
   """
+  quiet_when_readers_leave()
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

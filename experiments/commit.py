@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
 from pol_jax import ownership, proof
 
 
@@ -42,4 +43,4 @@ if __name__ == "__main__":
   _KEY = flags.DEFINE_string("key", None, "The proof's owner key, Ed25519 PEM (default: owner.key beside the proof).")
   _CHALLENGE = flags.DEFINE_string("challenge", None, "An arbitrator's challenge to answer (a dispute's --challenge).")
   _OUT = flags.DEFINE_string("out", None, "Where to write the record (default: commitment.json beside the proof).")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -176,6 +176,24 @@ def test_honest_proof_is_accepted_by_a_verifier_in_another_process(honest, tmp_p
   assert all(s["update"]["l2"] > 0 for s in verdict["segments"])
 
 
+@pytest.mark.parametrize("which, status", [("honest", 0), ("missing", 2)])
+def test_a_reader_that_leaves_early_never_changes_the_exit_status(honest, tmp_path, which, status):
+  """``experiments.verify ... | head``: the pipe's reader gone before the verdict is printed (a
+  BrokenPipeError once made an accepted proof exit 1, the status of a rejected one)."""
+  p = honest if which == "honest" else str(tmp_path / "nowhere")
+  child = subprocess.Popen(
+    [sys.executable, "-m", "experiments.verify", f"--proof={p}", f"--report={tmp_path}/r.json"],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  child.stdout.close()  # both readers leave before the verifier writes a byte
+  child.stderr.close()
+  assert child.wait(timeout=300) == status
+  if status == 0:
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "accepted"
+
+
 @pytest.mark.parametrize(
   "damage, words",
   [
