@@ -230,9 +230,17 @@ def _time_repeats(config, train, source, plan, modes, strategies, repeats, devic
         )
         t.setdefault(f"strategy: {name}", []).append(seconds)
         steps_replayed[name] = sum(s.end - s.start for s in verdict.segments)
+      _report_repeat(t, r, repeats)
     # The CLI verifier rebuilds the data from the config: only for data prepared here.
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
   return t, size, steps_replayed, peak
+
+
+def _report_repeat(t: dict[str, list[float]], r: int, repeats: int) -> None:
+  """One line on stderr with repeat ``r``'s timings, so a run stopped early still leaves its figures."""
+  done = {name: v[r] for name, v in t.items() if len(v) > r}
+  shown = ", ".join(f"{name} {s * 1e3:.2f} ms" if s < 0.1 else f"{name} {s:.2f} s" for name, s in done.items())
+  print(f"  repeat {r + 1}/{repeats}: {shown}", file=sys.stderr, flush=True)
 
 
 def _per_step_ratios(seconds: list[float], steps: int, step_seconds: list[float]) -> list[float]:
