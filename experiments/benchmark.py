@@ -640,8 +640,9 @@ def main(argv) -> None:
     env = fingerprint.environment()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **env}
     print(
-      f"pol-jax benchmark: {env['device_kind']} x{env['device_count']}, {env['cpu_threads']} CPU threads, "
-      f"jax {env['jax']}, {machine['processor']}; medians of {_REPEATS.value}\n",
+      f"pol-jax benchmark: {env['device_kind']} x{env['device_count']}, "
+      + (f"{env['cpu_threads']} CPU threads, " if env["cpu_threads"] else "")
+      + f"jax {env['jax']}, {machine['processor']}; medians of {_REPEATS.value}\n",
       flush=True,
     )
     result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value)
