@@ -45,7 +45,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from experiments import cli, forge
-from pol_jax import build, challenge, distances, paper, proof, recorder, sampling, training, verifier
+from pol_jax import build, challenge, distances, paper, proof, recorder, sampling, store, training, verifier
 from pol_jax import data as data_lib
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
@@ -166,7 +166,7 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
   forged = log.copy()
   states = []
   for start, end in proof.segments(plan):
-    state, _ = proof.restore(v.proof_dir, start, v.stolen, v.manifest["checkpoints"][str(start)])
+    state, _ = store.restore(v.proof_dir, start, v.stolen, v.manifest["checkpoints"][str(start)])
     states.append(state)
     for t in range(start, end):
       target, _ = one(state, v.train.batch(log[t]), keys.step)
@@ -179,7 +179,7 @@ def forging(v: Victim, out: str, candidates: int = 4) -> dict:
           best = (d, rows)
       forged[t] = best[1]
       state = jax.device_get(target)
-  final, _ = proof.restore(v.proof_dir, plan.steps, v.stolen, v.manifest["checkpoints"][str(plan.steps)])
+  final, _ = store.restore(v.proof_dir, plan.steps, v.stolen, v.manifest["checkpoints"][str(plan.steps)])
   states.append(final)
   forge.write_proof(out, v.program, v.train, plan, states, forged, v.manifest["config"])
   return {"candidates_per_step": candidates, "steps_forged": plan.steps}
@@ -327,7 +327,7 @@ def tamper_splice(v: Victim, out: str, n: int = 8) -> dict:
   steps = proof.checkpoint_steps(plan.k, plan.steps)
   i = (len(steps) - 1) // 2
   faked = {i - 1, i}
-  state, _ = proof.restore(v.proof_dir, steps[i], v.stolen, v.manifest["checkpoints"][str(steps[i])])
+  state, _ = store.restore(v.proof_dir, steps[i], v.stolen, v.manifest["checkpoints"][str(steps[i])])
   hopeless = challenge.pass_probability(len(steps) - 1, n, faked) == 0.0  # every draw includes a faked segment
   for tries in range(1, 2 if hopeless else 201):
     fraction = 0.01 * (1 + tries / 1000)

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from pol_jax import data as data_lib
-from pol_jax import proof, recorder, sampling, training
+from pol_jax import proof, recorder, sampling, store, training
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ def write_proof(
   body, _ = recorder.start_body(program, dataset, plan, config)
   digests = dataset.digests()
   body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
-  writer = proof.Writer(proof_dir)
+  writer = store.Writer(proof_dir)
   checkpoints = {}
   try:
     for state in states:
@@ -183,11 +183,11 @@ def replace_checkpoint(proof_dir: str, state: PyTree, fingerprints: np.ndarray |
   (none by default, as a forger that omits them).
   """
   step = int(np.asarray(state.step))
-  batch = proof.batch_of(step, proof.batches(proof_dir))
-  metas = proof.read_batch_meta(proof_dir, batch)["states"]
-  recorded = proof.restore_batch(proof_dir, batch, state, dict.fromkeys(map(int, metas)))
+  batch = store.batch_of(step, store.batches(proof_dir))
+  metas = store.read_batch_meta(proof_dir, batch)["states"]
+  recorded = store.restore_batch(proof_dir, batch, state, dict.fromkeys(map(int, metas)))
   scratch = os.path.abspath(proof_dir) + ".replace"
-  writer = proof.Writer(scratch, flush_seconds=float("inf"), flush_states=len(recorded) + 1)
+  writer = store.Writer(scratch, flush_seconds=float("inf"), flush_states=len(recorded) + 1)
   try:
     for s, (old, meta) in sorted(recorded.items()):
       if s == step:

@@ -21,10 +21,11 @@ The headline names are re-exported here; each concept lives in its module:
   numerics      portable numerics (float64 compute rounded to float32)
   ownership     owner keys, signed commitments and ownership disputes
   paper         the paper's verifier (top-Q, KS test of the initial state)
-  proof         the proof format: Plan, manifest, checkpoints
+  proof         the proof format: Plan, manifest, digests, files
   recorder      ``record``: the training loop that writes a proof
   replay        replaying segments: the modes ``Exact`` and ``Tolerance``
   sampling      the seed-derived data order
+  store         the recorded states: batched Orbax checkpoints, written and restored
   tolerance     tolerance thresholds and their calibration
   training      TrainState, Program, the step and segment functions
   verifier      ``verify``: the checks and their Verdict
@@ -50,6 +51,7 @@ from pol_jax import (
   recorder,
   replay,
   sampling,
+  store,
   tolerance,
   training,
   verifier,
@@ -94,6 +96,7 @@ __all__ = [
   "recorder",
   "replay",
   "sampling",
+  "store",
   "tolerance",
   "training",
   "verifier",

@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import challenge, isolation, proof, recorder, training, verifier
+from pol_jax import challenge, isolation, proof, recorder, store, training, verifier
 from pol_jax import data as data_lib
 
 PyTree = Any
@@ -873,7 +873,7 @@ def coordinate(
   done, state = _open_run(own, workdir, setup, program)
   excluded = {w for r in done for w in r.get("excluded", [])}
   private = tempfile.mkdtemp(prefix="pol-jax-coordinator-", dir=scratch)  # mode 0700: this process's alone
-  writer = proof.Writer(own)
+  writer = store.Writer(own)
   pool = _Judges(judges, builder=builder, config=config, limits=setup.limits, scratch=private)
   try:
     for r in range(len(done), setup.rounds):
@@ -925,7 +925,7 @@ def _open_run(own: str, workdir: str, setup: Setup, program: training.Program) -
   done = proof.read_json(rounds_path, ROUNDS) if os.path.exists(rounds_path) else []
   state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
   if done:
-    state, _ = proof.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])
+    state, _ = store.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])
   return done, state
 
 
@@ -1152,7 +1152,7 @@ def audit(workdir: str, setup: Setup, program: training.Program) -> list[str]:
         problems.append(f"round {r}: worker {w}'s proof is unusable: {e}")
     expected = aggregate(start, finals, how).replace(step=np.asarray((r + 1) * setup.steps, np.int32))
     try:
-      state, _ = proof.restore(own, (r + 1) * setup.steps, expected, record["state_digest"])
+      state, _ = store.restore(own, (r + 1) * setup.steps, expected, record["state_digest"])
     except proof.IntegrityError as e:
       problems.append(f"round {r}: the recorded state is unusable: {e}")
       break

@@ -45,7 +45,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from pol_jax import challenge, proof, safeio, training, verifier
+from pol_jax import challenge, proof, safeio, store, training, verifier
 
 SCHEMA = "pol-jax/commitment/v2"
 TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
@@ -146,7 +146,7 @@ def final_leaves(proof_dir: str) -> dict[str, str]:
   manifest = proof.read_manifest(proof_dir)
   step = int(manifest["steps"])
   try:
-    meta = proof.read_meta(proof_dir, step, manifest["checkpoints"].get(str(step)))
+    meta = store.read_meta(proof_dir, step, manifest["checkpoints"].get(str(step)))
   except proof.IntegrityError as e:
     raise proof.ProofError(f"{proof.CHECKPOINTS}/{step}", "meta", str(e)) from None
   return {p: d for p, d in meta["leaves"].items() if p.split("/", 1)[0] in MODEL_PARTS}
@@ -354,7 +354,7 @@ def _recorded_state(path: str) -> tuple[str, int] | None:
     raise DisputeError(f"{path}: in a proof directory, but {e}") from None
   step = int(manifest["steps"]) if step is None else step
   try:
-    batch = proof.batch_of(step, proof.batches(proof_dir))
+    batch = store.batch_of(step, store.batches(proof_dir))
   except (proof.IntegrityError, proof.ProofError) as e:
     raise DisputeError(f"{path}: {e}") from None
   if batch is None:
@@ -376,7 +376,7 @@ def _load_recorded(batch_dir: str, step: int) -> dict[str, np.ndarray]:
     raise DisputeError(f"{batch_dir}: {e}") from None
   label = f"{batch_dir} (the state at step {step})"
   try:
-    meta = proof.read_batch_meta(os.path.dirname(os.path.dirname(batch_dir)), int(os.path.basename(batch_dir)))
+    meta = store.read_batch_meta(os.path.dirname(os.path.dirname(batch_dir)), int(os.path.basename(batch_dir)))
     if str(step) not in meta["states"]:
       raise proof.IntegrityError(f"holds no state at step {step}")
     import orbax.checkpoint as ocp
@@ -389,8 +389,8 @@ def _load_recorded(batch_dir: str, step: int) -> dict[str, np.ndarray]:
     if any(len(getattr(m, "shape", ()) or ()) != 2 for m in tree.values()):
       raise proof.IntegrityError("a stored buffer is not [states, elements]")
     per_state = {d: int(m.shape[1]) for d, m in tree.items()}
-    buffers = proof.stored_buffers(state_dir, proof.batch_rows(meta), [step], per_state, label)[step]
-    return proof.unpack_layout(meta["layout"], buffers, label, MAX_MODEL_ARRAYS)
+    buffers = store.stored_buffers(state_dir, store.batch_rows(meta), [step], per_state, label)[step]
+    return store.unpack_layout(meta["layout"], buffers, label, MAX_MODEL_ARRAYS)
   except DisputeError:
     raise
   except proof.IntegrityError as e:
@@ -756,7 +756,7 @@ def _examine(claim, f, model, fmt, rebuild, finals, starts, builder=None, challe
     f.origin, f.model, f.model_detail = "unknown (the proof fails integrity)", "unchecked", "the proof fails integrity"
     return
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
-  start, _ = proof.restore(claim.proof_dir, 0, template, manifest["checkpoints"].get("0"))
+  start, _ = store.restore(claim.proof_dir, 0, template, manifest["checkpoints"].get("0"))
   starts[claim.name] = start
   f.origin = "seed" if "init" not in f.failed_checks and "integrity" not in f.failed_checks else ""
   final = recorder.final_state(claim.proof_dir, program, manifest)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from pol_jax import data as data_lib
-from pol_jax import fingerprint, numerics, proof, sampling, training
+from pol_jax import fingerprint, numerics, proof, sampling, store, training
 
 
 class ProofExistsError(Exception):
@@ -86,7 +86,7 @@ def record(
   the manifest, written last and atomically. A worker thread copies each
   state to the host as one flat buffer per dtype with its leaf digests, and
   saves the states in batches, one asynchronous Orbax checkpoint per batch
-  (:class:`proof.Writer`), while training goes on.
+  (:class:`store.Writer`), while training goes on.
 
   If ``proof_dir`` holds a partial proof of the same run (a killed recording),
   training resumes from its last durable state; the finished proof's
@@ -94,9 +94,9 @@ def record(
   is identical to an uninterrupted run's.
 
   Crash-loss bound: a state is durable once its batch's save is finalised.
-  The save of a batch starts ``proof.FLUSH_SECONDS`` (2 s) after its first
+  The save of a batch starts ``store.FLUSH_SECONDS`` (2 s) after its first
   state reached the worker thread, or as soon as it holds
-  ``proof.FLUSH_STATES`` (64) states or ``proof.FLUSH_BYTES`` (256 MiB), and
+  ``store.FLUSH_STATES`` (64) states or ``store.FLUSH_BYTES`` (256 MiB), and
   once the one save in flight has finished. A killed recording therefore
   loses at most the states handed to the worker within the last 2 s plus the
   time of two saves (the one in flight, and the one its batch waited for),
@@ -151,7 +151,7 @@ def record(
     proof.write_program(proof_dir, name, text)
   log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
 
-  writer = proof.Writer(proof_dir)
+  writer = store.Writer(proof_dir)
   checkpoints: dict[str, str] = {}
   try:
     state = _resume(proof_dir, writer, state, checkpoints, plan)
@@ -208,7 +208,7 @@ def final_state(proof_dir: str, program: training.Program, manifest: dict) -> tr
   """
   template = jax.eval_shape(program.init, training.derive_keys(manifest["seed"]).init)
   steps = manifest["steps"]
-  state, _ = proof.restore(proof_dir, steps, template, manifest["checkpoints"][str(steps)])
+  state, _ = store.restore(proof_dir, steps, template, manifest["checkpoints"][str(steps)])
   return state
 
 
@@ -222,7 +222,7 @@ class _Saver:
   and re-raises the worker's error, if any.
   """
 
-  def __init__(self, writer: proof.Writer, checkpoints: dict, on_segment, depth: int = 2):
+  def __init__(self, writer: store.Writer, checkpoints: dict, on_segment, depth: int = 2):
     self._writer, self._checkpoints, self._on_segment = writer, checkpoints, on_segment
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._error: BaseException | None = None
@@ -314,7 +314,7 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: proof.Plan):
   done = [s for s in writer.completed_steps() if s in wanted]
   if not done:
     return state0
-  metas = proof.read_metas(proof_dir, dict.fromkeys(done))
+  metas = store.read_metas(proof_dir, dict.fromkeys(done))
   for step, meta in metas.items():
     checkpoints[str(step)] = proof.digest_json(meta)
   if done != sorted(wanted)[: len(done)]:
@@ -323,5 +323,5 @@ def _resume(proof_dir, writer, state0, checkpoints, plan: proof.Plan):
     raise proof.ProofError(
       proof.RUN, "checkpoints", f"the partial proof in {proof_dir} does not start from this run's init"
     )
-  state, _ = proof.restore(proof_dir, done[-1], state0)
+  state, _ = store.restore(proof_dir, done[-1], state0)
   return training.to_host(state)

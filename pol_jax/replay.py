@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from pol_jax import data as data_lib
-from pol_jax import distances, proof, training
+from pol_jax import distances, proof, store, training
 
 if TYPE_CHECKING:  # tolerance.calibrate runs the verifier, which imports this module
   from pol_jax import tolerance
@@ -262,21 +262,21 @@ def _restore_once(job: Job, group, cache: dict) -> dict:
     return kept
   digests = job.manifest["checkpoints"]
   try:
-    names = proof.batches(job.proof_dir)
+    names = store.batches(job.proof_dir)
   except proof.IntegrityError as e:
     return {**kept, **dict.fromkeys(missing, str(e))}
   by_batch: dict = {}
   for step in missing:
-    by_batch.setdefault(proof.batch_of(step, names), []).append(step)
+    by_batch.setdefault(store.batch_of(step, names), []).append(step)
   for batch, steps in by_batch.items():
     try:
       if batch is None:
         raise proof.IntegrityError("")
-      kept.update(proof.restore_batch(job.proof_dir, batch, job.template, {s: digests[str(s)] for s in steps}))
+      kept.update(store.restore_batch(job.proof_dir, batch, job.template, {s: digests[str(s)] for s in steps}))
     except proof.IntegrityError:
       for step in steps:  # one at a time, so that each error names its own checkpoint
         try:
-          kept[step] = proof.restore(job.proof_dir, step, job.template, digests[str(step)])
+          kept[step] = store.restore(job.proof_dir, step, job.template, digests[str(step)])
         except proof.IntegrityError as e:
           kept[step] = str(e)
   return kept

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import challenge, distances, fingerprint, isolation, proof, replay, sampling, training, workers
+from pol_jax import challenge, distances, fingerprint, isolation, proof, replay, sampling, store, training, workers
 from pol_jax import data as data_lib
 
 CHECKS = ("integrity", "environment", "program", "init", "data order", "data", "replay", "progress")
@@ -575,7 +575,7 @@ def _check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str
 
 def check_init(inputs: _Inputs, env: _Environment, exact: bool) -> Check:
   """The init check: the recorded step 0 is the state the seed derives, bit for bit (leaf digests)."""
-  recorded = proof.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
+  recorded = store.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
   check = _init_check(recorded, proof.leaf_digests(inputs.template), inputs.plan)
   if check.passed is False and env.differ and not env.portable:
     # This process's flags or threads derive other bits than the prover's: a worker in its environment decides.
@@ -603,7 +603,7 @@ def _state0(inputs: _Inputs, recorded: _Recorded) -> training.TrainState:
   """The recorded step 0, as the integrity pass checked it, or restored and checked now."""
   if 0 in recorded.checked:
     return recorded.checked[0][0]
-  state, _ = proof.restore(inputs.proof_dir, 0, inputs.template, inputs.manifest["checkpoints"]["0"])
+  state, _ = store.restore(inputs.proof_dir, 0, inputs.template, inputs.manifest["checkpoints"]["0"])
   return state
 
 
@@ -792,7 +792,7 @@ def _replay_in_workers(
   results = workers.replay(inputs.proof_dir, inputs.manifest["root"], builder, segments, pinning, on_segment, init)
   if init is None:
     return results, {}
-  recorded = proof.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
+  recorded = store.read_meta(inputs.proof_dir, 0, inputs.manifest["checkpoints"]["0"])["leaves"]
   where = " (in a worker with the prover's environment)"
   return results, {"init": _init_check(recorded, init, inputs.plan, where=where)}
 
@@ -1001,12 +1001,12 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   steps = proof.checkpoint_steps(manifest["k"], manifest["steps"])
   digests = {step: manifest["checkpoints"][str(step)] for step in steps}
   if not full:
-    proof.read_metas(proof_dir, digests)
+    store.read_metas(proof_dir, digests)
     return None, {}
-  names = proof.batches(proof_dir)
+  names = store.batches(proof_dir)
   by_batch: dict = {}
   for step in steps:
-    batch = proof.batch_of(step, names)
+    batch = store.batch_of(step, names)
     if batch is None:
       raise proof.IntegrityError(f"checkpoint {step}: missing (no batch {proof.CHECKPOINTS}/<b> with b >= {step})")
     by_batch.setdefault(batch, []).append(step)
@@ -1017,7 +1017,7 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   i = 0
   for batch, members in by_batch.items():
     try:
-      restored = proof.restore_batch(proof_dir, batch, template, {s: digests[s] for s in members})
+      restored = store.restore_batch(proof_dir, batch, template, {s: digests[s] for s in members})
     except proof.IntegrityError as e:
       message = str(e)
       raise proof.IntegrityError(
@@ -1050,6 +1050,6 @@ def unmoved_segments(proof_dir: str, manifest: dict, indices) -> list[int]:
   """
   bounds = proof.segments(proof.Plan.from_manifest(manifest))
   steps = {step for i in indices for step in bounds[i]}
-  metas = proof.read_metas(proof_dir, {step: manifest["checkpoints"][str(step)] for step in steps})
+  metas = store.read_metas(proof_dir, {step: manifest["checkpoints"][str(step)] for step in steps})
   params = {step: {p: d for p, d in meta["leaves"].items() if p.startswith("params/")} for step, meta in metas.items()}
   return [i for i in indices if params[bounds[i][0]] == params[bounds[i][1]]]

@@ -17,7 +17,7 @@ import threading
 import pytest
 from ml_collections import ConfigDict
 
-from pol_jax import build, proof, recorder, tolerance
+from pol_jax import build, proof, recorder, store, tolerance
 from pol_jax.proof import reseal  # noqa: F401  (tests edit manifests as a forger would)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.Completed
 
 def batch_path(proof_dir: str, step: int) -> str:
   """The relative path of the batch directory that holds the recorded state at ``step``."""
-  return f"{proof.CHECKPOINTS}/{proof.batch_of(step, proof.batches(proof_dir))}"
+  return f"{proof.CHECKPOINTS}/{store.batch_of(step, store.batches(proof_dir))}"
 
 
 def ocdbt_data_file(p: str, step: int = 4) -> str:

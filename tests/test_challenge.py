@@ -28,7 +28,7 @@ import pytest
 from conftest import load_manifest, record, run_cli, smoke_config
 
 from experiments import forge
-from pol_jax import build, challenge, distances, proof, recorder, sampling, verifier
+from pol_jax import build, challenge, distances, proof, recorder, sampling, store, verifier
 
 # ------------------------------------------------------------------ typed values
 
@@ -198,7 +198,7 @@ def test_the_default_rejects_a_one_segment_fake_for_every_seed_and_uniform_does_
 def test_the_frozen_tail_keeps_the_stolen_weights_and_the_progress_check_rejects_it(forged, stolen):
   path = forged["frozen"]
   manifest = load_manifest(path)
-  final = proof.read_meta(path, manifest["steps"], manifest["checkpoints"][str(manifest["steps"])])["leaves"]
+  final = store.read_meta(path, manifest["steps"], manifest["checkpoints"][str(manifest["steps"])])["leaves"]
   theirs = proof.leaf_digests(stolen["cnn"])
   assert {p: d for p, d in final.items() if p.startswith("params/")} == {
     p: d for p, d in theirs.items() if p.startswith("params/")

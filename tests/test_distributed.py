@@ -29,7 +29,7 @@ from conftest import OWNER, ROOT, smoke_config
 
 from experiments import byzantine
 from experiments import distributed as experiment
-from pol_jax import build, distributed, isolation, proof, training
+from pol_jax import build, distributed, isolation, proof, store, training
 
 ROUNDS, STEPS, K, WORKERS = 2, 4, 2, 4
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -158,7 +158,7 @@ def test_without_verification_a_byzantine_worker_hurts_accuracy(cluster, honest_
   test = build.dataset(config, "test")
   # With PoL the run ends on the honest workers' state (the Byzantine tests show it, bit for bit): here, after round 0.
   own = str(honest_only["workdir"] / distributed.COORDINATOR)
-  pol, _ = proof.restore(own, STEPS, honest_only["state"], honest_only["rounds"][0]["state_digest"])
+  pol, _ = store.restore(own, STEPS, honest_only["state"], honest_only["rounds"][0]["state_digest"])
   accuracy = {"pol": build.evaluate(config, pol, test)}
   state = coordinate(cluster, tmp_path / "none", "random", "none", rounds=1)["state"]
   accuracy["none"] = build.evaluate(config, state, test)
@@ -435,7 +435,7 @@ def test_an_honest_proof_judged_in_a_child_is_accepted_with_its_final_state(judg
   assert judgement.status == "accepted", judgement
   manifest = load_manifest(path)
   assert judgement.root == manifest["root"] and isinstance(judgement.verifier_seed, int)
-  assert proof.leaf_digests(final) == proof.leaf_digests(proof.restore(path, manifest["steps"], final)[0])
+  assert proof.leaf_digests(final) == proof.leaf_digests(store.restore(path, manifest["steps"], final)[0])
   assert judgement.isolation_seconds > 0
   judgement, final = judge(path, max_bytes=1000)  # counted while it is copied, before anything is parsed
   assert (judgement.status, judgement.check, final) == ("rejected", "size", None), judgement

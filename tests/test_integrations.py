@@ -21,7 +21,7 @@ from conftest import OWNER, ROOT, load_manifest
 from flax import nnx
 from flax.training import train_state
 
-from pol_jax import challenge, data, integrations, proof, recorder, training, verifier
+from pol_jax import challenge, data, integrations, proof, recorder, store, training, verifier
 
 
 class CNN(nn.Module):
@@ -173,7 +173,7 @@ def test_typed_prng_keys_in_the_state_are_recorded_restored_and_replayed(tmp_pat
   plan = proof.Plan(owner=OWNER, nonce=0, k=3, steps=9, batch_size=32, runner="loop")
   path = str(tmp_path / "proof")
   manifest = recorder.record(path, program, train, plan, config={"example": "nnx rngs in the model"})
-  assert any(d for p, d in proof.read_meta(path, 9, None)["leaves"].items() if "key" in p)
+  assert any(d for p, d in store.read_meta(path, 9, None)["leaves"].items() if "key" in p)
   state = recorder.final_state(path, program, manifest)
   keys = [leaf for leaf in jax.tree.leaves(state) if training.is_key(leaf)]
   assert keys and all(str(k.dtype) == "key<fry>" for k in keys)
@@ -288,7 +288,7 @@ def test_nnx_optimizer_example_records_and_verifies(tmp_path):
   assert len(verdict.segments) == 6 and all(s.match for s in verdict.segments)
   # The proof holds the whole NNX state: BatchNorm statistics and the optimizer's moments and step.
   manifest = load_manifest(tmp_path / "proof")
-  meta = proof.read_meta(str(tmp_path / "proof"), 120, manifest["checkpoints"]["120"])
+  meta = store.read_meta(str(tmp_path / "proof"), 120, manifest["checkpoints"]["120"])
   leaves = set(meta["leaves"])
   assert {"rest/0/bn/mean", "rest/0/bn/var", "rest/1/step"} <= leaves, sorted(leaves)
   assert any(p.startswith("rest/1/opt_state/") for p in leaves), sorted(leaves)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import record, smoke_config
 
-from pol_jax import build, challenge, proof, verifier
+from pol_jax import build, challenge, store, verifier
 from pol_jax.models import resnet
 
 
@@ -31,7 +31,7 @@ def test_every_resnet_records_and_verifies_exactly_with_batchnorm_statistics(tmp
   program, train = build.rebuild(path)
   verdict = verifier.verify(path, program, train, challenge=challenge.All())
   assert verdict.accepted, verdict.table()
-  stats = [p for p in proof.read_meta(path, 8, None)["leaves"] if p.startswith("model_state/")]
+  stats = [p for p in store.read_meta(path, 8, None)["leaves"] if p.startswith("model_state/")]
   assert any(p.endswith("/mean") for p in stats) and any(p.endswith("/var") for p in stats), stats
 
 

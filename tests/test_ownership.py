@@ -25,7 +25,7 @@ from conftest import (
 from conftest import record as record_proof
 
 from experiments import attack, cli
-from pol_jax import build, challenge, ownership, proof, safeio, training
+from pol_jax import build, challenge, ownership, proof, safeio, store, training
 
 LATER = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
@@ -307,7 +307,7 @@ def test_a_recorded_state_inside_a_batch_is_loaded_by_its_step_and_an_old_proof_
   step = int(manifest["k"])  # a state inside the batch that ends at the last step
   program, _ = build.rebuild(owner)
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
-  state, _ = proof.restore(owner, step, template, manifest["checkpoints"][str(step)])
+  state, _ = store.restore(owner, step, template, manifest["checkpoints"][str(step)])
   fmt, arrays = ownership.load_model(os.path.join(owner, proof.CHECKPOINTS, str(step)))
   assert fmt == "orbax" and ownership.compare(arrays, state)[0] == "equal"
   with pytest.raises(ownership.DisputeError, match="no recorded state at step"):

@@ -34,7 +34,7 @@ from conftest import (
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from pol_jax import build, challenge, fingerprint, proof, safeio, training, verifier
+from pol_jax import build, challenge, fingerprint, proof, safeio, store, training, verifier
 
 # ------------------------------------------------------------------ digests and reads
 
@@ -98,19 +98,19 @@ def test_manifest_fields_are_validated_and_named(honest, edit, words):
 
 def test_states_are_saved_in_few_batches_of_flat_buffers(honest):
   manifest = load_manifest(honest)
-  batches = proof.batches(honest)
+  batches = store.batches(honest)
   assert batches[-1] == manifest["steps"] and len(batches) < len(manifest["checkpoints"]), batches
-  held = [int(s) for b in batches for s in proof.read_batch_meta(honest, b)["states"]]
+  held = [int(s) for b in batches for s in store.read_batch_meta(honest, b)["states"]]
   assert held == [int(s) for s in sorted(manifest["checkpoints"], key=int)], held
   on_disk = [f for f in manifest["files"] if f.startswith(proof.CHECKPOINTS + "/")]
   assert len(on_disk) <= 13 * len(batches), on_disk  # Orbax writes about 13 files a checkpoint
-  layout = proof.read_batch_meta(honest, batches[-1])["layout"]
+  layout = store.read_batch_meta(honest, batches[-1])["layout"]
   assert {dtype for _, dtype, _ in layout} == {"float32", "int32"}, layout  # one buffer per dtype
 
 
 def test_a_writer_saves_a_batch_when_due_and_reads_back_every_state(tmp_path):
   path = str(tmp_path / "proof")
-  writer = proof.Writer(path, flush_states=2)
+  writer = store.Writer(path, flush_states=2)
   states = {
     s: training.TrainState(np.int32(s), {"w": np.arange(3, dtype=np.float32) + s}, (np.zeros(2, np.float32),), {})
     for s in (0, 4, 8)
@@ -119,9 +119,9 @@ def test_a_writer_saves_a_batch_when_due_and_reads_back_every_state(tmp_path):
     digests = {s: writer.save(state) for s, state in states.items()}
   finally:
     writer.close()
-  assert proof.batches(path) == [4, 8] and writer.completed_steps() == [0, 4, 8]
+  assert store.batches(path) == [4, 8] and writer.completed_steps() == [0, 4, 8]
   for s, state in states.items():
-    back, _ = proof.restore(path, s, state, digests[s])
+    back, _ = store.restore(path, s, state, digests[s])
     assert proof.leaf_digests(back) == proof.leaf_digests(state)
 
 
@@ -366,7 +366,7 @@ def _mutate(p: str, kind: str, draw) -> str:
     open(path, "w").write(json.dumps(out))
     return ".".join(keys)
   elif kind == "swap-checkpoints":  # two recorded states trade places: two batches, or two metas in a batch
-    batches = [str(b) for b in proof.batches(p)]
+    batches = [str(b) for b in store.batches(p)]
     if len(batches) >= 2 and draw(st.booleans()):
       a, b = draw(st.lists(st.sampled_from(batches), min_size=2, max_size=2, unique=True))
       ca, cb = (os.path.join(p, proof.CHECKPOINTS, s) for s in (a, b))
@@ -447,7 +447,7 @@ def test_mutated_proofs_are_rejected_cleanly(honest, kind, data):
     template = jax.eval_shape(program.init, jax.random.key(0))
     manifest = json.load(open(os.path.join(honest, proof.MANIFEST)))
     for step, digest in manifest["checkpoints"].items():
-      ours, _ = proof.restore(p, int(step), template, digest)
-      theirs, _ = proof.restore(honest, int(step), template, digest)
+      ours, _ = store.restore(p, int(step), template, digest)
+      theirs, _ = store.restore(honest, int(step), template, digest)
       for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(a, b)

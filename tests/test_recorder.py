@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_manifest, record, run_cli, smoke_config
 
-from pol_jax import build, challenge, proof, recorder, verifier
+from pol_jax import build, challenge, proof, recorder, store, verifier
 
 _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import smoke_config
-from pol_jax import build, proof, recorder
-proof.FLUSH_STATES = 1  # every state its own batch, so that the kill comes after some are durable
+from pol_jax import build, recorder, store
+store.FLUSH_STATES = 1  # every state its own batch, so that the kill comes after some are durable
 config = smoke_config({model!r}, steps=24, k=4)
 train = build.dataset(config, "train")
 
@@ -65,7 +65,7 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, tmp_path, model, k
   assert killed.returncode == -9, killed.stderr
   assert not os.path.exists(os.path.join(path, proof.MANIFEST))
   assert os.path.exists(os.path.join(path, proof.RUN))
-  durable = [s for b in proof.batches(path) for s in proof.read_batch_meta(path, b)["states"]]
+  durable = [s for b in store.batches(path) for s in store.read_batch_meta(path, b)["states"]]
   assert kill_at < 8 or durable, "the resume starts from a recorded state, not from the init"
   leftover = os.path.join(path, proof.CHECKPOINTS, "16.orbax-checkpoint-tmp-1700000000000000")
   os.makedirs(os.path.join(leftover, "state"), exist_ok=True)  # what a save killed midway leaves

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, batch_path, load_manifest
 
 from experiments import forge
-from pol_jax import build, challenge, proof, replay, tolerance, training, verifier
+from pol_jax import build, challenge, replay, store, tolerance, training, verifier
 
 _FOUR_DEVICES = """
 import json, os, sys
@@ -58,7 +58,7 @@ def _splice_state(proof_dir: str, source: str, step: int) -> None:
   program, _ = build.rebuild(source)
   manifest = load_manifest(source)
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
-  state, meta = proof.restore(source, step, template, manifest["checkpoints"][str(step)])
+  state, meta = store.restore(source, step, template, manifest["checkpoints"][str(step)])
   forge.replace_checkpoint(proof_dir, state, meta.get("fingerprints"))
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, load_manifest, record, smoke_config
 
 from experiments import forge
-from pol_jax import build, challenge, proof, replay, tolerance, training, verifier
+from pol_jax import build, challenge, replay, store, tolerance, training, verifier
 
 
 def test_calibration_measures_real_noise_and_proposes_delta_with_margin(calibration):
@@ -37,8 +37,8 @@ def _perturb_end_of_segment(p: str, end: int, scale: float) -> None:
   manifest = load_manifest(p)
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
   k = manifest["k"]
-  start_state, _ = proof.restore(p, end - k, template)
-  end_state, _ = proof.restore(p, end, template)
+  start_state, _ = store.restore(p, end - k, template)
+  end_state, _ = store.restore(p, end, template)
   leaves = jax.tree.leaves(end_state.params)
   update = np.sqrt(
     sum(

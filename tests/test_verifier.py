@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, batch_path, load_manifest, reseal, run_cli, smoke_config
 
 from experiments import forge
-from pol_jax import build, challenge, data, fingerprint, proof, training, verifier
+from pol_jax import build, challenge, data, fingerprint, proof, store, training, verifier
 
 
 def _verify(proof_dir: str, dataset: data.Dataset | None = None, strategy: str = "all") -> verifier.Verdict:
@@ -176,7 +176,7 @@ def _splice_resealed(p: str, source: str, step: int) -> None:
   program, _ = build.rebuild(source)
   manifest = load_manifest(source)
   template = training.to_host(program.init(training.derive_keys(manifest["seed"]).init))
-  state, meta = proof.restore(source, step, template, manifest["checkpoints"][str(step)])
+  state, meta = store.restore(source, step, template, manifest["checkpoints"][str(step)])
   forge.replace_checkpoint(p, state, meta.get("fingerprints"))
 
 
@@ -254,7 +254,7 @@ def test_a_leaf_changed_at_one_step_is_named_with_its_step(tmp_path):
   plan = proof.Plan.from_manifest(manifest)
   keys = training.derive_keys(plan.seed)
   template = training.to_host(program.init(keys.init))
-  state, _ = proof.restore(p, 4, template, manifest["checkpoints"]["4"])
+  state, _ = store.restore(p, 4, template, manifest["checkpoints"]["4"])
   log = proof.read_index_log(p, manifest)
   segment = training.make_segment(program.step, "loop")
   state, first = segment.run(state, train.batch(log[4:6]), keys.step)
@@ -287,7 +287,7 @@ def test_cnn_loop_runner_proof_verifies_with_batchnorm_statistics(tmp_path):
   record(p, config)
   verdict = _verify(p)
   assert verdict.accepted, verdict.table()
-  leaves = proof.read_meta(p, 12, None)["leaves"]
+  leaves = store.read_meta(p, 12, None)["leaves"]
   assert any(path.startswith("model_state/") and "mean" in path for path in leaves), sorted(leaves)
 
 
@@ -314,12 +314,12 @@ def test_sampled_integrity_checks_the_arrays_replay_uses(honest, copy_of):
 @pytest.mark.parametrize("strategy", ["all", "top-q+uniform", "uniform"])
 def test_each_batch_is_restored_once_and_replay_uses_the_checked_states(honest, monkeypatch, strategy):
   reads = []
-  restore_batch = proof.restore_batch
-  monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
-  monkeypatch.setattr(proof, "restore", lambda *a, **k: pytest.fail("a state was restored a second time"))
+  restore_batch = store.restore_batch
+  monkeypatch.setattr(store, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
+  monkeypatch.setattr(store, "restore", lambda *a, **k: pytest.fail("a state was restored a second time"))
   verdict = _verify(honest, strategy=strategy)
   assert verdict.accepted, verdict.table()
-  assert sorted(reads) == proof.batches(honest), reads  # the integrity pass, once per batch; replay reads nothing
+  assert sorted(reads) == store.batches(honest), reads  # the integrity pass, once per batch; replay reads nothing
 
 
 def test_a_state_missing_from_its_batch_is_named(honest, copy_of):
@@ -336,13 +336,13 @@ def test_sampled_integrity_reads_each_batch_the_chosen_segments_use_once(honest,
   from ml_collections import ConfigDict
 
   reads = []
-  restore_batch = proof.restore_batch
-  monkeypatch.setattr(proof, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
+  restore_batch = store.restore_batch
+  monkeypatch.setattr(store, "restore_batch", lambda *a, **k: reads.append(a[1]) or restore_batch(*a, **k))
   config = ConfigDict(load_manifest(honest)["config"])
   train = build.dataset(config, "train")
   verdict = verifier.verify(honest, build.program(config, train), train, challenge=challenge.All(), integrity="sampled")
   assert verdict.accepted, verdict.table()
-  assert sorted(reads) == proof.batches(honest), reads
+  assert sorted(reads) == store.batches(honest), reads
 
 
 def test_settings_are_typed_values_and_impossible_ones_are_refused_before_any_work(tmp_path):
