@@ -645,7 +645,7 @@ def main(argv) -> None:
       + f"jax {env['jax']}, {machine['processor']}; medians of {_REPEATS.value}\n",
       flush=True,
     )
-    result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value)
+    result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value, _BRIEF.value)
     print(table(result), flush=True)
     if any(a.startswith("--config") for a in sys.argv[1:]):  # that config alone
       _write({**result, "machine": machine})
@@ -676,6 +676,12 @@ if __name__ == "__main__":
   )
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
   _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for the uniform and fiat-shamir strategies.", lower_bound=1)
+  _BRIEF = flags.DEFINE_bool(
+    "brief",
+    False,
+    "Time exact replay and the default strategy only (no vmapped replay, no other strategies): for a large "
+    "model, or a GPU with the deterministic flags, where each mode costs minutes.",
+  )
   _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
   _STEP_TIME = flags.DEFINE_integer(
     "step_time",
