@@ -14,6 +14,7 @@ import sys
 
 import jax
 from absl import flags
+from absl import logging as absl_logging
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from ml_collections import config_flags
 
@@ -154,20 +155,31 @@ class _ReaderMayLeave:
       self._reader_left()
 
   def _reader_left(self) -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, self._stream.fileno())
-    os.close(devnull)
+    try:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, self._stream.fileno())
+      os.close(devnull)
+    except (OSError, ValueError):  # no descriptor to point elsewhere: drop what is written from now on
+      self._stream = open(os.devnull, "w")  # lives as long as the process
 
   def __getattr__(self, name: str):
     return getattr(self._stream, name)
 
 
 def quiet_when_readers_leave() -> None:
-  """Makes ``sys.stdout`` and ``sys.stderr`` :class:`_ReaderMayLeave` streams (once)."""
+  """Makes ``sys.stdout`` and ``sys.stderr`` :class:`_ReaderMayLeave` streams (once).
+
+  absl's log handler, which holds the ``sys.stderr`` of its making, writes
+  through the new one too (it compares the two to decide whether to write a
+  record twice).
+  """
   for name in ("stdout", "stderr"):
     stream = getattr(sys, name)
     if stream is not None and not isinstance(stream, _ReaderMayLeave):
       setattr(sys, name, _ReaderMayLeave(stream))
+      handler = absl_logging.get_absl_handler().python_handler
+      if handler.stream is stream:
+        handler.stream = getattr(sys, name)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

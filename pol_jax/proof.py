@@ -4,15 +4,10 @@ A proof is a directory::
 
   proof/
     run.json            what the run committed to at its start (resume checks it)
-    checkpoints/<b>/    Orbax, one checkpoint per batch of recorded states, named
-                        by the last step it holds; the state at step s is in
-                        the first batch b >= s. ``state``: ``{dtype: [states,
-                        elements]}``, a row per state (in step order), every
-                        leaf of a dtype raveled and concatenated in tree
-                        order; ``meta`` (JSON):
-                        ``{"states": {step: meta}, "layout": [[path, dtype,
-                        shape], ...]}``, a state's meta being its step, the
-                        SHA-256 of every state leaf and its segment metrics
+    checkpoints/<b>/    the recorded states, batched Orbax checkpoints named by
+                        the last step they hold (:mod:`pol_jax.store`); a
+                        state's meta is its step, the SHA-256 of every state
+                        leaf and its segment metrics
     indices.npy         int32 [T, B] index log (read with allow_pickle=False)
     data_digests.npy    uint8 [N, 32] per-example SHA-256, the Merkle leaves
     programs/           the lowered text of every program the run executes
@@ -159,21 +154,6 @@ def leaf_digest(path: str, array: np.ndarray) -> str:
 def stored(leaf: Any) -> np.ndarray:
   """The array a checkpoint stores for a state leaf: its key data for a typed PRNG key, else itself."""
   return np.asarray(jax.random.key_data(leaf)) if training.is_key(leaf) else np.asarray(leaf)
-
-
-def stored_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
-  """``(shape, dtype)`` of what a checkpoint stores for a state leaf (concrete or ``jax.ShapeDtypeStruct``)."""
-  if training.is_key(leaf):
-    spec = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype))
-    return tuple(spec.shape), np.dtype(spec.dtype)
-  return tuple(np.shape(leaf)), np.dtype(leaf.dtype)
-
-
-def key_impl(leaf: Any):
-  try:
-    return jax.random.key_impl(leaf)
-  except TypeError:  # a jax.ShapeDtypeStruct of keys
-    return leaf.dtype._impl
 
 
 def leaf_digests(tree: Any) -> dict[str, str]:

@@ -36,12 +36,10 @@ from pol_jax.proof import (
   digest_json,
   flatten,
   inside,
-  key_impl,
   leaf_digest,
   path_str,
   read_json,
   stored,
-  stored_spec,
 )
 
 FLUSH_SECONDS = 2.0
@@ -80,11 +78,27 @@ def pack(state: Any) -> tuple[dict[str, np.ndarray], list, dict[str, str]]:
   return buffers, layout, leaves
 
 
+def _stored_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """``(shape, dtype)`` of what a checkpoint stores for a state leaf (concrete or ``jax.ShapeDtypeStruct``)."""
+  if training.is_key(leaf):
+    spec = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype))
+    return tuple(spec.shape), np.dtype(spec.dtype)
+  return tuple(np.shape(leaf)), np.dtype(leaf.dtype)
+
+
+def _key_impl(leaf: Any):
+  """The PRNG implementation of a typed key leaf, concrete or ``jax.ShapeDtypeStruct``."""
+  try:
+    return jax.random.key_impl(leaf)
+  except TypeError:  # a jax.ShapeDtypeStruct of keys
+    return leaf.dtype._impl
+
+
 def _template_layout(template: Any) -> tuple[list, dict[str, int]]:
   """``([(names, leaf, dtype, shape, offset)], {dtype: elements})`` of what a batch stores for ``template``."""
   entries, totals = [], {}
   for names, leaf in flatten(template):
-    shape, dtype = stored_spec(leaf)
+    shape, dtype = _stored_spec(leaf)
     count = math.prod(shape)
     entries.append((names, leaf, dtype, shape, totals.get(dtype.name, 0)))
     if count:
@@ -441,7 +455,7 @@ def restore_batch(
       count = math.prod(shape)
       array = buffers[dtype.name][offset : offset + count].reshape(shape) if count else np.zeros(shape, dtype)
       if training.is_key(leaf):
-        array = jax.random.wrap_key_data(array, impl=key_impl(leaf))
+        array = jax.random.wrap_key_data(array, impl=_key_impl(leaf))
       if leaf_digest(path_str(names), array) != metas[step]["leaves"][path_str(names)]:
         raise IntegrityError(f"checkpoint {step}: digest mismatch in {path_str(names)}")
       leaves.append(array)

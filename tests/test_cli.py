@@ -187,9 +187,12 @@ def test_a_reader_that_leaves_early_never_changes_the_exit_status(honest, tmp_pa
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
   )
-  child.stdout.close()  # both readers leave before the verifier writes a byte
-  child.stderr.close()
-  assert child.wait(timeout=300) == status
+  try:
+    child.stdout.close()  # both readers leave before the verifier writes a byte
+    child.stderr.close()
+    assert child.wait(timeout=300) == status
+  finally:
+    child.kill()
   if status == 0:
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "accepted"
 
