@@ -518,7 +518,7 @@ def check_program(inputs: _Inputs, env: _Environment, exact: bool, builder: str 
     ``(what differs, where exact replay is to decide despite it, else None; the check)``.
   """
   differs, check = _check_program(inputs, env, exact, builder)
-  if builder is None and check.passed is not False and "builder=None" not in check.detail:
+  if builder is None and check.passed is not False and CONFIG_UNCHECKED not in check.detail:
     check = dataclasses.replace(check, detail=f"{check.detail}; {CONFIG_UNCHECKED}")
   return differs, check
 
@@ -891,7 +891,7 @@ def _other_source(manifest: dict, builder: str | None) -> str | None:
   environment matches (None: it was rebuilt from the recorded config by the
   builder the prover used, at the prover's version)."""
   if builder is None:
-    return "it was not rebuilt from the recorded config (builder=None)"
+    return CONFIG_UNCHECKED
   recorded = manifest.get("builder")
   if recorded is None:
     return None
