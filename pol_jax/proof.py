@@ -62,11 +62,24 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
+MAX_MESSAGE = 1000
+"""Errors and check details are clipped to this many characters: they may quote a proof's (hostile) values."""
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+  """``text`` cut to ``limit`` characters, saying how long it was.
+
+  >>> clip("x" * 2000, 20)
+  'xxxxxxxxxxxxxxxxxxxx... (clipped, 2000 characters)'
+  """
+  return text if len(text) <= limit else f"{text[:limit]}... (clipped, {len(text)} characters)"
+
+
 class ProofError(Exception):
   """Unusable input: names the file and the field (CLI exit status 2)."""
 
   def __init__(self, file: str, field: str, message: str):
-    super().__init__(f"{file}: {field}: {message}")
+    super().__init__(clip(f"{file}: {field}: {message}"))
     self.file, self.field = file, field
 
 

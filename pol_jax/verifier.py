@@ -36,6 +36,9 @@ class Check:
   passed: bool | None
   detail: str
 
+  def __post_init__(self):
+    self.detail = proof.clip(self.detail)  # it may quote the proof's values
+
 
 @dataclasses.dataclass
 class Verdict:
@@ -677,7 +680,7 @@ def check_data(inputs: _Inputs, recorded: _Recorded) -> Check:
       "data",
       False,
       f"the verifier's dataset is {dataset.name!r} ({len(dataset)} examples), "
-      f"the proof's {manifest['dataset']['name']!r} ({size})",
+      f"the proof's {manifest['dataset']['name']!r:.80} ({size})",
     )
   differs = used[(dataset.digests(used) != recorded.digests[used]).any(axis=1)]
   if len(differs):
@@ -909,7 +912,7 @@ def _environment_check(
   """The environment check, and the worker pinning that reproduces the prover's (or None)."""
   if not differ:
     return None, Check("environment", True, "every field that changes bits matches the prover's")
-  detail = "; ".join(f"{f}: proof {a!r}, here {b!r}" for f, a, b in differ)
+  detail = "; ".join(f"{f}: proof {a!r:.80}, here {b!r:.80}" for f, a, b in differ)
   if portable:
     return None, Check(
       "environment", None, f"portable numerics compute in float64 and need x64 ({detail}): set JAX_ENABLE_X64=1"

@@ -186,6 +186,21 @@ def test_the_record_audits_and_a_record_naming_other_proofs_does_not(cluster, ho
   assert distributed.audit(str(tmp_path), setup, cluster["program"]) == [
     "round 1: the recorded state is not the aggregate of the proofs the round names"
   ]
+  # A worker's upload swapped after its judgement for another's proof under its recorded root: the
+  # audit blames that proof, not the coordinator's record.
+  path.write_text(
+    json.dumps(json.loads((honest_only["workdir"] / distributed.COORDINATOR / distributed.ROUNDS).read_text()))
+  )
+  one, other = (distributed.worker_dir(str(tmp_path / "rounds"), 0, w) for w in (1, 2))
+  root = json.loads(open(os.path.join(one, proof.MANIFEST)).read())["root"]
+  shutil.rmtree(one)
+  shutil.copytree(other, one)
+  swapped = json.loads(open(os.path.join(one, proof.MANIFEST)).read())
+  with open(os.path.join(one, proof.MANIFEST), "w") as f:
+    json.dump({**swapped, "root": root}, f)
+  (problem,) = distributed.audit(str(tmp_path), setup, cluster["program"])
+  assert problem.startswith("round 0: worker 1's proof is unusable: manifest.json: root "), problem
+  assert problem.endswith("is not the digest of the manifest body (edited after sealing)"), problem
 
 
 def test_a_worker_past_the_deadline_is_dropped(cluster, honest_only, tmp_path):
@@ -453,6 +468,18 @@ def test_a_hostile_upload_is_rejected_in_one_line(judged, copy_of, name):
   assert judgement.check in ("integrity", "judgement") and re.search(reason, judgement.detail), judgement
   assert "\n" not in judgement.detail
   assert time.perf_counter() - t0 < 60
+
+
+def test_a_huge_value_in_an_upload_is_quoted_clipped(judged, copy_of):
+  """A 4 MiB string in a resealed manifest is rejected in a short line (rounds.json keeps every detail)."""
+  path, judge = judged
+  bad = copy_of(path)
+  proof.reseal(bad, lambda body: body["environment"].update(jax="x" * (4 << 20)))
+  judgement, final = judge(bad)
+  assert (judgement.status, judgement.check, final) == ("rejected", "environment", None), judgement.detail[:300]
+  assert "'xxxx" in judgement.detail and len(judgement.detail) <= proof.MAX_MESSAGE + 40, len(judgement.detail)
+  assert "\n" not in judgement.detail
+  assert distributed.Judgement(0, "rejected", "integrity", "y" * 10**6, root="z" * 10**6).root is None
 
 
 def test_a_judge_that_cannot_start_is_the_coordinators_error_not_the_workers(tmp_path):
