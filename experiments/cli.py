@@ -93,7 +93,7 @@ def set_flags_of_proof(proof_dir: str) -> None:
   try:
     manifest = proof.read_json(os.path.join(proof_dir, proof.MANIFEST), proof.MANIFEST)
     settings = fingerprint.process_settings(manifest["environment"])
-  except (proof.ProofError, ValueError, KeyError, TypeError):
+  except (proof.ProofError, ValueError, KeyError, TypeError, AttributeError):  # a manifest of the wrong shape
     return
   mine = os.environ.get("XLA_FLAGS", "")
   kept = [f for f in shlex.split(mine) if f not in fingerprint.numeric_xla_flags(mine).split()]

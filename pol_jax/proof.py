@@ -435,6 +435,26 @@ def _hex(obj: dict, name: str, label: str = MANIFEST, prefix: str = "") -> str:
   return value
 
 
+_ENVIRONMENT_COUNTS = ("cpu_threads", "host_devices", "device_count", "process_count")
+"""Environment fields that are counts (an integer, or null where the backend has none); x64 is a bool, the rest strings."""
+
+
+def _check_environment(env: dict, label: str) -> None:
+  """The environment's fields are of the types ``fingerprint.environment`` records: every check that reads one may trust it."""
+  _field(env, "x64", bool, label, "environment.")
+  for name, value in env.items():
+    if name == "x64":
+      continue
+    if name in _ENVIRONMENT_COUNTS:
+      ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 20)
+      what = "a count (an integer in [0, 2^20] or null)"
+    else:
+      ok = value is None or (isinstance(value, str) and len(value) <= 4096)
+      what = "a string of at most 4096 characters or null"
+    if not ok:
+      raise ProofError(label, f"environment.{name}", f"expected {what}, got {value!r:.60}")
+
+
 def validate_body(body: Any, label: str = MANIFEST) -> dict:
   """Checks the fields and bounds that a proof's body must have."""
   if not isinstance(body, dict):
@@ -465,7 +485,7 @@ def validate_body(body: Any, label: str = MANIFEST) -> dict:
   if batch > size:
     raise ProofError(label, "batch_size", f"{batch} is larger than the dataset ({size} examples)")
   _hex(dataset, "merkle_root", label, "dataset.")
-  _field(body, "environment", dict, label)
+  _check_environment(_field(body, "environment", dict, label), label)
   kind = _field(_field(body, "numerics", dict, label), "kind", str, label, "numerics.")
   if kind not in ("float32", "portable"):
     raise ProofError(label, "numerics.kind", f"expected 'float32' or 'portable', got {kind!r:.40}")

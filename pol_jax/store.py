@@ -240,10 +240,26 @@ class Writer:
       self._manager.close()
 
 
-def batches(proof_dir: str) -> list[int]:
-  """The batches of a proof's ``checkpoints/``: the names that are steps, sorted (nothing is followed)."""
+def _is_batch(path: str) -> bool:
+  """A directory that holds a batch's meta (a regular file in a real directory, nothing followed)."""
   import stat
 
+  try:
+    return (
+      stat.S_ISDIR(os.lstat(path).st_mode)
+      and stat.S_ISDIR(os.lstat(os.path.join(path, "meta")).st_mode)
+      and stat.S_ISREG(os.lstat(os.path.join(path, "meta", "metadata")).st_mode)
+    )
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+
+
+def batches(proof_dir: str) -> list[int]:
+  """The batches of a proof's ``checkpoints/``: the names that are steps, sorted (nothing is followed).
+
+  A directory without a batch's meta is none: an empty ``checkpoints/0/``
+  (which no file digest covers) would otherwise take step 0 from its batch.
+  """
   directory = inside(proof_dir, CHECKPOINTS)
   out = []
   try:
@@ -252,9 +268,8 @@ def batches(proof_dir: str) -> list[int]:
         if len(out) > MAX_CHECKPOINTS:
           raise IntegrityError(f"{CHECKPOINTS}: over {MAX_CHECKPOINTS} entries")
         name = entry.name
-        if name.isascii() and name.isdigit() and str(int(name)) == name:
-          if stat.S_ISDIR(os.lstat(entry.path).st_mode):
-            out.append(int(name))
+        if name.isascii() and name.isdigit() and str(int(name)) == name and _is_batch(entry.path):
+          out.append(int(name))
   except FileNotFoundError:
     return []
   except OSError as e:
@@ -403,6 +418,7 @@ def stored_buffers(state_dir: str, rows: list[int], steps: list[int], per_state:
   for d, n in per_state.items():
     if len(rows) * n * np.dtype(d).itemsize > MAX_LEAF_BYTES:
       raise IntegrityError(f"checkpoint {steps[0]}: {label}'s {d} buffer is over the {MAX_LEAF_BYTES}-byte limit")
+  _check_chunks(state_dir, {d: shape for d, (shape, _) in want.items()}, f"checkpoint {steps[0]}: {label}")
   restore_args = {d: ocp.RestoreArgs(restore_type=np.ndarray) for d in per_state}
   try:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -410,6 +426,68 @@ def stored_buffers(state_dir: str, rows: list[int], steps: list[int], per_state:
     raise IntegrityError(f"{label}: unreadable state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
   index = {step: i for i, step in enumerate(rows)}
   return {step: {d: np.asarray(restored[d])[index[step]] for d in per_state} for step in steps}
+
+
+_MAX_ZARRAY_BYTES = 64 << 10
+
+
+def _read_at_most(kv, key: str, limit: int) -> bytes:
+  """The first ``limit`` bytes of ``key``'s value, or all of a shorter one (TensorStore refuses a range past the end)."""
+  try:
+    return kv.read(key.encode(), byte_range=slice(0, limit)).result().value
+  except ValueError as e:
+    if "OUT_OF_RANGE" not in str(e):
+      raise
+  return kv.read(key.encode()).result().value  # shorter than limit
+
+
+def _check_chunks(state_dir: str, shapes: dict[str, tuple[int, ...]], label: str) -> None:
+  """Each stored array's zarr metadata is what the writer makes: C order, no filters, zstd or none, chunks within its shape.
+
+  Orbax's metadata declares shapes, not chunks, and TensorStore allocates a
+  whole chunk to read one: a chunk shape edited inside the OCDBT store (the
+  array's shape left alone) made it allocate past any limit and abort the
+  process. Read through TensorStore's OCDBT key-value store, each
+  ``.zarray`` bounded and parsed strictly.
+
+  Raises:
+    IntegrityError: naming the array and what is wrong.
+  """
+  import tensorstore as ts
+
+  from pol_jax import safeio
+
+  try:
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/"}).result()
+  except Exception as e:  # TensorStore raises ValueError and its own kinds on a damaged store
+    raise IntegrityError(f"{label}: unreadable state store ({type(e).__name__})") from None
+  for dtype, shape in shapes.items():
+    key = f"{dtype}/.zarray"
+    try:
+      raw = _read_at_most(kv, key, _MAX_ZARRAY_BYTES + 1)
+      meta = safeio.loads_json(raw, key) if 0 < len(raw) <= _MAX_ZARRAY_BYTES else None
+    except safeio.Refused:
+      meta = None
+    except Exception as e:  # a damaged store
+      raise IntegrityError(f"{label}: {key} unreadable ({type(e).__name__})") from None
+    chunks = meta.get("chunks") if isinstance(meta, dict) else None
+    compressor = meta.get("compressor") if isinstance(meta, dict) else None
+    ok = (
+      isinstance(meta, dict)
+      and meta.get("zarr_format") == 2
+      and meta.get("shape") == list(shape)
+      and meta.get("order") == "C"
+      and meta.get("filters") is None
+      and (compressor is None or (isinstance(compressor, dict) and compressor.get("id") == "zstd"))
+      and isinstance(chunks, list)
+      and len(chunks) == len(shape)
+      and all(type(c) is int and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape, strict=True))
+    )
+    if not ok:
+      raise IntegrityError(
+        f"{label}: {key} is not the zarr metadata of a [{', '.join(map(str, shape))}] array stored in C order, "
+        f"zstd or uncompressed, in chunks within its shape: {raw[:120]!r}"
+      )
 
 
 def restore_batch(

@@ -13,6 +13,7 @@ the tolerance mode's calibration is :func:`pol_jax.tolerance.calibrate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import secrets
 import tempfile
@@ -293,10 +294,12 @@ def verify(
   mode, exact = replay, replay.name == "exact"
   inputs = _Inputs.read(proof_dir, program, dataset)
   checks = {name: Check(name, None, "not run") for name in CHECKS}
+  skipped = frozenset(name for name, on in (("data order", order_check), ("progress", progress_check)) if not on)
+  decide = functools.partial(_decide, skipped=skipped)
   verdict = _undecided(inputs, strategy, mode)
   recorded, checks["integrity"] = check_integrity(inputs, strategy, full=integrity == "full")
   if recorded is None:
-    return _decide(verdict, checks)
+    return decide(verdict, checks)
   verdict.guarantee = recorded.guarantee
   env, checks["environment"] = check_environment(inputs.manifest, exact, builder, max_workers, versions_matched)
   verdict.reproduction = env.reproduction
@@ -308,19 +311,19 @@ def verify(
     checks["progress"] = check_progress(inputs, recorded.chosen) if progress_check else _skipped("progress")
   except proof.IntegrityError as e:
     checks["integrity"] = Check("integrity", False, str(e))
-    return _decide(verdict, checks)
+    return decide(verdict, checks)
   recorded = recorded.for_replay(inputs.bounds)  # frees the checked states no chosen segment uses
   checks["data"] = check_data(inputs, recorded)
   blocked = _replay_blocked(checks, exact, env, text_differs)
   if blocked:
     checks["replay"] = Check("replay", None, f"not run: {blocked}")
-    return _decide(verdict, checks)
+    return decide(verdict, checks)
   recheck_init = not own_init and checks["init"].passed is None  # in a worker with the prover's environment
   verdict.segments, decided = check_replay(
     inputs, recorded, env, mode, strategy.name, text_differs, recheck_init, builder, on_segment
   )
   checks.update(decided)
-  return _decide(verdict, checks)
+  return decide(verdict, checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,10 +434,21 @@ def _undecided(inputs: _Inputs, strategy: challenge.Challenge, mode: replay.Mode
   return Verdict(False, mode.name, strategy.name, root, [], [], len(inputs.bounds), tolerance=thresholds, seed=seed)
 
 
-def _decide(verdict: Verdict, checks: dict[str, Check]) -> Verdict:
-  """Accepted only if replay and init passed and no check failed."""
+_REPLAY_DECIDES = ("environment", "program")
+"""Checks that may stay undecided in an accepted verdict: a replay that ran bit for bit (or within delta) decides."""
+
+
+def _decide(verdict: Verdict, checks: dict[str, Check], skipped: frozenset[str] = frozenset()) -> Verdict:
+  """Accepted only if no check failed and every check passed but those the replay decides and those ``skipped``.
+
+  An undecided data order, data, progress or init check (a hostile field
+  that stops it from running, say) leaves the verdict undecided.
+  """
   verdict.checks = list(checks.values())
-  verdict.accepted = checks["replay"].passed is True and checks["init"].passed is True and not verdict.failed
+  verdict.accepted = not verdict.failed and all(
+    check.passed is True or (name in _REPLAY_DECIDES and checks["replay"].passed is True) or name in skipped
+    for name, check in checks.items()
+  )
   return verdict
 
 
@@ -991,6 +1005,44 @@ KEEP_BYTES = replay.KEEP_BYTES
 """The integrity pass keeps at most this many bytes of checked states for replay; beyond, replay restores again."""
 
 
+def _batches_hold_the_recorded_states(proof_dir: str, steps: list[int]) -> dict[int, list[int]]:
+  """``{batch: its steps}``, once every batch is shown to hold exactly the recorded states that fall in it.
+
+  A batch restores one row per state its meta lists, and only the recorded
+  states' metas are digested: extra entries (a copy of a real one, or ``0``)
+  would have every read of the batch allocate rows for states nobody checks.
+
+  Raises:
+    proof.IntegrityError: a state missing, a batch holding others, a batch holding none.
+  """
+  names = store.batches(proof_dir)
+  by_batch: dict[int, list[int]] = {}
+  for step in steps:
+    batch = store.batch_of(step, names)
+    if batch is None:
+      raise proof.IntegrityError(f"checkpoint {step}: missing (no batch {proof.CHECKPOINTS}/<b> with b >= {step})")
+    by_batch.setdefault(batch, []).append(step)
+  for batch in names:
+    members = by_batch.get(batch, [])
+    label = f"checkpoint {members[0]}: " if members else ""
+    try:
+      rows = store.batch_rows(store.read_batch_meta(proof_dir, batch))
+    except proof.IntegrityError as e:
+      raise proof.IntegrityError(f"{label}{e}") from None
+    missing = sorted(set(members) - set(rows))
+    if missing:
+      raise proof.IntegrityError(
+        f"checkpoint {missing[0]}: not in {proof.CHECKPOINTS}/{batch}, the batch that must hold it"
+      )
+    if rows != members:
+      extra = sorted(set(rows) - set(members))
+      raise proof.IntegrityError(
+        f"{label}{proof.CHECKPOINTS}/{batch} lists {len(rows)} states, the manifest records {len(members)} in it"
+        + (f" (not recorded: steps {extra[:5]})" if extra else "")
+      )
+  return by_batch
+
+
 def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: set | None = None):
   """Checks every checkpoint's meta against the manifest, and with ``full``
   every array against its digest, restoring each batch once.
@@ -1003,16 +1055,10 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   """
   steps = proof.checkpoint_steps(manifest["k"], manifest["steps"])
   digests = {step: manifest["checkpoints"][str(step)] for step in steps}
+  by_batch = _batches_hold_the_recorded_states(proof_dir, steps)
   if not full:
     store.read_metas(proof_dir, digests)
     return None, {}
-  names = store.batches(proof_dir)
-  by_batch: dict = {}
-  for step in steps:
-    batch = store.batch_of(step, names)
-    if batch is None:
-      raise proof.IntegrityError(f"checkpoint {step}: missing (no batch {proof.CHECKPOINTS}/<b> with b >= {step})")
-    by_batch.setdefault(batch, []).append(step)
   state_bytes = sum(proof.stored(leaf).nbytes for leaf in jax.tree.leaves(template))
   sizes = {m: np.zeros(len(bounds)) for m in distances.METRICS}
   kept: dict = {}
