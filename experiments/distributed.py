@@ -70,9 +70,10 @@ def bind_owner(config, workdir: str, key: str | None) -> str:
   """Sets ``config.owner`` for a run in ``workdir``; says from where.
 
   ``--config.owner``, else the public key of ``key`` (created if missing),
-  else the owner a run being resumed in ``workdir`` recorded, else a
-  throwaway key. ``key`` must not be under ``workdir``: that is the storage
-  every worker reads.
+  else a throwaway key. ``key`` must not be under ``workdir``: that is the
+  storage every worker reads, and writes. For the same reason a run resumed
+  in ``workdir`` needs its owner from the caller: the one its ``setup.json``
+  records could be any worker's key by now.
   """
   if key is not None:
     inside = os.path.commonpath([os.path.realpath(key), os.path.realpath(workdir)]) == os.path.realpath(workdir)
@@ -80,12 +81,12 @@ def bind_owner(config, workdir: str, key: str | None) -> str:
       raise cli.UsageError(f"--key={key} is under --workdir={workdir}, which every worker reads: keep it elsewhere")
   if not config.owner and key is None:
     for defence in ("pol", "none", "median"):
-      path = os.path.join(workdir, defence, "coordinator", "setup.json")
-      if os.path.exists(path):
-        owner = proof.read_json(path, "setup.json").get("setup", {}).get("owner")
-        if isinstance(owner, str) and owner:
-          config.owner = owner
-          return f"owner:  {owner} (recorded in {path})"
+      path = os.path.join(workdir, defence, distributed.COORDINATOR, distributed.SETUP)
+      if os.path.lexists(path):
+        raise cli.UsageError(
+          f"{path}: a run to resume; pass its owner (--key=FILE, or --config.owner=HEX as it printed): "
+          "the owner recorded on the workers' storage is not trusted"
+        )
   return cli.bind_owner(config, key)
 
 

@@ -263,6 +263,22 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
   assert digests[0] == digests[1]
 
 
+def test_a_resumed_run_takes_its_owner_from_the_caller_not_from_the_shared_storage(tmp_path):
+  """Every worker can write the workdir: the setup.json owner could be any worker's key by the time of a resume."""
+  from experiments import cli
+
+  own = tmp_path / "pol" / distributed.COORDINATOR
+  own.mkdir(parents=True)
+  (own / distributed.SETUP).write_text(json.dumps({"setup": {"owner": "ab" * 32}}))
+  config = smoke_config("mlp")
+  config.owner = ""
+  with pytest.raises(cli.UsageError, match=r"setup\.json: a run to resume; pass its owner \(--key=FILE"):
+    experiment.bind_owner(config, str(tmp_path), None)
+  assert config.owner == ""
+  config.owner = OWNER
+  assert experiment.bind_owner(config, str(tmp_path), None) == f"owner:  {OWNER} (--config.owner)"
+
+
 def test_a_rejected_worker_can_be_excluded_from_later_rounds(cluster, honest_only, tmp_path):
   result = coordinate(cluster, tmp_path, "sign-flip", exclude=True)
   first, second = result["rounds"]
