@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from experiments import byzantine, cli
-from pol_jax import build, distributed, fingerprint, proof
+from pol_jax import build, distributed, fingerprint, ownership, proof
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits_mlp.py")
 
@@ -224,6 +224,7 @@ def run(
           evaluate=lambda s: build.evaluate(config, s, test),
           on_round=after,
           judges=shared,
+          key=None if key is None else ownership.load_key(key),
         )
       out["coordinators"][defence] = {"rounds": result["rounds"]}
   finally:

@@ -819,6 +819,7 @@ def coordinate(
   scratch: str | None = None,
   parallel: int = 1,
   judges: Sequence[Judge] | None = None,
+  key=None,
 ) -> dict:
   """Runs the rounds of ``setup``, or resumes them after the last completed one.
 
@@ -865,6 +866,13 @@ def coordinate(
       runs several coordinators of one program and keeps its judging
       children warm between them. They must have been made with this
       run's ``builder``, ``config`` and ``setup.limits``.
+    key: the run's Ed25519 private key (``ownership.load_key``), kept off
+      ``workdir``. Each round's record is then signed with it, chained to
+      the setup and the record before it (:func:`sign_record`), and a resume
+      first checks every signature: the record sits on storage the workers
+      write, and a resume trusts the state whose digest it names. Without
+      it, records are unsigned and a resume trusts them; a resume without
+      it of a run whose records are signed is refused.
 
   Returns:
     ``{"state": final state, "rounds": [round records]}``.
@@ -872,11 +880,13 @@ def coordinate(
   Raises:
     CoordinatorError: the judging child cannot start (builder, config, limits).
     ValueError: ``judges`` made for another builder, config or limits.
+    proof.ProofError: a record to resume that is not the run's (another
+      setup, a signature that does not verify, signed records and no key).
   """
   if judges is not None and (not judges or any(not j.made_for(builder, config, setup.limits) for j in judges)):
     raise ValueError("Expected judges made with this run's builder, config and setup.limits.")
   own = os.path.join(workdir, COORDINATOR)
-  done, state = _open_run(own, workdir, setup, program)
+  done, state = _open_run(own, workdir, setup, program, key)
   excluded = {w for r in done for w in r.get("excluded", [])}
   private = tempfile.mkdtemp(prefix="pol-jax-coordinator-", dir=scratch)  # mode 0700: this process's alone
   writer = store.Writer(own)
@@ -902,6 +912,8 @@ def coordinate(
         "state_digest": digest,
         "accuracy": evaluate(state) if evaluate else None,
       }
+      if key is not None:
+        record["signature"] = sign_record(key, setup, done[-1] if done else None, record)
       writer.wait()  # the state is on disk before the round counts as done
       done.append(record)
       proof.write_json_atomic(os.path.join(own, ROUNDS), done)
@@ -914,10 +926,53 @@ def coordinate(
   return {"state": state, "rounds": done}
 
 
-def _open_run(own: str, workdir: str, setup: Setup, program: training.Program) -> tuple[list[dict], PyTree]:
+def _signed_message(setup: Setup, previous: dict | None, record: dict) -> bytes:
+  """What a round's signature covers: the setup, the previous record (signature included) and this one."""
+  unsigned = {k: v for k, v in record.items() if k != "signature"}
+  return proof.canonical_json(
+    {
+      "setup": dataclasses.asdict(setup),
+      "previous": None if previous is None else proof.digest_json(previous),
+      "record": unsigned,
+    }
+  )
+
+
+def sign_record(key, setup: Setup, previous: dict | None, record: dict) -> str:
+  """The hex Ed25519 signature of a round's record by the run's key, chained to the record before it."""
+  return key.sign(_signed_message(setup, previous, record)).hex()
+
+
+def check_records(done: Any, setup: Setup, public_key) -> str | None:
+  """Why the records ``done`` are not the run's, signed round after round by ``public_key`` (None: they are).
+
+  A prefix of the run's records passes (a record rolled back to an earlier
+  round replays rounds the run already judged, from a state it made).
+  """
+  from cryptography.exceptions import InvalidSignature
+
+  if not isinstance(done, list):
+    return "not a list of round records"
+  previous = None
+  for i, record in enumerate(done):
+    signature = record.get("signature") if isinstance(record, dict) else None
+    if not isinstance(signature, str) or len(signature) != 128:
+      return f"round {i}: no signature"
+    if not isinstance(record.get("round"), int) or record["round"] != i:
+      return f"round {i}: numbered {record.get('round')!r:.20}"
+    try:
+      public_key.verify(bytes.fromhex(signature), _signed_message(setup, previous, record))
+    except (InvalidSignature, ValueError):
+      return f"round {i}: the signature is not the run key's over this record and the ones before it"
+    previous = record
+  return None
+
+
+def _open_run(own: str, workdir: str, setup: Setup, program: training.Program, key=None) -> tuple[list[dict], PyTree]:
   """The rounds a run in ``workdir`` completed and the state after the last (or the initial state).
 
-  Records ``setup`` in a new run; refuses a ``workdir`` that holds a run of another setup.
+  Records ``setup`` in a new run; refuses a ``workdir`` that holds a run of another setup, or
+  records that ``key`` did not sign (and signed records when there is no ``key``).
   """
   os.makedirs(own, exist_ok=True)
   setup_path = os.path.join(own, SETUP)
@@ -929,6 +984,14 @@ def _open_run(own: str, workdir: str, setup: Setup, program: training.Program) -
     proof.write_json_atomic(setup_path, {"setup": dataclasses.asdict(setup)})
   rounds_path = os.path.join(own, ROUNDS)
   done = proof.read_json(rounds_path, ROUNDS) if os.path.exists(rounds_path) else []
+  if key is not None:
+    wrong = check_records(done, setup, key.public_key())
+    if wrong:
+      raise proof.ProofError(
+        ROUNDS, "signature", f"{wrong}: the record in {own} was changed where the workers write; start a new run"
+      )
+  elif any(isinstance(r, dict) and "signature" in r for r in (done if isinstance(done, list) else [])):
+    raise proof.ProofError(ROUNDS, "signature", "the rounds are signed: resume with the run's key (--key=FILE)")
   state = starting_at(training.to_host(program.init(training.derive_keys(setup.seed).init)))(None)
   if done:
     state, _ = store.restore(own, len(done) * setup.steps, state, done[-1]["state_digest"])

@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import OWNER, ROOT, smoke_config
+from conftest import OWNER, OWNER_KEY, ROOT, smoke_config
 
 from experiments import byzantine
 from experiments import distributed as experiment
@@ -60,8 +60,9 @@ def make_setup(**changes) -> distributed.Setup:
 
 
 def coordinate(
-  cluster, workdir, behaviour="honest", defence="pol", dispatch=None, behaviours=None, parallel=2, own=False, **setup
-):
+  cluster, workdir, behaviour="honest", defence="pol", dispatch=None, behaviours=None, parallel=2, own=False, key=None,
+  **setup,
+):  # fmt: skip
   """A run of ``setup``; judged by the cluster's two judging children, or (``own``) by ``parallel`` of its own."""
   engine = cluster["engine"]
   engine.behaviours = list(behaviours or [behaviour]) + ["honest"] * (WORKERS - len(behaviours or [behaviour]))
@@ -70,6 +71,7 @@ def coordinate(
   return distributed.coordinate(
     str(workdir), s, cluster["program"], dispatch or engine, builder=build.BUILDER,
     config=cluster["config"].to_dict(), parallel=parallel, judges=None if own else cluster["judges"][:parallel],
+    key=key,
   )  # fmt: skip
 
 
@@ -230,12 +232,26 @@ def test_malformed_and_oversized_proofs_are_rejected_without_harm(cluster, hones
   assert "manifest.json" in judgement.detail
 
 
+def _key_file(d) -> str:
+  """OWNER's private key as a PEM file in ``d``, as ``--key`` takes it."""
+  from cryptography.hazmat.primitives import serialization
+
+  path = os.path.join(d, "owner.key")
+  pem = OWNER_KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+  )
+  with open(path, "wb") as f:
+    f.write(pem)
+  os.chmod(path, 0o600)
+  return path
+
+
 def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
-  """SIGKILL after the first round; --nofresh resumes. Workers in-process (--local), so the test owns no cluster."""
+  """SIGKILL after the first round; --nofresh resumes, checking the signed record. Workers in-process (--local)."""
   args = [
     sys.executable, "-m", "experiments.distributed", "--config=experiments/configs/digits_mlp.py:smoke",
     "--local", "--defences=pol", "--rounds=2", "--steps=4", "--k=2", "--workers=2", "--behaviour=sign-flip",
-    f"--config.owner={OWNER}",
+    f"--key={_key_file(tmp_path)}",
   ]  # fmt: skip
   whole = tmp_path / "whole"  # the uninterrupted run, in this process
   kwargs = dict(workers=2, byzantine=1, behaviour="sign-flip", rounds=2, steps=4, k=2, defences=("pol",), local=True)
@@ -256,6 +272,7 @@ def test_a_killed_coordinator_resumes_to_the_same_final_state(tmp_path):
     [*args, "--nofresh", f"--workdir={killed}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
   assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert all(isinstance(r["signature"], str) for r in json.loads(rounds.read_text()))
   digests = [
     [r["state_digest"] for r in json.loads((d / "pol" / distributed.COORDINATOR / distributed.ROUNDS).read_text())]
     for d in (whole, killed)
@@ -277,6 +294,32 @@ def test_a_resumed_run_takes_its_owner_from_the_caller_not_from_the_shared_stora
   assert config.owner == ""
   config.owner = OWNER
   assert experiment.bind_owner(config, str(tmp_path), None) == f"owner:  {OWNER} (--config.owner)"
+
+
+def test_a_signed_record_changed_on_the_shared_storage_is_refused_at_resume(cluster, tmp_path):
+  """A worker that can write the workdir replaces the round's state digest: the resume refuses the record."""
+  from cryptography.hazmat.primitives.asymmetric import ed25519
+
+  result = coordinate(cluster, tmp_path, rounds=1, key=OWNER_KEY)
+  assert coordinate(cluster, tmp_path, rounds=1, key=OWNER_KEY)["rounds"] == result["rounds"]  # resumes: all done
+  path = tmp_path / distributed.COORDINATOR / distributed.ROUNDS
+  honest = path.read_text()
+  edits = {
+    "a state of the worker's": lambda r: r[0].update(state_digest="0" * 64),
+    "the signature removed": lambda r: r[0].pop("signature"),
+    "a round appended": lambda r: r.append({**r[0], "round": 1}),
+  }
+  for edit in edits.values():
+    rounds = json.loads(honest)
+    edit(rounds)
+    path.write_text(json.dumps(rounds))
+    with pytest.raises(proof.ProofError, match=r"^rounds\.json: signature: round \d: "):
+      coordinate(cluster, tmp_path, rounds=1, key=OWNER_KEY)
+  path.write_text(honest)
+  with pytest.raises(proof.ProofError, match=r"rounds\.json: signature: round 0: the signature is not the run key's"):
+    coordinate(cluster, tmp_path, rounds=1, key=ed25519.Ed25519PrivateKey.generate())
+  with pytest.raises(proof.ProofError, match=r"the rounds are signed: resume with the run's key"):
+    coordinate(cluster, tmp_path, rounds=1)
 
 
 def test_a_rejected_worker_can_be_excluded_from_later_rounds(cluster, honest_only, tmp_path):
