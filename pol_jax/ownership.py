@@ -94,12 +94,14 @@ def new_key(path: str) -> str:
     raise DisputeError(f"{path}: a key is already there; it is never overwritten")
   key = ed25519.Ed25519PrivateKey.generate()
   pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-  with os.fdopen(fd, "wb") as f:
-    f.write(pem)
   public = _public_hex(key)
-  with open(path + ".pub", "w") as f:
-    f.write(public + "\n")
+  for name, data, mode in ((path, pem, 0o600), (path + ".pub", (public + "\n").encode(), 0o644)):
+    try:  # never through a planted link, never over an existing file
+      fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+      raise DisputeError(f"{name}: already there; a key and its .pub are never overwritten") from None
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
   return public
 
 
@@ -109,9 +111,12 @@ def load_key(path: str):
   from cryptography.hazmat.primitives.asymmetric import ed25519
 
   try:
-    with open(path, "rb") as f:
-      key = serialization.load_pem_private_key(f.read(), password=None)
-  except (OSError, ValueError, TypeError) as e:
+    data = safeio.read_bytes(path, 4096, path)  # no link followed, no FIFO opened, a PEM key's size at most
+  except safeio.Refused as e:
+    raise DisputeError(str(e)) from None
+  try:
+    key = serialization.load_pem_private_key(data, password=None)
+  except (ValueError, TypeError) as e:
     raise DisputeError(f"{path}: not a readable PEM private key ({type(e).__name__})") from None
   if not isinstance(key, ed25519.Ed25519PrivateKey):
     raise DisputeError(f"{path}: not an Ed25519 key")
@@ -414,10 +419,26 @@ def _load_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:
     views = deserialize(data)
   except Exception as e:
     raise DisputeError(f"{path}: not a safetensors file ({type(e).__name__})") from None
-  return {
-    name.replace(".", "/"): np.frombuffer(v["data"], _SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
-    for name, v in views
-  }
+  return _by_path(
+    ((name.replace(".", "/"), np.frombuffer(v["data"], _SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"]))
+     for name, v in views),
+    path,
+  )  # fmt: skip
+
+
+def _by_path(pairs, path: str) -> dict[str, np.ndarray]:
+  """``{path: array}``, refusing a file in which two arrays name one path.
+
+  A loader that kept one of them would compare other arrays than a program
+  reading the file does (``params.w`` beside ``params/w`` in safetensors, a
+  key ``"convs/0/kernel"`` beside the nested ``convs/0/kernel`` in msgpack).
+  """
+  out: dict[str, np.ndarray] = {}
+  for name, array in pairs:
+    if name in out:
+      raise DisputeError(f"{path}: two arrays name {name!r:.80} (with / and . as separators alike); refused")
+    out[name] = array
+  return out
 
 
 def _check_safetensors(data: bytes, path: str) -> None:
@@ -463,12 +484,46 @@ def _natural(x: Any) -> bool:
 
 
 def _load_msgpack(data: bytes, path: str) -> dict[str, np.ndarray]:
+  """A Flax msgpack file (``flax.serialization.msgpack_restore``'s format), unpacked under bounds.
+
+  At most :data:`MAX_MODEL_ARRAYS` map entries and arrays in all, counted as
+  they are unpacked (a 62 MB file of three million scalars took 2.5 GB); no
+  msgpack list longer than a shape (Flax writes sequences as maps); a map
+  key is a string without ``/`` that appears once in its map.
+  """
+  import msgpack
   from flax import serialization
 
-  tree = serialization.msgpack_restore(data)
+  count = [0]
+
+  def counted(n: int) -> None:
+    count[0] += n
+    if count[0] > 2 * MAX_MODEL_ARRAYS:
+      raise DisputeError(f"{path}: over {MAX_MODEL_ARRAYS} arrays in the msgpack tree")
+
+  def ext(code, payload):
+    counted(1)
+    return serialization._msgpack_ext_unpack(code, payload)
+
+  def pairs(items):
+    counted(len(items))
+    keys = [k for k, _ in items]
+    if not all(isinstance(k, str) and "/" not in k for k in keys) or len(set(keys)) != len(keys):
+      raise DisputeError(f"{path}: a msgpack map whose keys are not distinct strings without '/'")
+    return dict(items)
+
+  try:
+    tree = msgpack.unpackb(
+      data, ext_hook=ext, object_pairs_hook=pairs, raw=False, strict_map_key=False, max_array_len=64
+    )
+    tree = serialization._unchunk_array_leaves_in_place(tree)
+  except DisputeError:
+    raise
+  except Exception as e:  # msgpack and NumPy raise many kinds on a damaged file
+    raise DisputeError(f"{path}: not a Flax msgpack file ({type(e).__name__})") from None
   if not isinstance(tree, dict):
     raise DisputeError(f"{path}: a msgpack file, but not a tree of arrays")
-  return {proof.path_str(names): np.asarray(leaf) for names, leaf in proof.flatten(tree)}
+  return _by_path(((proof.path_str(names), np.asarray(leaf)) for names, leaf in proof.flatten(tree)), path)
 
 
 def _load_orbax(path: str) -> dict[str, np.ndarray]:
@@ -497,11 +552,16 @@ def _load_orbax(path: str) -> dict[str, np.ndarray]:
     tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
   except Exception as e:
     raise DisputeError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
-  return {proof.path_str(names): np.asarray(leaf) for names, leaf in proof.flatten(tree)}
+  return _by_path(((proof.path_str(names), np.asarray(leaf)) for names, leaf in proof.flatten(tree)), path)
 
 
 def _check_declared(declared: Any, path: str) -> None:
-  """Refuses an Orbax tree whose declared arrays (or their storage chunks) exceed :data:`MAX_MODEL_BYTES`."""
+  """Refuses an Orbax tree whose declared arrays, or their storage chunks, exceed :data:`MAX_MODEL_BYTES` in all.
+
+  TensorStore allocates a whole chunk to read one, and a chunk may be larger
+  than its array: the chunks count, not just the shapes (four arrays of 2x3
+  in chunks of 30000x30000 took 7 GB).
+  """
   leaves = proof.flatten(declared)
   if len(leaves) > MAX_MODEL_ARRAYS:
     raise DisputeError(f"{path}: {len(leaves)} arrays, over the {MAX_MODEL_ARRAYS} limit")
@@ -514,12 +574,25 @@ def _check_declared(declared: Any, path: str) -> None:
       chunk_bytes = math.prod(int(d) for d in chunk) * itemsize
     except (TypeError, ValueError):
       raise DisputeError(f"{path}: {proof.path_str(names)} declares no usable shape and dtype") from None
-    total += math.prod(shape) * itemsize
-    if total > MAX_MODEL_BYTES or chunk_bytes > MAX_MODEL_BYTES or min(shape, default=0) < 0:
+    total += max(math.prod(shape) * itemsize, chunk_bytes)
+    if total > MAX_MODEL_BYTES or min(shape, default=0) < 0 or min(chunk, default=1) < 1:
       raise DisputeError(
-        f"{path}: {proof.path_str(names)} declares shape {shape} of {itemsize}-byte items; "
-        f"the arrays would exceed the {MAX_MODEL_BYTES}-byte limit"
+        f"{path}: {proof.path_str(names)} declares shape {shape} in chunks {tuple(chunk)} of {itemsize}-byte items; "
+        f"the arrays and their chunks would exceed the {MAX_MODEL_BYTES}-byte limit"
       )
+
+
+_EXPORT_DTYPES = ("bfloat16", "float16")
+"""What ``experiments.export --dtype`` casts to: the only casts a model file may be "equal after"."""
+
+
+def _lower_precision(theirs, mine) -> bool:
+  """A float array stored in a narrower float export dtype (a cast to bool or int8 would match almost anything)."""
+  return (
+    np.issubdtype(mine, np.floating)
+    and np.dtype(theirs).name in _EXPORT_DTYPES
+    and np.dtype(theirs).itemsize < np.dtype(mine).itemsize
+  )
 
 
 def compare(model: dict[str, np.ndarray], state: Any) -> tuple[str, str]:
@@ -547,7 +620,7 @@ def compare(model: dict[str, np.ndarray], state: Any) -> tuple[str, str]:
     if theirs.dtype == mine.dtype:
       if not np.array_equal(theirs, mine) or theirs.tobytes() != mine.tobytes():
         differ.append(name)
-    elif np.issubdtype(mine.dtype, np.floating) and np.dtype(theirs.dtype).itemsize < mine.dtype.itemsize:
+    elif _lower_precision(theirs.dtype, mine.dtype):
       casts.add(str(theirs.dtype))
       if mine.astype(theirs.dtype).tobytes() != theirs.tobytes():
         differ.append(name)

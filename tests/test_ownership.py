@@ -396,3 +396,72 @@ def test_hostile_model_files_are_one_line(tmp_path, attack):
   result = run_limited("from pol_jax import ownership\nownership.load_model(sys.argv[1])", path, "DisputeError")
   assert result.returncode == 2 and len(result.stdout.splitlines()) == 1, result.stdout + result.stderr[-2000:]
   assert words in result.stdout, result.stdout
+
+
+def test_a_model_file_naming_one_path_twice_is_refused(tmp_path):
+  """A loader that kept one of two arrays of one path compared other weights than a program reading the file."""
+  from flax import serialization
+  from safetensors.numpy import save_file
+
+  w, v = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+  path = str(tmp_path / "aliased.msgpack")  # flax reads the nested w; a flat key "convs/w" aliased it
+  with open(path, "wb") as f:
+    f.write(serialization.msgpack_serialize({"params": {"convs": {"w": w}, "convs/w": v}}))
+  with pytest.raises(ownership.DisputeError, match=r"keys are not distinct strings without '/'"):
+    ownership.load_model(path)
+  path = str(tmp_path / "aliased.safetensors")
+  save_file({"params.convs.w": w, "params/convs/w": v}, path)
+  with pytest.raises(ownership.DisputeError, match=r"two arrays name 'params/convs/w'"):
+    ownership.load_model(path)
+
+
+def test_a_msgpack_model_of_more_arrays_than_the_limit_is_refused_while_it_is_unpacked(tmp_path, monkeypatch):
+  from flax import serialization
+
+  monkeypatch.setattr(ownership, "MAX_MODEL_ARRAYS", 100)
+  path = str(tmp_path / "many.msgpack")
+  with open(path, "wb") as f:
+    f.write(serialization.msgpack_serialize({"params": {f"w{i}": float(i) for i in range(300)}}))
+  with pytest.raises(ownership.DisputeError, match=r"over 100 arrays in the msgpack tree"):
+    ownership.load_model(path)
+
+
+def test_orbax_chunks_larger_than_their_arrays_count_against_the_model_limit(tmp_path, monkeypatch):
+  """A chunk may exceed its array, and TensorStore reads a whole chunk: four 2x3 arrays in 30000x30000 chunks took 7 GB."""
+  import tensorstore as ts
+
+  path = str(tmp_path / "model")
+  ocp.PyTreeCheckpointer().save(path, {"params": {f"w{i}": np.ones((2, 3), np.float32) for i in range(2)}})
+  kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/"}).result()
+  for i in range(2):
+    key = f"params.w{i}/.zarray".encode()
+    kv.write(key, json.dumps({**json.loads(kv.read(key).result().value), "chunks": [40, 40]}).encode()).result()
+  del kv
+  monkeypatch.setattr(ownership, "MAX_MODEL_BYTES", 10_000)  # each 6400-byte chunk fits; the two do not
+  with pytest.raises(ownership.DisputeError, match=r"params/w1 declares shape \(2, 3\) in chunks \(40, 40\)"):
+    ownership.load_model(path)
+
+
+def test_only_a_float_export_dtype_is_a_lower_precision_release():
+  """All-True bools matched every proof with non-zero weights "after casting"."""
+  import types
+
+  state = types.SimpleNamespace(**{part: {} for part in ownership.MODEL_PARTS})
+  state.params = {"w": np.full((2, 3), 0.5, np.float32)}
+  assert ownership.compare({"params/w": np.ones((2, 3), bool)}, state)[0] == "mismatch"
+  assert ownership.compare({"params/w": np.zeros((2, 3), np.int8)}, state)[0] == "mismatch"
+  assert ownership.compare({"params/w": np.full((2, 3), 0.5, np.float16)}, state)[0] == "equal-after-cast"
+
+
+def test_a_key_file_is_read_without_following_links_or_opening_fifos(tmp_path):
+  path = str(tmp_path / "owner.key")
+  ownership.new_key(path)
+  os.symlink(path, str(tmp_path / "link.key"))
+  os.mkfifo(str(tmp_path / "fifo.key"))
+  for name, words in (("link.key", "a symbolic link, refused"), ("fifo.key", "a FIFO, refused")):
+    error = within(lambda n=name: ownership.load_key(str(tmp_path / n)), str(tmp_path / "fifo.key"))
+    check_one_line(error, ownership.DisputeError, name, words)
+  os.symlink(str(tmp_path / "victim"), str(tmp_path / "new.key.pub"))  # a planted .pub is never written through
+  with pytest.raises(ownership.DisputeError, match=r"new\.key\.pub: already there"):
+    ownership.new_key(str(tmp_path / "new.key"))
+  assert not os.path.exists(tmp_path / "victim")
