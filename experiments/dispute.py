@@ -11,15 +11,15 @@ commitment shows; a claim that cannot be used is reported with the reason.
 Every proof is replayed whole: a dispute is worth it.
 
 A proof is bound to its owner's key (its seed derives from the public key),
-so the dispute establishes the key that trained the model, and the claimant
-who presents that key's proof and is not disqualified: a commitment signed
-by another key, or one that fails its checks, disqualifies. Commitments are
-public and can be copied; ``--challenge=TEXT`` (a fresh text the arbitrator
-picks) requires every claimant to answer with a commitment signed over it
+so the dispute establishes the key that trained the model. Proofs and
+commitments are public and can be copied, so it names the claimant who
+holds that key only with ``--challenge=TEXT`` (a fresh text the arbitrator
+picks): every claimant answers with a commitment signed over it
 (``experiments.commit --challenge=TEXT``), which only the key's holder can
 make. Commitment times are self-claimed and decide nothing.
-It ends with a verdict and exits 0 when one claimant is established, 1 when
-none is, 2 when the model or the arguments are unusable. ``--report``
+It ends with a verdict and exits 0 when the key is established (and, with
+``--challenge``, one claimant), 1 when not, 2 when the model or the
+arguments are unusable. ``--report``
 writes everything as JSON.
 """
 

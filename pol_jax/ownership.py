@@ -17,10 +17,10 @@ model) and what its commitment shows.
 
 What a dispute establishes: that the holder of one key trained the model
 (the proof bound to that key verifies from its seed and ends on the model).
-A claimant is established when it presents that proof and nothing
-disqualifies it: a commitment signed by another key, one that does not
-verify, or (when the arbitrator gives a fresh ``challenge``) no commitment
-answering the challenge, which only the key's holder can sign. Commitment
+Proofs and commitments can be copied, so a claimant is established only by
+answering the arbitrator's fresh ``challenge`` with a commitment signed over
+it, which only the key's holder can make; without a challenge the verdict
+names the key and no claimant. Commitment
 times are the signer's own claim: they are parsed as UTC instants (only
 ``Z`` times are accepted) and reported, but never decide anything; only a
 trusted timestamp (an RFC 3161 authority) or a transparency log could order
@@ -688,16 +688,17 @@ def settle(
   """Settles who trained the model at ``model_path``; returns ``(findings, verdict line, exit status)``.
 
   Every claimant's proof is replayed whole. The key established is the one
-  whose proof verifies from the seed bound to it and ends on the model; the
-  claimant established is the one who presents it and is not disqualified (a
-  commitment signed by another key or failing its checks; with
-  ``challenge``, no commitment answering it). Times decide nothing.
+  whose proof verifies from the seed bound to it and ends on the model; with
+  ``challenge``, the claimant established is the one who presents it with a
+  commitment answering the challenge (only the key's holder can sign one);
+  without, no claimant is (proofs and commitments can be copied). Times
+  decide nothing.
 
   ``rebuild(proof_dir)`` gives the program and training data a claimant's
   proof describes (``pol_jax.build.rebuild``); ``builder`` is passed to
   ``verify.verify`` (worker processes reproduce a proof's thread count and
-  flags). Exit status: 0 when one claimant is established, 1 when none is, 2
-  when the model itself is unusable. A claim that cannot be used is reported
+  flags). Exit status: 0 when the key is established (and, with
+  ``challenge``, one claimant), 1 when not, 2 when the model itself is unusable. A claim that cannot be used is reported
   for that claimant.
   """
   if challenge is not None:
@@ -748,7 +749,14 @@ def _mark_twins(findings: list[Finding]) -> None:
 
 
 def _decide(findings: list[Finding], challenge: str | None) -> tuple[str, int]:
-  """The verdict line and exit status: the key whose proof ends on the model, and who of its presenters stands."""
+  """The verdict line and exit status: the key whose proof ends on the model, and which claimant holds it.
+
+  A proof and a commitment can both be copied, so only a signature over this
+  dispute's fresh ``challenge`` shows that a claimant holds the key: without
+  one the verdict establishes the key and names no claimant (a thief who
+  presented a copy of the owner's proof and commitment, the owner absent or
+  without a commitment, had been named).
+  """
   candidates = [f for f in findings if f.usable and f.verified and f.origin == "seed" and f.model.startswith("equal")]
   keys = sorted({f.owner for f in candidates})
   if not keys:
@@ -758,46 +766,37 @@ def _decide(findings: list[Finding], challenge: str | None) -> tuple[str, int]:
     return f"NOT ESTABLISHED: proofs bound to {len(keys)} different keys end on the disputed model ({names})", 1
   key = keys[0]
   presenting = [f for f in candidates if f.owner == key]
-  standing = [f for f in presenting if _stands(f, challenge)]
-  if any(f.commitment == "valid" for f in standing):  # only the key's holder can have made one (others copy it)
-    standing = [f for f in standing if f.commitment == "valid"]
-  w = standing[0] if len(standing) == 1 else presenting[0]
-  how = "bit for bit" if w.model == "equal" else "after a cast to the file's precision"
+  how = "bit for bit" if presenting[0].model == "equal" else "after a cast to the file's precision"
   trained = f"key {key[:16]}... trained the disputed model: its proof verifies from the key's seed and ends on it {how}"
-  if len(standing) == 1:
-    w.established = True
-    shown = (
-      "signed this dispute's challenge"
-      if challenge
-      else ("presents a commitment signed by the key" if w.commitment == "valid" else "presents the key's proof")
+  if challenge is None:
+    verb = "presents" if len(presenting) == 1 else "present"
+    return (
+      f"ESTABLISHED: {trained}; {_and(f.name for f in presenting)} {verb} it, which does not show who holds the key "
+      "(proofs and commitments can be copied): to name the holder, settle again with a fresh challenge=TEXT that each "
+      f"claimant signs with ownership.commit(..., challenge=TEXT); {TIMES_DECIDE_NOTHING}",
+      0,
     )
-    others = [f.name for f in presenting if f is not w]
-    lack = "no answer to the challenge" if challenge else "no valid commitment by the key"
-    verb = "presents" if len(others) == 1 else "present"
-    tail = f"; {_and(others)} {verb} the same key's proof with {lack}" if others else ""
-    return f"ESTABLISHED: {w.name} ({shown}): {trained}{tail}; {TIMES_DECIDE_NOTHING}", 0
+  standing = [f for f in presenting if f.commitment == "valid"]  # _examine checked that it answers the challenge
   names = ", ".join(f.name for f in presenting)
   if not standing:
-    why = "answered this dispute's challenge" if challenge else "stands (each is disqualified by its commitment)"
-    return f"NOT ESTABLISHED as a claimant: {trained}, but none of {names} {why}", 1
-  return (
-    f"NOT ESTABLISHED as a claimant: {trained}; {_and(f.name for f in standing)} all present it with a commitment "
-    "by the key (commitments can be copied), and only the key's holder can sign a fresh challenge (settle again with a fresh challenge=TEXT that each "
-    "claimant signs with ownership.commit(..., challenge=TEXT))",
-    1,
-  )
+    return f"NOT ESTABLISHED as a claimant: {trained}, but none of {names} answered this dispute's challenge", 1
+  if len(standing) > 1:
+    return (
+      f"NOT ESTABLISHED as a claimant: {trained}; {_and(f.name for f in standing)} all answered this dispute's "
+      "challenge with the key (they share it)",
+      1,
+    )
+  (w,) = standing
+  w.established = True
+  others = [f.name for f in presenting if f is not w]
+  verb = "presents" if len(others) == 1 else "present"
+  tail = f"; {_and(others)} {verb} the same key's proof with no answer to the challenge" if others else ""
+  return f"ESTABLISHED: {w.name} (signed this dispute's challenge): {trained}{tail}; {TIMES_DECIDE_NOTHING}", 0
 
 
 def _and(names) -> str:
   names = list(names)
   return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
-
-
-def _stands(f: Finding, challenge: str | None) -> bool:
-  """Whether nothing disqualifies ``f`` from being the holder of its proof's key."""
-  if challenge is not None:
-    return f.commitment == "valid"  # _examine checked that it answers the challenge
-  return f.commitment in ("none", "valid")
 
 
 def _same(a: Any, b: Any) -> bool:

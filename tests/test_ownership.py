@@ -89,9 +89,11 @@ def test_the_owner_wins_against_no_proof_a_backdated_copy_a_rerun_a_reseal_a_spo
   resealed = str(root / "resealed")
   shutil.copytree(files["owner"], resealed)
   reseal(resealed, lambda m: m["config"].update(note="mine"))
+  challenge = "dispute 2031-06-01 #1"
+  answer = _write(root / "owner-answer.json", ownership.commit(files["owner"], OWNER_KEY, challenge=challenge))
   findings, verdict, status = settle(
     files["model"],
-    ("owner", files["owner"], files["owner_commitment"]),
+    ("owner", files["owner"], answer),
     ("no-proof", str(root / "nothing")),
     ("copier", files["copy"], backdated),
     ("offset", files["copy"], offset),
@@ -99,9 +101,10 @@ def test_the_owner_wins_against_no_proof_a_backdated_copy_a_rerun_a_reseal_a_spo
     ("resealer", resealed),
     ("spoofer", files["spoof"]),
     ("fine-tuner", files["finetune"]),
+    challenge=challenge,
   )
   f = by_name(findings)
-  assert status == 0 and verdict.startswith("ESTABLISHED: owner"), verdict
+  assert status == 0 and verdict.startswith("ESTABLISHED: owner (signed this dispute's challenge)"), verdict
   assert "decide nothing" in verdict
   assert f["owner"].established and f["owner"].model == "equal" and f["owner"].origin == "seed"
   assert f["owner"].commitment == "valid" and f["owner"].owner == OWNER
@@ -121,25 +124,33 @@ def test_the_owner_wins_against_no_proof_a_backdated_copy_a_rerun_a_reseal_a_spo
   assert f["fine-tuner"].origin == "derived from owner's final state"
 
 
-def test_the_owner_without_a_commitment_wins_against_a_later_committer(scene):
+def test_without_a_challenge_the_key_is_established_and_no_claimant_is_named(scene):
+  """A thief presenting copies of the owner's proof and commitment, the owner presenting no commitment, was named."""
   _, files, root, thief_key = scene
   later = json.loads(open(files["owner_commitment"]).read())
   thief = _write(root / "thief-later.json", _signed(thief_key, dict(later, time="2031-01-01T00:00:00Z")))
-  findings, verdict, status = settle(files["model"], ("owner", files["owner"]), ("thief", files["copy"], thief))
-  f = by_name(findings)
-  assert status == 0 and verdict.startswith("ESTABLISHED: owner (presents the key's proof)"), verdict
-  assert f["thief"].commitment.startswith("invalid: signed by key") and not f["thief"].established
+  for claims in (
+    [("owner", files["owner"]), ("thief", files["copy"], files["owner_commitment"])],
+    [("thief", files["copy"], files["owner_commitment"])],  # the owner absent
+    [("owner", files["owner"]), ("thief", files["copy"], thief)],
+  ):
+    findings, verdict, status = settle(files["model"], *claims)
+    assert status == 0 and verdict.startswith(f"ESTABLISHED: key {OWNER[:16]}... trained the disputed model"), verdict
+    assert "which does not show who holds the key" in verdict and "challenge=TEXT" in verdict, verdict
+    assert not any(f.established for f in findings)
+  assert by_name(findings)["thief"].commitment.startswith("invalid: signed by key")
 
 
-def test_a_copied_commitment_ties_until_a_challenge_only_the_key_holder_can_answer(scene):
+def test_a_copied_commitment_names_no_claimant_until_a_challenge_only_the_key_holder_can_answer(scene):
   _, files, root, thief_key = scene
   findings, verdict, status = settle(
     files["model"],
     ("owner", files["owner"], files["owner_commitment"]),
     ("thief", files["copy"], files["owner_commitment"]),
   )
-  assert status == 1 and verdict.startswith("NOT ESTABLISHED as a claimant") and "challenge=TEXT" in verdict, verdict
-  assert "rerun with --challenge=TEXT" in cli.in_flags(verdict)  # what experiments.dispute prints
+  assert status == 0 and verdict.startswith("ESTABLISHED: key ") and "challenge=TEXT" in verdict, verdict
+  assert not any(f.established for f in findings)
+  assert "--challenge=TEXT" in cli.in_flags(verdict)  # what experiments.dispute prints
   challenge = "dispute 2031-06-01 #7"
   answer = _write(root / "answer.json", ownership.commit(files["owner"], OWNER_KEY, challenge=challenge))
   with pytest.raises(ownership.DisputeError, match="only the proof's owner can commit"):
@@ -294,7 +305,7 @@ def test_dispute_cli_reports_and_exits_0_or_2(scene, tmp_path):
     f"--claim=spoofer:{files['spoof']}",
     f"--report={tmp_path / 'report.json'}",
   )
-  assert won.returncode == 0 and "ESTABLISHED: owner" in won.stdout, won.stdout + won.stderr
+  assert won.returncode == 0 and "ESTABLISHED: key " in won.stdout, won.stdout + won.stderr
   assert json.loads((tmp_path / "report.json").read_text())["status"] == 0
   unusable = run_cli("experiments.dispute", f"--model={tmp_path / 'none.safetensors'}", f"--claim=a:{files['owner']}")
   assert unusable.returncode == 2 and "not found" in unusable.stderr and "Traceback" not in unusable.stderr
