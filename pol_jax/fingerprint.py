@@ -89,7 +89,17 @@ REPRODUCIBLE_FLAGS = (
 name only these (with plain values), so it cannot make a verifier start XLA
 with flags of its choosing (a dump directory, say)."""
 
-_FLAG_VALUE = re.compile(r"^[A-Za-z0-9_.,+-]{1,64}$")
+_BOOL = r"(?i:true|false)|[01]"
+_YNN_TYPE = r"[+-]?(?:dot|eltwise|reduce|individual_dot|individual_convolution)"
+_FLAG_VALUES = {
+  "--xla_gpu_deterministic_ops": re.compile(rf"^(?:{_BOOL})$"),
+  "--xla_gpu_autotune_level": re.compile(r"^[0-4]$"),
+  "--xla_cpu_experimental_ynn_fusion_type": re.compile(rf"^{_YNN_TYPE}(?:,{_YNN_TYPE}){{0,9}}$"),
+  "--xla_cpu_enable_fast_math": re.compile(rf"^(?:{_BOOL})$"),
+  "--xla_cpu_use_thunk_runtime": re.compile(rf"^(?:{_BOOL})$"),
+}
+"""What XLA parses for each flag besides the ISA pin: a value it cannot parse kills the process that
+sets it (a fatal flag-parsing error), so a verifier never sets one."""
 
 # What /proc/cpuinfo calls each ISA XLA:CPU can be pinned to.
 _ISA_FEATURES = {
@@ -225,15 +235,20 @@ def reproducible_flags(recorded: dict) -> str:
   flags = recorded.get("xla_flags")
   if not isinstance(flags, str) or len(flags) > 4096:
     raise ValueError(f"environment.xla_flags: expected a string of flags, got {flags!r:.60}")
-  out = []
+  out, names = [], set()
   for f in flags.split():
     name, eq, value = f.partition("=")
     if name == ISA_FLAG and value not in _ISA_FEATURES:
       raise ValueError(f"environment.xla_flags: {f[:80]!r} names an ISA XLA does not know ({', '.join(_ISA_FEATURES)})")
-    if name not in REPRODUCIBLE_FLAGS or not eq or not _FLAG_VALUE.match(value):
+    if name not in REPRODUCIBLE_FLAGS or not eq:
       raise ValueError(
         f"environment.xla_flags: {f[:80]!r} is not a flag a verifier sets (it sets {', '.join(REPRODUCIBLE_FLAGS)})"
       )
+    if name in _FLAG_VALUES and not _FLAG_VALUES[name].match(value):
+      raise ValueError(f"environment.xla_flags: {f[:80]!r}: not a value XLA parses for {name}")
+    if name in names:
+      raise ValueError(f"environment.xla_flags: {name} is set twice")
+    names.add(name)
     out.append(f)
   return " ".join(out)
 

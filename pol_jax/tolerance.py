@@ -149,25 +149,31 @@ def load(path: str) -> Thresholds:
       record = json.load(f)
     delta = record["delta"]
     margin = record["margin"]
-    count = len(record["segments"])
+    count = len(record["segments"]) if isinstance(record["segments"], list) else None
     root = record["proof_root"]
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable calibration ({e})") from None
+  except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, an integer of too many digits
+    raise ValueError(f"{path}: unreadable calibration ({type(e).__name__}: {str(e)[:120]})") from None
   except (KeyError, TypeError) as e:
     raise ValueError(f"{path}: field {e}: missing from the calibration") from None
-  if not isinstance(delta, dict):
-    raise ValueError(f"{path}: delta: expected an object")
+  if count is None:
+    raise ValueError(f"{path}: segments: expected a list")
+  if not isinstance(delta, dict) or sorted(delta) != sorted(distances.METRICS):
+    raise ValueError(f"{path}: delta: expected an object with a bound for each of {', '.join(distances.METRICS)}")
   reject = record.get("reject")
   if reject is not None and not isinstance(reject, dict):
     raise ValueError(f"{path}: reject: expected an object")
+  for name, values in (("delta", delta), ("reject", reject or {})):
+    bad = [m for m, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+      raise ValueError(f"{path}: {name}.{bad[0]}: expected a number, got {values[bad[0]]!r:.40}")
   try:
     return Thresholds(
       {m: float(v) for m, v in delta.items()},
       normalised=True,
-      source=f"calibrated in {path}: {margin}x the honest noise of {count} segments of proof {str(root)[:16]}...",
+      source=f"calibrated in {path}: {margin!r:.20}x the honest noise of {count} segments of proof {str(root)[:16]}...",
       reject=None if reject is None else {m: float(v) for m, v in reject.items()},
     )
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, OverflowError) as e:
     raise ValueError(f"{path}: delta: {e}") from None
 
 

@@ -40,3 +40,20 @@ def test_a_pinned_isa_the_cpu_lacks_is_named(tmp_path):
   assert fingerprint.lacking_isa("", str(cpuinfo)) is None
   with pytest.raises(ValueError, match="names an ISA XLA does not know"):
     fingerprint.reproducible_flags({"xla_flags": "--xla_cpu_max_isa=BOGUS"})
+
+
+@pytest.mark.parametrize(
+  "flags, words",
+  [
+    ("--xla_cpu_enable_fast_math=banana", "not a value XLA parses for --xla_cpu_enable_fast_math"),
+    ("--xla_gpu_autotune_level=99999999999999999999", "not a value XLA parses for --xla_gpu_autotune_level"),
+    ("--xla_cpu_experimental_ynn_fusion_type=zzz", "not a value XLA parses"),
+    ("--xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=AVX512", "--xla_cpu_max_isa is set twice"),
+  ],
+)
+def test_a_recorded_flag_value_xla_cannot_parse_is_never_set(flags, words):
+  """XLA's flag parser kills the process on such a value: a proof naming one crashed the verifier (exit 1)."""
+  with pytest.raises(ValueError, match=words):
+    fingerprint.reproducible_flags({"xla_flags": flags})
+  honest = "--xla_cpu_experimental_ynn_fusion_type=+eltwise --xla_cpu_max_isa=AVX2 --xla_gpu_autotune_level=0"
+  assert fingerprint.reproducible_flags({"xla_flags": honest}) == honest

@@ -183,3 +183,25 @@ def test_tolerance_mode_never_rejects_an_honest_full_length_proof(tmp_path):
   assert not rejected, rejected
   not_accepted = {os.path.basename(p): r for p, r in results.items() if r["status"] != "accepted"}
   assert not not_accepted, not_accepted
+
+
+@pytest.mark.parametrize(
+  "text, words",
+  [
+    ('{"delta": {"cosine": 2}, "margin": 10, "segments": [], "proof_root": "x"}', "a bound for each of l1"),
+    ('{"delta": {"l1": true, "l2": 1, "linf": 1, "cosine": 1}, "margin": 10, "segments": [], "proof_root": "x"}',
+     "delta.l1: expected a number, got True"),
+    ('{"delta": {"l1": 1' + "0" * 400 + ', "l2": 1, "linf": 1, "cosine": 1}, "margin": 1, "segments": [], "proof_root": "x"}',
+     "delta: "),
+    ("[" * 100_000 + "]" * 100_000, "unreadable calibration \\(RecursionError"),
+    ('{"delta": {"l1": 1, "l2": 1, "linf": 1, "cosine": 1}, "margin": 1, "segments": {}, "proof_root": "x"}',
+     "segments: expected a list"),
+  ],
+)  # fmt: skip
+def test_a_malformed_calibration_file_is_one_line(tmp_path, text, words):
+  """A delta naming only cosine left l1, l2 and linf unbounded: a forged proof passed within it."""
+  path = tmp_path / "calibration.json"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=words) as e:
+    tolerance.load(str(path))
+  assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)

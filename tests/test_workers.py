@@ -125,7 +125,7 @@ def test_the_worker_checks_that_its_environment_now_matches(honest, copy_of):
     ({"cpu_threads": "2"}, "environment.cpu_threads: expected a thread count"),
     ({"xla_flags": "--xla_dump_to=/tmp/x"}, "'--xla_dump_to=/tmp/x' is not a flag a verifier sets"),
     ({"xla_flags": "--xla_cpu_max_isa=$(reboot)"}, "names an ISA XLA does not know"),
-    ({"xla_flags": "--xla_cpu_enable_fast_math=$(reboot)"}, "is not a flag a verifier sets"),
+    ({"xla_flags": "--xla_cpu_enable_fast_math=$(reboot)"}, "not a value XLA parses for --xla_cpu_enable_fast_math"),
     ({"host_devices": 10**9}, "environment.host_devices: expected an integer"),
     ({"x64": "yes"}, "environment.x64: expected true or false"),
   ],
