@@ -482,3 +482,21 @@ def test_a_portable_jax_012_proof_verifies_bit_for_bit_under_jax_0102_without_ma
     program = {c["name"]: c for c in verdict["checks"]}["program"]
     if name.startswith("jax 0.10.2"):  # the lowered text may differ across versions (then the replay decides)
       assert program["passed"] is True or (program["passed"] is None and "portable numerics" in program["detail"])
+
+
+def test_pip_installs_the_recorded_versions_from_wheels_only(monkeypatch, tmp_path):
+  """An old version a proof names with no wheel for this Python would build from source (running its setup code)."""
+  commands = []
+
+  def run(argv, deadline, what, cwd):
+    commands.append(argv)
+    if argv[1:3] == ["-m", "venv"]:
+      return subprocess.CompletedProcess(argv, 0, "", "")
+    return subprocess.CompletedProcess(argv, 1, "ERROR: no matching distribution", "")
+
+  monkeypatch.setattr(venv, "_run", run)
+  pins = ["jax==0.4.1", "jaxlib==0.4.1", "orbax-checkpoint==0.5.0"]
+  with pytest.raises(venv.MatchError):
+    venv._build(str(tmp_path / "env"), HERE, sys.executable, pins, ROOT, time.monotonic() + 60)
+  (pip,) = [c for c in commands if "pip" in c]
+  assert "--only-binary=jax,jaxlib,orbax-checkpoint" in pip and pip[-2:] == ["-e", ROOT], pip
