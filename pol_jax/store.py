@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pol_jax import training
+from pol_jax import safeio, training
 from pol_jax.proof import (
   CHECKPOINTS,
   MAX_CHECKPOINTS,
@@ -340,8 +340,13 @@ def read_meta(proof_dir: str, step: int, expected_digest: str | None) -> dict:
     raise
 
 
-def read_metas(proof_dir: str, expected: dict[int, str | None]) -> dict[int, dict]:
-  """The metas of the states at the steps of ``expected`` (``{step: digest or None}``), each batch read once."""
+def read_metas(
+  proof_dir: str, expected: dict[int, str | None], batch_metas: dict[int, dict] | None = None
+) -> dict[int, dict]:
+  """The metas of the states at the steps of ``expected`` (``{step: digest or None}``), each batch read once.
+
+  ``batch_metas``: ``{batch: meta}`` already read (:func:`read_batch_meta`), not read again.
+  """
   names = batches(proof_dir)
   by_batch: dict[int, list[int]] = {}
   for step in sorted(expected):
@@ -349,7 +354,7 @@ def read_metas(proof_dir: str, expected: dict[int, str | None]) -> dict[int, dic
   out = {}
   for batch, steps in by_batch.items():
     try:
-      batch_meta = read_batch_meta(proof_dir, batch)
+      batch_meta = (batch_metas or {}).get(batch) or read_batch_meta(proof_dir, batch)
     except IntegrityError as e:
       raise IntegrityError(f"checkpoint {steps[0]}: {e}") from None
     for step in steps:
@@ -454,8 +459,6 @@ def _check_chunks(state_dir: str, shapes: dict[str, tuple[int, ...]], label: str
     IntegrityError: naming the array and what is wrong.
   """
   import tensorstore as ts
-
-  from pol_jax import safeio
 
   try:
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/"}).result()

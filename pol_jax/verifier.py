@@ -632,9 +632,7 @@ def check_data_order(inputs: _Inputs, log: np.ndarray, env: _Environment) -> Che
   """
   plan = inputs.plan
   if "x64" in env.lowering:
-    x64 = inputs.manifest["environment"]["x64"]
-    if not isinstance(x64, bool):  # a hostile manifest: nothing is started on its say-so
-      return Check("data order", None, f"not derived: environment.x64 is {x64!r:.40}, not true or false")
+    x64 = inputs.manifest["environment"]["x64"]  # a bool: the manifest was validated when it was read
     job = {
       "seed": plan.seed,
       "num_examples": inputs.manifest["dataset"]["size"],
@@ -1005,8 +1003,8 @@ KEEP_BYTES = replay.KEEP_BYTES
 """The integrity pass keeps at most this many bytes of checked states for replay; beyond, replay restores again."""
 
 
-def _batches_hold_the_recorded_states(proof_dir: str, steps: list[int]) -> dict[int, list[int]]:
-  """``{batch: its steps}``, once every batch is shown to hold exactly the recorded states that fall in it.
+def _batches_hold_the_recorded_states(proof_dir: str, steps: list[int]) -> tuple[dict[int, list[int]], dict[int, dict]]:
+  """``({batch: its steps}, {batch: its meta})``, once every batch is shown to hold exactly the recorded states in it.
 
   A batch restores one row per state its meta lists, and only the recorded
   states' metas are digested: extra entries (a copy of a real one, or ``0``)
@@ -1022,13 +1020,15 @@ def _batches_hold_the_recorded_states(proof_dir: str, steps: list[int]) -> dict[
     if batch is None:
       raise proof.IntegrityError(f"checkpoint {step}: missing (no batch {proof.CHECKPOINTS}/<b> with b >= {step})")
     by_batch.setdefault(batch, []).append(step)
+  metas = {}
   for batch in names:
     members = by_batch.get(batch, [])
     label = f"checkpoint {members[0]}: " if members else ""
     try:
-      rows = store.batch_rows(store.read_batch_meta(proof_dir, batch))
+      metas[batch] = store.read_batch_meta(proof_dir, batch)
     except proof.IntegrityError as e:
       raise proof.IntegrityError(f"{label}{e}") from None
+    rows = store.batch_rows(metas[batch])
     missing = sorted(set(members) - set(rows))
     if missing:
       raise proof.IntegrityError(
@@ -1040,7 +1040,7 @@ def _batches_hold_the_recorded_states(proof_dir: str, steps: list[int]) -> dict[
         f"{label}{proof.CHECKPOINTS}/{batch} lists {len(rows)} states, the manifest records {len(members)} in it"
         + (f" (not recorded: steps {extra[:5]})" if extra else "")
       )
-  return by_batch
+  return by_batch, metas
 
 
 def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: set | None = None):
@@ -1055,9 +1055,9 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   """
   steps = proof.checkpoint_steps(manifest["k"], manifest["steps"])
   digests = {step: manifest["checkpoints"][str(step)] for step in steps}
-  by_batch = _batches_hold_the_recorded_states(proof_dir, steps)
+  by_batch, metas = _batches_hold_the_recorded_states(proof_dir, steps)
   if not full:
-    store.read_metas(proof_dir, digests)
+    store.read_metas(proof_dir, digests, metas)
     return None, {}
   state_bytes = sum(proof.stored(leaf).nbytes for leaf in jax.tree.leaves(template))
   sizes = {m: np.zeros(len(bounds)) for m in distances.METRICS}
@@ -1066,7 +1066,7 @@ def _check_checkpoints(proof_dir, manifest, template, bounds, full: bool, keep: 
   i = 0
   for batch, members in by_batch.items():
     try:
-      restored = store.restore_batch(proof_dir, batch, template, {s: digests[s] for s in members})
+      restored = store.restore_batch(proof_dir, batch, template, {s: digests[s] for s in members}, metas[batch])
     except proof.IntegrityError as e:
       message = str(e)
       raise proof.IntegrityError(
