@@ -143,19 +143,21 @@ def record(
     raise ProofExistsError(f"{manifest_path}: a finished proof is already there; it is never overwritten")
   os.makedirs(proof_dir, exist_ok=True)
 
-  digests = dataset.digests()
   body, (state, segment, keys), texts = _start(program, dataset, plan, config, builder)
-  body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
-  _commit_start(proof_dir, body)
-  for name, text in texts.items():  # for a verifier's diff
-    proof.write_program(proof_dir, name, text)
   log = sampling.index_log(keys.order, len(dataset), plan.batch_size, plan.steps)
+  # run.json, the program texts and the data digests, written before any
+  # checkpoint: at once for a partial proof (resuming needs them checked),
+  # else by the saver thread while this one compiles the step.
+  commit = _Start(proof_dir, json.loads(proof.canonical_json(body)), texts, dataset)
+  fresh = not os.path.exists(os.path.join(proof_dir, proof.RUN)) and not _holds_checkpoints(proof_dir)
+  if not fresh:
+    commit()
 
   writer = store.Writer(proof_dir)
   checkpoints: dict[str, str] = {}
   try:
     state = _resume(proof_dir, writer, state, checkpoints, plan)
-    saver = _Saver(writer, checkpoints, on_segment)
+    saver = _Saver(writer, checkpoints, on_segment, first=None if commit.done else commit)
     try:
       if not checkpoints:
         saver.put(state, {})
@@ -177,7 +179,8 @@ def record(
   finally:
     writer.close()
 
-  manifest = finish(proof_dir, body, checkpoints, log, digests)
+  body["dataset"]["merkle_root"] = commit.body["dataset"]["merkle_root"]
+  manifest = finish(proof_dir, body, checkpoints, log, commit.digests)
   os.remove(os.path.join(proof_dir, proof.RUN))
   return manifest
 
@@ -212,6 +215,31 @@ def final_state(proof_dir: str, program: training.Program, manifest: dict) -> tr
   return state
 
 
+class _Start:
+  """Commits a recording's start: the data digests and their root into ``body``, run.json, the program texts."""
+
+  def __init__(self, proof_dir: str, body: dict, texts: dict, dataset: data_lib.Dataset):
+    self.proof_dir, self.body, self.texts, self.dataset = proof_dir, body, texts, dataset
+    self.digests: np.ndarray | None = None
+
+  @property
+  def done(self) -> bool:
+    return self.digests is not None
+
+  def __call__(self) -> None:
+    digests = self.dataset.digests()
+    self.body["dataset"]["merkle_root"] = data_lib.merkle_root(digests)
+    _commit_start(self.proof_dir, self.body)
+    for name, text in self.texts.items():  # for a verifier's diff
+      proof.write_program(self.proof_dir, name, text)
+    self.digests = digests
+
+
+def _holds_checkpoints(proof_dir: str) -> bool:
+  path = os.path.join(proof_dir, proof.CHECKPOINTS)
+  return os.path.isdir(path) and bool(os.listdir(path))
+
+
 class _Saver:
   """Copies, hashes and hands recorded states to the writer in order, on a worker thread.
 
@@ -222,8 +250,8 @@ class _Saver:
   and re-raises the worker's error, if any.
   """
 
-  def __init__(self, writer: store.Writer, checkpoints: dict, on_segment, depth: int = 2):
-    self._writer, self._checkpoints, self._on_segment = writer, checkpoints, on_segment
+  def __init__(self, writer: store.Writer, checkpoints: dict, on_segment, depth: int = 2, first=None):
+    self._writer, self._checkpoints, self._on_segment, self._first = writer, checkpoints, on_segment, first
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._error: BaseException | None = None
     self._thread = threading.Thread(target=self._work, name="pol-jax-saver", daemon=True)
@@ -241,7 +269,12 @@ class _Saver:
       raise self._error
 
   def _work(self) -> None:
-    self._guard(self._writer.prepare)  # while the training thread compiles the step
+    # While the training thread compiles the step: ``first`` (the start's
+    # commit), then Orbax's start-up. A failed commit stops every save.
+    if self._first is not None:
+      self._guard(self._first)
+    if self._error is None:
+      self._guard(self._writer.prepare)
     while True:
       try:
         item = self._queue.get(timeout=self._writer.seconds_left() if self._error is None else None)
@@ -290,9 +323,7 @@ def _commit_start(proof_dir: str, body: dict) -> None:
   """Writes run.json, or checks that a partial proof there is of this run."""
   path = os.path.join(proof_dir, proof.RUN)
   if not os.path.exists(path):
-    if os.path.isdir(os.path.join(proof_dir, proof.CHECKPOINTS)) and os.listdir(
-      os.path.join(proof_dir, proof.CHECKPOINTS)
-    ):
+    if _holds_checkpoints(proof_dir):
       raise proof.ProofError(proof.RUN, "file", f"missing, but {proof_dir} holds checkpoints; use a new directory")
     proof.write_json_atomic(path, body)
     return

@@ -301,7 +301,7 @@ def to_host(tree: PyTree) -> PyTree:
   states the compiled step returns.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  leaves = [leaf if is_key(leaf) else jnp.asarray(leaf) for leaf in leaves]
+  leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for leaf in leaves]  # keys are jax.Arrays
   host = jax.device_get([None if is_key(leaf) else leaf for leaf in leaves])
   return jax.tree.unflatten(
     treedef, [leaf if is_key(leaf) else np.asarray(h) for leaf, h in zip(leaves, host, strict=True)]

@@ -147,6 +147,39 @@ def test_resume_refuses_a_partial_proof_of_another_run(tmp_path):
     record(path, smoke_config("mlp", steps=24, k=4, learning_rate=0.3))
 
 
+def test_run_json_programs_and_data_are_committed_before_any_checkpoint(tmp_path, monkeypatch):
+  # A fresh recording commits its start on the saver thread while the step
+  # compiles; a killed run must still find run.json before any batch is saved.
+  path = str(tmp_path / "proof")
+  seen = []
+  flush = store.Writer.flush
+
+  def checked_flush(self):
+    if self._pending:
+      seen.append(sorted(os.listdir(path)))
+    flush(self)
+
+  monkeypatch.setattr(store.Writer, "flush", checked_flush)
+  manifest = record(path, smoke_config("mlp", steps=24, k=4))
+  assert seen and all({proof.RUN, proof.PROGRAMS} <= set(names) for names in seen), seen
+  assert manifest["dataset"]["merkle_root"] == load_manifest(path)["dataset"]["merkle_root"] is not None
+
+
+def test_a_start_that_fails_on_the_saver_thread_stops_the_recording(tmp_path, monkeypatch):
+  config = smoke_config("mlp", steps=24, k=4)
+  train = build.dataset(config, "train")
+
+  def unreadable(*args, **kwargs):
+    raise OSError("data: unreadable")
+
+  monkeypatch.setattr(type(train), "digests", unreadable)
+  path = str(tmp_path / "proof")
+  with pytest.raises(OSError, match="unreadable"):
+    recorder.record(path, build.program(config, train), train, build.plan(config), config=config.to_dict())
+  assert not os.path.exists(os.path.join(path, proof.MANIFEST))
+  assert not store.batches(path), "no state may be saved before the start is committed"
+
+
 def test_finished_proof_is_never_overwritten(honest, copy_of):
   p = copy_of(honest)
   before = load_manifest(p)["root"]
