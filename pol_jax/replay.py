@@ -405,7 +405,8 @@ def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -
     match=not bad,
     differing=len(bad),
     first_differing=bad[0] if bad else None,
-    distance=distances.distances(replayed.params, recorded.params),
+    # Equal digests: the same bytes (digest-checked on restore), so every distance is 0.
+    distance=distances.distances(replayed.params, recorded.params) if bad else dict.fromkeys(distances.METRICS, 0.0),
     update=distances.distances(begin.params, recorded.params),
     seconds=seconds,
   )
