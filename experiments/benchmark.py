@@ -13,7 +13,9 @@ of a ratio alike; training and recording alternate which runs first):
 
 * recording overhead: the wall time of ``record`` over the wall time of the
   same jitted segments over the same batches writing nothing (both include
-  compiling the step once);
+  compiling the step once); a repeat of a run shorter than 3 s times several
+  such pairs (``--pairs``; by default about 6 s of them, at most 5) and takes
+  the median of their ratios, since one second's run is noisy;
 * verification throughput of every segment (``all``), in replayed steps per
   second, for sequential exact replay (one device), device-parallel exact
   replay (``--devices``) and vmapped tolerance replay, with each one's ratio to
@@ -37,6 +39,7 @@ before JAX starts, for the prover and the verifiers alike.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -125,20 +128,31 @@ def _verifier_peak_rss_mib(proof_dir: str) -> float:
 
 
 def measure(
-  config, repeats: int = 3, devices: int = 2, chunk: int = 16, segments: int = 8, brief: bool = False
+  config,
+  repeats: int = 3,
+  devices: int = 2,
+  chunk: int = 16,
+  segments: int = 8,
+  brief: bool = False,
+  pairs: int | None = None,
 ) -> dict:
   """Runs the benchmark for one config; returns the figures as a dict.
 
   ``brief``: exact replay and the default strategy only (no vmapped replay,
   whose compile dominates for a large model, and no other strategies).
+  ``pairs``: train/record pairs timed per repeat (default
+  :func:`pairs_per_repeat` of the first training run's time); a repeat's
+  recording overhead is the median of its pairs' ratios.
   """
   train, source = training_data(config)
   plan = build.plan(config)
   devices = min(devices, jax.local_device_count())
   modes, strategies = _modes_and_strategies(devices, max(devices, chunk // devices * devices), segments, brief)
-  t, size, steps_replayed, peak = _time_repeats(config, train, source, plan, modes, strategies, repeats, devices)
+  t, size, steps_replayed, peak, pairs = _time_repeats(
+    config, train, source, plan, modes, strategies, repeats, devices, pairs
+  )
   med = {name: statistics.median(v) for name, v in t.items()}
-  overheads = [rec / plain for rec, plain in zip(t["record"], t["train"], strict=True)]
+  overheads = t["recording overhead"]
   return {
     "config": config.to_dict(),
     "data": source,
@@ -146,6 +160,7 @@ def measure(
     "k": plan.k,
     "runner": plan.runner,
     "repeats": repeats,
+    "pairs_per_repeat": pairs,
     "devices": devices,
     "timings": t,
     "train_seconds": med["train"],
@@ -192,26 +207,35 @@ def _modes_and_strategies(devices: int, chunk: int, segments: int, brief: bool) 
   return modes, strategies
 
 
-def _time_repeats(config, train, source, plan, modes, strategies, repeats, devices) -> tuple:
-  """Times every repeat: ``(timings by name, proof bytes, steps each strategy replayed, verifier peak MiB)``.
+def _time_repeats(config, train, source, plan, modes, strategies, repeats, devices, pairs=None) -> tuple:
+  """Times every repeat: ``(timings by name, proof bytes, steps each strategy replayed, verifier peak MiB, pairs)``.
 
-  Each repeat trains, records (alternating which goes first, so the machine's
-  drift favours neither), then verifies its proof in every mode and with
-  every strategy.
+  Each repeat trains and records ``pairs`` times (alternating which goes
+  first, so the machine's drift favours neither), then verifies its last
+  proof in every mode and with every strategy.
   """
-  t: dict[str, list[float]] = {"train": [], "record": [], "train step": []}
+  t: dict[str, list[float]] = {"train": [], "record": [], "recording overhead": [], "train step": []}
   size, steps_replayed = 0, {}
   _plain_training(config, train, plan)  # Warm-up: JAX's backend start-up is nobody's cost.
   program = build.program(config, train)  # the verifier's: compiled once, as for a verifier of many proofs
+  done = 0  # pairs timed so far: which of train and record goes first alternates with it
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
-      path = os.path.join(tmp, f"proof{r}")
-      for which in ("train", "record") if r % 2 == 0 else ("record", "train"):
-        if which == "train":
-          t["train"].append(_plain_training(config, train, plan, t["train step"]))
-        else:
-          seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
-          t["record"].append(seconds)
+      timed: dict[str, list[float]] = {"train": [], "record": [], "train step": []}
+      while len(timed["train"]) < (pairs or 1):
+        path = os.path.join(tmp, f"proof{done}")
+        for which in ("train", "record") if done % 2 == 0 else ("record", "train"):
+          if which == "train":
+            timed["train"].append(_plain_training(config, train, plan, timed["train step"]))
+          else:
+            seconds, _ = _timed(lambda p=path: recorder.record(p, build.program(config, train), train, plan))
+            timed["record"].append(seconds)
+        done += 1
+        pairs = pairs or pairs_per_repeat(timed["train"][0])
+      ratios = [rec / plain for rec, plain in zip(timed["record"], timed["train"], strict=True)]
+      for name, values in timed.items():
+        t[name].append(statistics.median(values))
+      t["recording overhead"].append(statistics.median(ratios))
       size = proof.size_bytes(path)
       for name, mode in modes.items():
         if r == 0:  # Compile outside the timing: a verifier checks many proofs per process.
@@ -233,13 +257,33 @@ def _time_repeats(config, train, source, plan, modes, strategies, repeats, devic
       _report_repeat(t, r, repeats)
     # The CLI verifier rebuilds the data from the config: only for data prepared here.
     peak = _verifier_peak_rss_mib(path) if source == train.name else None
-  return t, size, steps_replayed, peak
+  return t, size, steps_replayed, peak, pairs
+
+
+PAIR_SECONDS = 6.0
+"""Each repeat times train and record alternately until about this long (at most 5 pairs): a run of 1 s is noisy."""
+
+
+def pairs_per_repeat(seconds: float) -> int:
+  """How many train/record pairs a repeat times, from the first training run's ``seconds`` (1 from 3 s on).
+
+  >>> pairs_per_repeat(1.1), pairs_per_repeat(2.5), pairs_per_repeat(9.0)
+  (3, 2, 1)
+  """
+  return max(1, min(5, math.ceil(PAIR_SECONDS / (2 * seconds)) if seconds > 0 else 5))
 
 
 def _report_repeat(t: dict[str, list[float]], r: int, repeats: int) -> None:
   """One line on stderr with repeat ``r``'s timings, so a run stopped early still leaves its figures."""
   done = {name: v[r] for name, v in t.items() if len(v) > r}
-  shown = ", ".join(f"{name} {s * 1e3:.2f} ms" if s < 0.1 else f"{name} {s:.2f} s" for name, s in done.items())
+  shown = ", ".join(
+    f"{name} {s:.3f}x"
+    if name == "recording overhead"
+    else f"{name} {s * 1e3:.2f} ms"
+    if s < 0.1
+    else f"{name} {s:.2f} s"
+    for name, s in done.items()
+  )
   print(f"  repeat {r + 1}/{repeats}: {shown}", file=sys.stderr, flush=True)
 
 
@@ -525,7 +569,10 @@ def table(result: dict) -> str:
     f"  train without proof {result['train_seconds']:.2f} s (compiling included; then "
     f"{result['train_step_seconds'] * 1e3:.1f} ms/step), "
     f"record with proof {result['record_seconds']:.2f} s: overhead {result['recording_overhead']:.3f}x "
-    f"(median of the repeats' ratios: {', '.join(f'{x:.3f}' for x in result['recording_overhead_per_repeat'])})",
+    f"(median of the repeats' ratios: {', '.join(f'{x:.3f}' for x in result['recording_overhead_per_repeat'])}"
+    + (
+      f"; each the median of {result['pairs_per_repeat']} alternating pairs)" if result["pairs_per_repeat"] > 1 else ")"
+    ),
     f"  proof {result['proof_bytes'] / 1e6:.2f} MB, {result['proof_bytes_per_step']:.0f} bytes/step; "
     "verifier peak RSS "
     + (
@@ -645,13 +692,17 @@ def main(argv) -> None:
       + f"jax {env['jax']}, {machine['processor']}; medians of {_REPEATS.value}\n",
       flush=True,
     )
-    result = measure(_CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value, _BRIEF.value)
+    result = measure(
+      _CONFIG.value, _REPEATS.value, _DEVICES.value, _CHUNK.value, _SEGMENTS.value, _BRIEF.value, _PAIRS.value
+    )
     print(table(result), flush=True)
     if any(a.startswith("--config") for a in sys.argv[1:]):  # that config alone
       _write({**result, "machine": machine})
       return
     print("\nResNet-20 (measuring: a few minutes on a 2-core CPU) ...", file=sys.stderr, flush=True)
-    resnet = measure(resnet20_config(_CONFIG.value.owner), _REPEATS.value, _DEVICES.value, brief=True)
+    resnet = measure(
+      resnet20_config(_CONFIG.value.owner), _REPEATS.value, _DEVICES.value, brief=True, pairs=_PAIRS.value
+    )
     print("\n" + table(resnet), flush=True)
     versus = None
     if _has_torch():
@@ -673,6 +724,12 @@ if __name__ == "__main__":
   _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per timing (medians are reported).", lower_bound=1)
   _DEVICES = flags.DEFINE_integer(
     "devices", 2, "Devices for parallel replay (CPU: forced host devices).", lower_bound=1
+  )
+  _PAIRS = flags.DEFINE_integer(
+    "pairs",
+    None,
+    "Train/record pairs per repeat; default: enough for about 6 s (a short run's ratio is noisy), at most 5.",
+    lower_bound=1,
   )
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
   _SEGMENTS = flags.DEFINE_integer("segments", 8, "n for the uniform and fiat-shamir strategies.", lower_bound=1)
