@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -240,6 +241,27 @@ def _holds_checkpoints(proof_dir: str) -> bool:
   return os.path.isdir(path) and bool(os.listdir(path))
 
 
+SAVER_NICE = 10
+"""How far below the training the saver thread's CPU priority is, on Linux (where a thread has its own nice value).
+
+Its copying, hashing and packing then fill the gaps XLA's threads leave
+instead of taking a core from them (default config, interleaved in one
+process: recording 1.5% faster). Threads it starts inherit it: Orbax's and
+TensorStore's for a batch saved mid-run.
+"""
+
+
+def _lower_priority(by: int) -> None:
+  """Lowers the calling thread's CPU priority by ``by`` nice levels, where the OS allows one thread's."""
+  if not sys.platform.startswith("linux"):
+    return  # elsewhere setpriority would lower the whole process
+  try:
+    thread = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
+  except OSError:  # a sandbox that forbids it: the saver just runs at the training's priority
+    pass
+
+
 class _Saver:
   """Copies, hashes and hands recorded states to the writer in order, on a worker thread.
 
@@ -269,6 +291,7 @@ class _Saver:
       raise self._error
 
   def _work(self) -> None:
+    _lower_priority(SAVER_NICE)
     # While the training thread compiles the step: ``first`` (the start's
     # commit), then Orbax's start-up. A failed commit stops every save.
     if self._first is not None:
@@ -293,8 +316,7 @@ class _Saver:
       self._error = e
 
   def _save(self, state, metrics) -> None:
-    host = training.to_host(state)
-    metrics = training.to_host(metrics)
+    host, metrics = training.to_host((state, metrics))
     fingerprints = metrics.pop(training.STATE_FINGERPRINT, np.zeros((0, len(jax.tree.leaves(host))), np.uint32))
     summary = {name: float(np.mean(v)) for name, v in metrics.items()}
     self._checkpoints[str(int(host.step))] = self._writer.save(host, summary, fingerprints)

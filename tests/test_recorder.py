@@ -165,6 +165,24 @@ def test_run_json_programs_and_data_are_committed_before_any_checkpoint(tmp_path
   assert manifest["dataset"]["merkle_root"] == load_manifest(path)["dataset"]["merkle_root"] is not None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_the_saver_thread_runs_below_the_trainings_priority(tmp_path):
+  import threading
+
+  config = smoke_config("mlp", steps=8, k=4)
+  train = build.dataset(config, "train")
+  seen = []
+
+  def on_segment(step, metrics):  # on the saver thread
+    seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+  main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+  plan = build.plan(config)
+  recorder.record(str(tmp_path / "proof"), build.program(config, train), train, plan, on_segment=on_segment)
+  assert seen == [min(19, main + recorder.SAVER_NICE)] * 2
+  assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the training's is untouched
+
+
 def test_a_start_that_fails_on_the_saver_thread_stops_the_recording(tmp_path, monkeypatch):
   config = smoke_config("mlp", steps=24, k=4)
   train = build.dataset(config, "train")
