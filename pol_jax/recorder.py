@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -87,7 +86,10 @@ def record(
   the manifest, written last and atomically. A worker thread copies each
   state to the host as one flat buffer per dtype with its leaf digests, and
   saves the states in batches, one asynchronous Orbax checkpoint per batch
-  (:class:`store.Writer`), while training goes on.
+  (:class:`store.Writer`), while training goes on. Into a new directory, that
+  thread also hashes in-memory examples (``data.Dataset``, ``data.Examples``) and writes
+  run.json and the program texts while this one compiles the step, before
+  any state is saved; an error there is raised once the first segment has run.
 
   If ``proof_dir`` holds a partial proof of the same run (a killed recording),
   training resumes from its last durable state; the finished proof's
@@ -151,7 +153,9 @@ def record(
   # else by the saver thread while this one compiles the step.
   commit = _Start(proof_dir, json.loads(proof.canonical_json(body)), texts, dataset)
   fresh = not os.path.exists(os.path.join(proof_dir, proof.RUN)) and not _holds_checkpoints(proof_dir)
-  if not fresh:
+  # In memory, the examples can be hashed on the saver thread while this one
+  # reads batches; a user's source (data.Source) is only ever read from one.
+  if not (fresh and isinstance(dataset, (data_lib.Dataset, data_lib.Examples))):
     commit()
 
   writer = store.Writer(proof_dir)
@@ -241,27 +245,6 @@ def _holds_checkpoints(proof_dir: str) -> bool:
   return os.path.isdir(path) and bool(os.listdir(path))
 
 
-SAVER_NICE = 10
-"""How far below the training the saver thread's CPU priority is, on Linux (where a thread has its own nice value).
-
-Its copying, hashing and packing then fill the gaps XLA's threads leave
-instead of taking a core from them (default config, interleaved in one
-process: recording 1.5% faster). Threads it starts inherit it: Orbax's and
-TensorStore's for a batch saved mid-run.
-"""
-
-
-def _lower_priority(by: int) -> None:
-  """Lowers the calling thread's CPU priority by ``by`` nice levels, where the OS allows one thread's."""
-  if not sys.platform.startswith("linux"):
-    return  # elsewhere setpriority would lower the whole process
-  try:
-    thread = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
-  except OSError:  # a sandbox that forbids it: the saver just runs at the training's priority
-    pass
-
-
 class _Saver:
   """Copies, hashes and hands recorded states to the writer in order, on a worker thread.
 
@@ -291,7 +274,6 @@ class _Saver:
       raise self._error
 
   def _work(self) -> None:
-    _lower_priority(SAVER_NICE)
     # While the training thread compiles the step: ``first`` (the start's
     # commit), then Orbax's start-up. A failed commit stops every save.
     if self._first is not None:

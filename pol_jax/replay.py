@@ -398,6 +398,10 @@ def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -
   recorded, meta = recorded_end
   ours = proof.leaf_digests(replayed)
   bad = [p for p in ours if ours[p] != meta["leaves"][p]]
+  update = distances.distances(begin.params, recorded.params)
+  # Equal digests: the same bytes (digest-checked on restore), so every distance
+  # is 0; unless a parameter is NaN or infinite (then NaN, as computed).
+  same = not bad and all(math.isfinite(v) for v in update.values())
   return SegmentResult(
     index=index,
     start=start,
@@ -405,9 +409,8 @@ def _compare(index, start, end, begin, replayed, recorded_end: tuple, seconds) -
     match=not bad,
     differing=len(bad),
     first_differing=bad[0] if bad else None,
-    # Equal digests: the same bytes (digest-checked on restore), so every distance is 0.
-    distance=distances.distances(replayed.params, recorded.params) if bad else dict.fromkeys(distances.METRICS, 0.0),
-    update=distances.distances(begin.params, recorded.params),
+    distance=dict.fromkeys(distances.METRICS, 0.0) if same else distances.distances(replayed.params, recorded.params),
+    update=update,
     seconds=seconds,
   )
 

@@ -46,3 +46,9 @@ def test_measure_times_recording_and_replay_against_the_compiled_training_step()
   assert list(result["strategy_cost"]) == ["top-q+uniform (default)"]
   assert result["strategy_cost"]["top-q+uniform (default)"]["steps_replayed"] == result["steps"]
   assert "overhead" in benchmark.table(result) and "x train step" in benchmark.table(result)
+
+
+def test_a_short_run_is_timed_in_several_pairs_a_long_one_in_one():
+  from experiments import benchmark
+
+  assert [benchmark.pairs_per_repeat(s) for s in (0.3, 1.1, 2.5, 3.0, 9.0)] == [5, 3, 2, 1, 1]

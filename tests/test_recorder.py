@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_manifest, record, run_cli, smoke_config
 
-from pol_jax import build, challenge, proof, recorder, store, verifier
+from pol_jax import build, challenge, data, proof, recorder, store, verifier
 
 _KILLED_RUN = """
 import os, signal, sys
@@ -147,40 +147,54 @@ def test_resume_refuses_a_partial_proof_of_another_run(tmp_path):
     record(path, smoke_config("mlp", steps=24, k=4, learning_rate=0.3))
 
 
-def test_run_json_programs_and_data_are_committed_before_any_checkpoint(tmp_path, monkeypatch):
+def test_run_json_and_programs_are_committed_before_any_checkpoint(tmp_path, monkeypatch):
   # A fresh recording commits its start on the saver thread while the step
   # compiles; a killed run must still find run.json before any batch is saved.
+  # Every state is its own batch here, saved from the saver thread, and the
+  # hashing is slowed down: a start committed late or alongside would show.
+  import threading
+  import time
+
   path = str(tmp_path / "proof")
-  seen = []
-  flush = store.Writer.flush
+  seen, hashed_on = [], []
+  flush, digests = store.Writer.flush, data.Dataset.digests
 
   def checked_flush(self):
     if self._pending:
       seen.append(sorted(os.listdir(path)))
     flush(self)
 
+  def slow_digests(self, indices=None):
+    hashed_on.append(threading.current_thread().name)
+    time.sleep(0.5)
+    return digests(self, indices)
+
+  monkeypatch.setattr(store, "FLUSH_STATES", 1)
   monkeypatch.setattr(store.Writer, "flush", checked_flush)
+  monkeypatch.setattr(data.Dataset, "digests", slow_digests)
   manifest = record(path, smoke_config("mlp", steps=24, k=4))
-  assert seen and all({proof.RUN, proof.PROGRAMS} <= set(names) for names in seen), seen
+  assert len(seen) == 7 and all({proof.RUN, proof.PROGRAMS} <= set(names) for names in seen), seen
+  assert hashed_on == ["pol-jax-saver"]
   assert manifest["dataset"]["merkle_root"] == load_manifest(path)["dataset"]["merkle_root"] is not None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
-def test_the_saver_thread_runs_below_the_trainings_priority(tmp_path):
+def test_a_users_source_is_read_from_one_thread_only(tmp_path, monkeypatch):
   import threading
 
   config = smoke_config("mlp", steps=8, k=4)
-  train = build.dataset(config, "train")
-  seen = []
+  examples = build.dataset(config, "train")
+  rows = [(examples.inputs[i], examples.labels[i]) for i in range(len(examples))]
+  source = data.Source(examples.name, rows)
+  read_on = set()
+  example = data.Source.example
 
-  def on_segment(step, metrics):  # on the saver thread
-    seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+  def recorded_example(self, index):
+    read_on.add(threading.current_thread().name)
+    return example(self, index)
 
-  main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-  plan = build.plan(config)
-  recorder.record(str(tmp_path / "proof"), build.program(config, train), train, plan, on_segment=on_segment)
-  assert seen == [min(19, main + recorder.SAVER_NICE)] * 2
-  assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the training's is untouched
+  monkeypatch.setattr(data.Source, "example", recorded_example)
+  recorder.record(str(tmp_path / "proof"), build.program(config, examples), source, build.plan(config))
+  assert read_on == {threading.current_thread().name}
 
 
 def test_a_start_that_fails_on_the_saver_thread_stops_the_recording(tmp_path, monkeypatch):

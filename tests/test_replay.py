@@ -192,3 +192,25 @@ def test_batched_segment_compiles_once_for_every_chunk(cnn_proof):
   assert verdict.accepted and len(verdict.segments) == 6
   # One trace for the program check (the exact segment), one for the vmapped chunk program: 3 chunks, one compile.
   assert len(traces) == 2, len(traces)
+
+
+def test_a_matching_replay_has_distance_zero_unless_a_parameter_is_not_finite():
+  import math
+  from typing import NamedTuple
+
+  import numpy as np
+
+  from pol_jax import proof, replay
+
+  class State(NamedTuple):
+    params: dict
+
+  begin = State({"w": np.array([1.0, 2.0], np.float32)})
+  end = State({"w": np.array([1.5, 2.5], np.float32)})
+  matched = replay._compare(0, 0, 4, begin, end, (end, {"leaves": proof.leaf_digests(end)}), 0.1)
+  assert matched.match and matched.distance == {"l1": 0.0, "l2": 0.0, "linf": 0.0, "cosine": 0.0}
+  assert matched.update["l1"] == 1.0
+  # Bytes reproduced, but a NaN parameter: the distance stays NaN (a tolerance judgement rejects it).
+  broken = State({"w": np.array([np.nan, 2.5], np.float32)})
+  result = replay._compare(0, 0, 4, begin, broken, (broken, {"leaves": proof.leaf_digests(broken)}), 0.1)
+  assert result.match and math.isnan(result.distance["l1"]) and math.isnan(result.update["l1"])
