@@ -38,6 +38,7 @@ before JAX starts, for the prover and the verifiers alike.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -86,6 +87,7 @@ def _plain_training(config, train, plan, steady: list | None = None) -> float:
   ``steady``, if given, gets the seconds per step after the first segment (whose
   time includes compiling the step): the step time replay is compared with.
   """
+  _collect()
   t0 = time.perf_counter()
   program = build.program(config, train)
   keys = training.derive_keys(plan.seed)
@@ -105,7 +107,20 @@ def _plain_training(config, train, plan, steady: list | None = None) -> float:
   return t2 - t0
 
 
+def _collect() -> None:
+  """A full garbage collection before a timed run, so that none lands inside one by chance.
+
+  A full collection of this process's heap (JAX, Flax, the compiled
+  programs) costs about a quarter of a second here; Python starts one when
+  enough allocations have piled up, which made one repeat's recording (or
+  training) a quarter of a second slower at random. ``timeit`` turns the
+  collector off for the same reason.
+  """
+  gc.collect()
+
+
 def _timed(fn):
+  _collect()
   t0 = time.perf_counter()
   out = fn()
   return time.perf_counter() - t0, out

@@ -123,10 +123,21 @@ def bound_seed(public_key: str, nonce: int) -> int:
 
 
 def _key_name(entry) -> str:
+  attr = _KEY_ATTRS.get(type(entry))
+  if attr is not None:
+    return str(getattr(entry, attr))
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
   return str(entry)
+
+
+_KEY_ATTRS = {
+  jax.tree_util.DictKey: "key",
+  jax.tree_util.GetAttrKey: "name",
+  jax.tree_util.SequenceKey: "idx",
+  jax.tree_util.FlattenedIndexKey: "key",
+}
 
 
 def flatten(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
@@ -160,7 +171,8 @@ def leaf_digest(path: str, array: np.ndarray) -> str:
     array = np.asarray(array)
     dtype, shape = array.dtype.str, array.shape
   h = hashlib.sha256(f"{path}\x00{dtype}\x00{shape}\x00".encode())
-  h.update(np.ascontiguousarray(array).tobytes())
+  contiguous = np.ascontiguousarray(array)
+  h.update(contiguous.reshape(-1).view(np.uint8) if contiguous.size else b"")  # its bytes, not copied
   return h.hexdigest()
 
 

@@ -67,7 +67,7 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, tmp_path, model, k
   assert os.path.exists(os.path.join(path, proof.RUN))
   durable = [s for b in store.batches(path) for s in store.read_batch_meta(path, b)["states"]]
   assert kill_at < 8 or durable, "the resume starts from a recorded state, not from the init"
-  leftover = os.path.join(path, proof.CHECKPOINTS, "16.orbax-checkpoint-tmp-1700000000000000")
+  leftover = os.path.join(path, proof.CHECKPOINTS, "16.pol-jax-tmp-1700000000000000000")
   os.makedirs(os.path.join(leftover, "state"), exist_ok=True)  # what a save killed midway leaves
   open(os.path.join(leftover, "state", "_METADATA"), "w").write("{")
   # The partial proof is refused, not verified.
