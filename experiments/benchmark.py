@@ -14,7 +14,7 @@ of a ratio alike; training and recording alternate which runs first):
 * recording overhead: the wall time of ``record`` over the wall time of the
   same jitted segments over the same batches writing nothing (both include
   compiling the step once); a repeat of a run shorter than 3 s times several
-  such pairs (``--pairs``; by default about 6 s of them, at most 5) and takes
+  such pairs (``--pairs``; by default about 12 s of them, at most 5) and takes
   the median of their ratios, since one second's run is noisy;
 * verification throughput of every segment (``all``), in replayed steps per
   second, for sequential exact replay (one device), device-parallel exact
@@ -275,15 +275,15 @@ def _time_repeats(config, train, source, plan, modes, strategies, repeats, devic
   return t, size, steps_replayed, peak, pairs
 
 
-PAIR_SECONDS = 6.0
+PAIR_SECONDS = 12.0
 """Each repeat times train and record alternately until about this long (at most 5 pairs): a run of 1 s is noisy."""
 
 
 def pairs_per_repeat(seconds: float) -> int:
-  """How many train/record pairs a repeat times, from the first training run's ``seconds`` (1 from 3 s on).
+  """How many train/record pairs a repeat times, from the first training run's ``seconds`` (1 from 6 s on).
 
   >>> pairs_per_repeat(1.1), pairs_per_repeat(2.5), pairs_per_repeat(9.0)
-  (3, 2, 1)
+  (5, 3, 1)
   """
   return max(1, min(5, math.ceil(PAIR_SECONDS / (2 * seconds)) if seconds > 0 else 5))
 
@@ -743,7 +743,7 @@ if __name__ == "__main__":
   _PAIRS = flags.DEFINE_integer(
     "pairs",
     None,
-    "Train/record pairs per repeat; default: enough for about 6 s (a short run's ratio is noisy), at most 5.",
+    "Train/record pairs per repeat; default: enough for about 12 s (a short run's ratio is noisy), at most 5.",
     lower_bound=1,
   )
   _CHUNK = flags.DEFINE_integer("chunk", 16, "Segments per vmapped call.", lower_bound=1)
