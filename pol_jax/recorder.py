@@ -85,7 +85,7 @@ def record(
   end, the index log, the per-example data digests and their Merkle root, and
   the manifest, written last and atomically. A worker thread copies each
   state to the host as one flat buffer per dtype with its leaf digests, and
-  saves the states in batches, one asynchronous Orbax checkpoint per batch
+  saves the states in batches, one Orbax checkpoint per batch written in the background
   (:class:`store.Writer`), while training goes on. Into a new directory, that
   thread also hashes in-memory examples (``data.Dataset``, ``data.Examples``) and writes
   run.json and the program texts while this one compiles the step, before
