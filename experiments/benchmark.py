@@ -13,7 +13,7 @@ of a ratio alike; training and recording alternate which runs first):
 
 * recording overhead: the wall time of ``record`` over the wall time of the
   same jitted segments over the same batches writing nothing (both include
-  compiling the step once); a repeat of a run shorter than 3 s times several
+  compiling the step once); a repeat of a run shorter than 6 s times several
   such pairs (``--pairs``; by default about 12 s of them, at most 5) and takes
   the median of their ratios, since one second's run is noisy;
 * verification throughput of every segment (``all``), in replayed steps per

@@ -18,11 +18,13 @@ anything is allocated, every leaf's digest checked before the state is used.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -54,7 +56,7 @@ FLUSH_BYTES = 256 << 20
 _FLUSH_META_BYTES = 16 << 20  # well under MAX_JSON_BYTES: a batch's meta is read whole
 
 
-def pack(state: Any) -> tuple[dict[str, np.ndarray], list, dict[str, str]]:
+def pack(state: Any, paths: dict | None = None) -> tuple[dict[str, np.ndarray], list, dict[str, str]]:
   """A host state as ``(buffers, layout, leaf digests)``: one flat buffer per stored dtype.
 
   ``layout`` is ``[[path, dtype, shape], ...]`` in tree order, the stored
@@ -65,11 +67,17 @@ def pack(state: Any) -> tuple[dict[str, np.ndarray], list, dict[str, str]]:
   >>> buffers, layout, _ = pack({"a": np.ones(2, np.float32), "b": np.zeros((), np.int32), "c": np.ones(1, np.float32)})
   >>> {d: b.tolist() for d, b in buffers.items()}, layout[1]
   ({'float32': [1.0, 1.0, 1.0], 'int32': [0]}, ['b', 'int32', []])
+
+  ``paths``: a dict in which to keep each tree structure's leaf paths, for
+  a caller that packs many states of one structure (:class:`Writer`, one
+  per recording). Not shared wider: structures compare dict keys with
+  ``==``, so ``{1: x}`` and ``{True: x}`` are equal structures with
+  different paths.
   """
   groups: dict[str, list] = {}
   layout, leaves = [], {}
   values, treedef = jax.tree.flatten(state)
-  for path, leaf in zip(_paths(treedef, state), values, strict=True):
+  for path, leaf in zip(_paths(treedef, state, {} if paths is None else paths), values, strict=True):
     leaves[path] = leaf_digest(path, leaf)
     array = np.asarray(stored(leaf))  # not ascontiguousarray: it makes a scalar one-dimensional
     dtype = _dtype_name(array.dtype)
@@ -85,13 +93,10 @@ def _dtype_name(dtype: np.dtype) -> str:
   return dtype.name
 
 
-_PATHS: dict = {}  # treedef -> its leaves' paths: a recorder packs states of one structure
-
-
-def _paths(treedef, state: Any) -> list[str]:
+def _paths(treedef, state: Any, cache: dict) -> list[str]:
   """The path of every leaf of ``state`` (whose structure is ``treedef``), in tree order, checked unambiguous."""
   try:
-    paths = _PATHS.get(treedef)
+    paths = cache.get(treedef)
   except TypeError:  # a node whose aux data cannot be hashed: no cache
     treedef, paths = None, None
   if paths is None:
@@ -103,9 +108,9 @@ def _paths(treedef, state: Any) -> list[str]:
       paths.append(path)
       seen.add(path)
     if treedef is not None:
-      if len(_PATHS) >= 64:
-        _PATHS.clear()
-      _PATHS[treedef] = paths
+      if len(cache) >= 8:
+        cache.clear()
+      cache[treedef] = paths
   return paths
 
 
@@ -146,17 +151,19 @@ class Writer:
   ``flush_states`` states or ``flush_bytes`` bytes (by default
   :data:`FLUSH_SECONDS`, :data:`FLUSH_STATES`, :data:`FLUSH_BYTES`), and on
   :meth:`flush`, :meth:`wait` and :meth:`close`. A batch is written under a
-  temporary name (``<step>.pol-jax-tmp-<ns>``) and renamed to its step once
-  its Orbax item is finalised and its meta is on disk, so a state is durable
-  once its batch is renamed: a crash loses the states not yet flushed and
-  those of the save in flight, and leaves a temporary directory that the
-  next writer of the directory removes.
+  temporary name (``<step>.pol-jax-tmp-<pid>-<n>``) and renamed to its step
+  once its Orbax item is finalised and its meta is on disk, so a state is
+  durable once its batch is renamed: a crash loses the states not yet
+  flushed and those of the save in flight, and leaves a temporary directory
+  that the next writer of the directory removes.
 
   The state item is written by Orbax's ``PyTreeCheckpointHandler`` (what a
   verifier reads it with) in one event loop kept for the writer's life:
-  Orbax's ``CheckpointManager`` measured 22-23 ms a save on the default
-  config's 31 states against 13-14 ms for the handler alone, most of it
-  event loops, threads and bookkeeping files made anew for each save.
+  Orbax's ``CheckpointManager`` measured 22-26 ms a save on the default
+  config's 31 states against 13.5-16.6 ms for the handler alone, most of
+  it event loops, threads and bookkeeping files made anew for each save.
+  Its methods may be called from two threads (a recorder's saver thread,
+  and the training thread closing it).
   """
 
   def __init__(
@@ -176,10 +183,13 @@ class Writer:
     self._ocp = self._handler = self._thread = None  # made by prepare() or the first flush
     self._loop = None  # the writer thread's event loop, made there
     self._inflight = None  # the save in flight (a concurrent.futures.Future)
-    if os.path.isdir(self.directory):  # a partial proof: what a killed save left goes now
+    self._lock = threading.RLock()
+    self._names = itertools.count()
+    if _real_directory(self.directory):  # a partial proof: what a killed save left goes now
       remove_unfinished(self.directory)
     self._pending: list[tuple[int, dict, dict]] = []
     self._layout: list | None = None
+    self._paths: dict = {}  # the states' tree structures -> their leaf paths (pack)
     self._since = 0.0
     self._bytes = self._meta_bytes = 0
 
@@ -201,7 +211,8 @@ class Writer:
     else the first save pays it, and for a run shorter than one flush window
     that is its only save, at the end, where nothing overlaps it.
     """
-    self._start()
+    with self._lock:
+      self._start()
 
   def _start(self):
     if self._handler is None:
@@ -222,20 +233,21 @@ class Writer:
     fingerprints of the segment that ended here (``training.state_fingerprint``).
     """
     step = int(np.asarray(state.step))
-    buffers, layout, leaves = pack(state)
-    if self._pending and (layout != self._layout or step <= self._pending[-1][0]):
-      self.flush()
+    buffers, layout, leaves = pack(state, self._paths)
     meta = {"step": step, "leaves": leaves, "metrics": metrics or {}}
     if fingerprints is not None:
       meta["fingerprints"] = np.asarray(fingerprints, np.uint32).tolist()
-    if not self._pending:
-      self._since = time.monotonic()
-    self._pending.append((step, buffers, meta))
-    self._layout = layout
-    self._bytes += sum(b.nbytes for b in buffers.values())
-    self._meta_bytes += 100 * (len(leaves) + np.size(fingerprints if fingerprints is not None else 0))
-    if self.seconds_left() == 0.0:
-      self.flush()
+    with self._lock:
+      if self._pending and (layout != self._layout or step <= self._pending[-1][0]):
+        self.flush()
+      if not self._pending:
+        self._since = time.monotonic()
+      self._pending.append((step, buffers, meta))
+      self._layout = layout
+      self._bytes += sum(b.nbytes for b in buffers.values())
+      self._meta_bytes += 100 * (len(leaves) + np.size(fingerprints if fingerprints is not None else 0))
+      if self.seconds_left() == 0.0:
+        self.flush()
     return digest_json(meta)
 
   def seconds_left(self) -> float | None:
@@ -252,24 +264,29 @@ class Writer:
     """Starts the save of the pending states as one batch (waiting for the save in flight first).
 
     Raises:
-      The error of the save in flight, if it failed.
+      The error of the save in flight, if it failed (the pending states are kept).
     """
-    if not self._pending:
-      return
-    self._start()
-    # One [states, elements] array per dtype: Orbax's cost grows with the number of arrays.
-    tree = {d: np.stack([buffers[d] for _, buffers, _ in self._pending]) for d in self._pending[0][1]}
-    meta = {"states": {str(step): meta for step, _, meta in self._pending}, "layout": self._layout}
-    last = self._pending[-1][0]
-    self._pending, self._bytes, self._meta_bytes = [], 0, 0
-    self._settle()
-    self._inflight = self._thread.submit(self._write, last, tree, meta)
+    with self._lock:
+      if not self._pending:
+        return
+      self._settle()
+      self._start()
+      # One [states, elements] array per dtype: Orbax's cost grows with the number of arrays.
+      tree = {d: np.stack([buffers[d] for _, buffers, _ in self._pending]) for d in self._pending[0][1]}
+      meta = {"states": {str(step): meta for step, _, meta in self._pending}, "layout": self._layout}
+      last = self._pending[-1][0]
+      self._pending, self._bytes, self._meta_bytes = [], 0, 0
+      self._inflight = self._thread.submit(self._write, last, tree, meta)
 
   def _settle(self) -> None:
     """Waits for the save in flight; re-raises its error."""
-    inflight, self._inflight = self._inflight, None
-    if inflight is not None:
-      inflight.result()
+    with self._lock:
+      inflight, self._inflight = self._inflight, None
+      if inflight is not None:
+        inflight.result()
+
+  def _temporary(self, step: int) -> str:
+    return os.path.join(self.directory, f"{step}{_TMP}{os.getpid()}-{next(self._names)}")
 
   def _write(self, step: int, tree: dict, meta: dict) -> None:
     """Writes one batch (on the writer thread): the state item, then its meta, then the rename that finalises it."""
@@ -278,7 +295,9 @@ class Writer:
     from etils import epath
 
     os.makedirs(self.directory, exist_ok=True)
-    tmp = os.path.join(self.directory, f"{step}{_TMP}{time.time_ns()}")
+    if not _real_directory(self.directory):
+      raise OSError(f"{self.directory} is not a directory (a link?); record into a new directory")
+    tmp = self._temporary(step)
     os.mkdir(tmp)
     os.mkdir(os.path.join(tmp, "state"))
     os.mkdir(os.path.join(tmp, "meta"))
@@ -296,55 +315,79 @@ class Writer:
       os.fsync(f.fileno())
     final = os.path.join(self.directory, str(step))
     if os.path.lexists(final):  # a batch of this step saved again (a coordinator redoing a round)
-      aside = os.path.join(self.directory, f"{step}{_TMP}{time.time_ns()}")
+      aside = self._temporary(step)
       os.rename(final, aside)
       os.rename(tmp, final)
-      _remove(aside)
+      _remove_quietly(aside)  # a temporary name: the next writer removes what is left
     else:
       os.rename(tmp, final)
     _fsync_dir(self.directory)
 
   def wait(self) -> None:
     """Saves the pending states and blocks until every started save is finalised."""
-    self.flush()
-    self._settle()
+    with self._lock:
+      self.flush()
+      self._settle()
 
   def close(self) -> None:
-    try:
-      self.wait()
-    finally:
-      if self._thread is not None:
-        if self._loop is not None:
-          self._thread.submit(self._loop.close).result()
-        self._thread.shutdown()
-        self._handler.close()
-        self._thread = self._handler = self._loop = None
+    with self._lock:
+      try:
+        self.wait()
+      finally:
+        if self._thread is not None:
+          if self._loop is not None:
+            self._thread.submit(self._loop.close).result()
+          self._thread.shutdown()
+          self._handler.close()
+          self._thread = self._handler = self._loop = None
 
 
 _TMP = ".pol-jax-tmp-"
-_UNFINISHED = re.compile(r"[0-9]+\.(pol-jax-tmp|orbax-checkpoint-tmp)-[0-9]+")  # ours, and Orbax's (older proofs)
+# Ours (<step>.pol-jax-tmp-<pid>-<n>), and Orbax's (<step>.orbax-checkpoint-tmp[-<time>]) in proofs begun before.
+_UNFINISHED = re.compile(r"[0-9]+\.(pol-jax-tmp-[0-9]+-[0-9]+|orbax-checkpoint-tmp(-[0-9]+)?)")
+
+
+def _real_directory(path: str) -> bool:
+  """Whether ``path`` is a directory itself, not a link to one."""
+  import stat
+
+  try:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+  except FileNotFoundError:
+    return False
 
 
 def remove_unfinished(directory: str) -> list[str]:
-  """Removes what killed saves left in a ``checkpoints/`` directory (nothing followed); returns the names removed."""
+  """Removes what killed saves left in a ``checkpoints/`` directory (nothing followed); returns the names removed.
+
+  Best effort: what cannot be removed is logged and left (its name is never
+  a batch's, and a recording's file listing refuses it later), so a
+  planted, undeletable tree cannot stop a coordinator from opening its run.
+  """
   removed = []
+  if not _real_directory(directory):
+    return removed
   with os.scandir(directory) as entries:
     for entry in entries:
-      if _UNFINISHED.fullmatch(entry.name):
-        _remove(entry.path)
+      if _UNFINISHED.fullmatch(entry.name) and _remove_quietly(entry.path):
         removed.append(entry.name)
   return removed
 
 
-def _remove(path: str) -> None:
-  """Removes a directory tree, or a link or file in its place, without following a link."""
+def _remove_quietly(path: str) -> bool:
+  """Removes a directory tree, or a link or file in its place, without following a link; False if it could not."""
   import shutil
   import stat
 
-  if stat.S_ISDIR(os.lstat(path).st_mode):
-    shutil.rmtree(path)  # removes links inside, never follows them
-  else:
-    os.unlink(path)
+  try:
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+      shutil.rmtree(path)  # removes links inside, never follows them
+    else:
+      os.unlink(path)
+    return True
+  except OSError as e:
+    logging.getLogger(__name__).warning("could not remove %s: %s", path, e)
+    return False
 
 
 def _fsync_dir(path: str) -> None:

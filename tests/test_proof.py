@@ -154,32 +154,95 @@ def test_a_writer_removes_what_killed_saves_left_and_follows_no_link(tmp_path):
   outside = tmp_path / "outside"
   outside.mkdir()
   (outside / "keep.txt").write_text("not the writer's")
-  os.makedirs(os.path.join(directory, "8.pol-jax-tmp-1700000000000000000", "state"))
-  os.makedirs(os.path.join(directory, "16.orbax-checkpoint-tmp-1700000000000000"))  # an older writer's
-  os.symlink(outside, os.path.join(directory, "24.pol-jax-tmp-1"))
+  os.makedirs(os.path.join(directory, "8.pol-jax-tmp-4242-0", "state"))
+  # What Orbax's CheckpointManager left (proofs begun before the writer wrote its own batches).
+  os.makedirs(os.path.join(directory, "16.orbax-checkpoint-tmp", "state"))
+  os.makedirs(os.path.join(directory, "20.orbax-checkpoint-tmp-1700000000000000"))
+  os.symlink(outside, os.path.join(directory, "24.pol-jax-tmp-1-0"))
   os.makedirs(os.path.join(directory, "notes"))  # not a temporary name: left alone
   store.Writer(path).close()
   assert sorted(os.listdir(directory)) == ["notes"]
   assert (outside / "keep.txt").read_text() == "not the writer's"
 
 
-def test_a_failed_save_is_raised_and_leaves_no_batch(tmp_path, monkeypatch):
+def test_orbax_temporary_names_are_the_ones_removed():
+  from orbax.checkpoint._src.path import atomicity_types
+
+  assert store._UNFINISHED.fullmatch("16" + atomicity_types.TMP_DIR_SUFFIX)
+
+
+def test_a_writer_refuses_a_linked_checkpoints_directory(tmp_path):
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  path = tmp_path / "proof"
+  path.mkdir()
+  os.symlink(outside, path / proof.CHECKPOINTS)
+  writer = store.Writer(str(path), flush_states=1)
+  with pytest.raises(OSError, match="not a directory"):
+    try:
+      writer.save(_states(0)[0])
+    finally:
+      writer.close()
+  assert os.listdir(outside) == []
+
+
+def test_a_failed_save_is_raised_keeps_the_next_batch_and_its_leftovers_go(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp
 
   path = str(tmp_path / "proof")
+  real = ocp.PyTreeCheckpointHandler.async_save
+  calls = []
 
-  async def broken(self, directory, args):
-    raise OSError(28, "No space left on device")
+  async def broken_once(self, directory, args):
+    calls.append(directory)
+    if len(calls) == 1:
+      raise OSError(28, "No space left on device")
+    return await real(self, directory, args=args)
 
-  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", broken)
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", broken_once)
+  states = _states(0, 4, 8)
   writer = store.Writer(path, flush_states=2)
+  digests = {s: writer.save(state) for s, state in list(states.items())[:2]}  # the batch of 0 and 4: fails
+  digests[8] = writer.save(states[8])
   with pytest.raises(OSError, match="No space left"):
+    writer.wait()
+  assert store.batches(path) == []
+  writer.close()  # the state at 8, kept when the error was raised, is saved now
+  assert store.batches(path) == [8]
+  back, _ = store.restore(path, 8, states[8], digests[8])
+  assert back.params["w"].tolist() == [8.0, 9.0, 10.0]
+  assert any(".pol-jax-tmp-" in name for name in os.listdir(os.path.join(path, proof.CHECKPOINTS)))
+  store.Writer(path).close()
+  assert os.listdir(os.path.join(path, proof.CHECKPOINTS)) == ["8"]
+
+
+def test_a_crash_while_replacing_a_batch_loses_that_batch_only(tmp_path, monkeypatch):
+  """The window between moving the old batch aside and renaming the new one in: both go, the rest stays."""
+  path = str(tmp_path / "proof")
+  writer = store.Writer(path, flush_states=2)
+  for state in _states(0, 4, 8, 12).values():
+    writer.save(state)
+  writer.close()
+  renames = []
+  real = os.rename
+
+  def rename(src, dst):
+    renames.append(dst)
+    if len(renames) == 2:  # old batch aside, then the new one in: fails
+      raise OSError(5, "Input/output error")
+    return real(src, dst)
+
+  writer = store.Writer(path, flush_states=2)
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(OSError, match="Input/output"):
     try:
-      for state in _states(0, 4, 8).values():
+      for state in _states(8, 12, offset=0.5).values():  # steps 8 and 12 again: batch 12 is replaced
         writer.save(state)
     finally:
       writer.close()
-  assert store.batches(path) == []
+  monkeypatch.setattr(os, "rename", real)
+  store.Writer(path).close()
+  assert os.listdir(os.path.join(path, proof.CHECKPOINTS)) == ["4"] and store.batches(path) == [4]
 
 
 # ------------------------------------------------------------------ hostile files: the honest proof, then the attacks

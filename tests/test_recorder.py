@@ -67,15 +67,19 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, tmp_path, model, k
   assert os.path.exists(os.path.join(path, proof.RUN))
   durable = [s for b in store.batches(path) for s in store.read_batch_meta(path, b)["states"]]
   assert kill_at < 8 or durable, "the resume starts from a recorded state, not from the init"
-  leftover = os.path.join(path, proof.CHECKPOINTS, "16.pol-jax-tmp-1700000000000000000")
-  os.makedirs(os.path.join(leftover, "state"), exist_ok=True)  # what a save killed midway leaves
-  open(os.path.join(leftover, "state", "_METADATA"), "w").write("{")
+  # What a save killed midway leaves: ours, and Orbax's (a partial proof begun by an older pol-jax).
+  leftovers = [
+    os.path.join(path, proof.CHECKPOINTS, name) for name in ("16.pol-jax-tmp-99-0", "20.orbax-checkpoint-tmp")
+  ]
+  for leftover in leftovers:
+    os.makedirs(os.path.join(leftover, "state"), exist_ok=True)
+    open(os.path.join(leftover, "state", "_METADATA"), "w").write("{")
   # The partial proof is refused, not verified.
   result = run_cli("experiments.verify", f"--proof={path}")
   assert result.returncode == 2 and "partial proof" in result.stderr, result.stderr
   resumed = record(path, smoke_config(model, steps=24, k=4))
   assert proof.semantic_root(resumed) == uninterrupted[model]
-  assert not os.path.exists(leftover) and proof.validate_manifest(resumed)
+  assert not any(os.path.exists(leftover) for leftover in leftovers) and proof.validate_manifest(resumed)
   assert not os.path.exists(os.path.join(path, proof.RUN))
 
 
