@@ -329,13 +329,6 @@ def load_model(path: str) -> tuple[str, dict[str, np.ndarray]]:
     raise DisputeError(f"{path}: unreadable model file ({type(e).__name__})") from None
 
 
-def _is_dir(p: str) -> bool:
-  try:
-    return stat.S_ISDIR(os.lstat(p).st_mode)
-  except OSError:
-    return False
-
-
 def _recorded_state(path: str) -> tuple[str, int] | None:
   """``(batch directory, step)`` of a model given as a proof (its final state) or ``proof/checkpoints/<step>``.
 
@@ -406,7 +399,7 @@ def _load_recorded(batch_dir: str, step: int) -> dict[str, np.ndarray]:
 
 def _state_dir(path: str) -> str:
   """The Orbax directory of a model: a checkpoint's ``state`` item, or the directory itself."""
-  if _is_dir(os.path.join(path, "state")) and _is_dir(os.path.join(path, "meta")):
+  if safeio.is_real_dir(os.path.join(path, "state")) and safeio.is_real_dir(os.path.join(path, "meta")):
     return os.path.join(path, "state")
   return path
 

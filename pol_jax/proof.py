@@ -278,7 +278,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
-  fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+  fsync_directory(os.path.dirname(path) or ".")
+
+
+def fsync_directory(path: str) -> None:
+  """Makes a rename or a new entry in directory ``path`` durable."""
+  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
   try:
     os.fsync(fd)
   finally:

@@ -131,6 +131,14 @@ def _check_name(name: str, rel: str) -> None:
 # Files
 
 
+def is_real_dir(path: str) -> bool:
+  """Whether ``path`` is a directory itself: not a link to one, not missing or unreadable."""
+  try:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+  except OSError:
+    return False
+
+
 def open_regular(path: str, label: str) -> BinaryIO:
   """A binary file object on ``path``: not followed, never blocking, a regular file.
 

@@ -40,6 +40,7 @@ from pol_jax.proof import (
   ProofError,
   digest_json,
   flatten,
+  fsync_directory,
   inside,
   leaf_digest,
   path_str,
@@ -185,7 +186,7 @@ class Writer:
     self._inflight = None  # the save in flight (a concurrent.futures.Future)
     self._lock = threading.RLock()
     self._names = itertools.count()
-    if _real_directory(self.directory):  # a partial proof: what a killed save left goes now
+    if safeio.is_real_dir(self.directory):  # a partial proof: what a killed save left goes now
       remove_unfinished(self.directory)
     self._pending: list[tuple[int, dict, dict]] = []
     self._layout: list | None = None
@@ -214,7 +215,7 @@ class Writer:
     with self._lock:
       self._start()
 
-  def _start(self):
+  def _start(self) -> None:
     if self._handler is None:
       import concurrent.futures
 
@@ -224,7 +225,6 @@ class Writer:
       local = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
       self._ocp, self._handler = ocp, ocp.PyTreeCheckpointHandler(multiprocessing_options=local)
       self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pol-jax-writer")
-    return self._ocp
 
   def save(self, state: Any, metrics: dict | None = None, fingerprints: np.ndarray | None = None) -> str:
     """Adds ``state`` (host arrays) to the batch, saving the batch when it is due; returns the state's meta digest.
@@ -295,7 +295,7 @@ class Writer:
     from etils import epath
 
     os.makedirs(self.directory, exist_ok=True)
-    if not _real_directory(self.directory):
+    if not safeio.is_real_dir(self.directory):
       raise OSError(f"{self.directory} is not a directory (a link?); record into a new directory")
     tmp = self._temporary(step)
     os.mkdir(tmp)
@@ -321,7 +321,7 @@ class Writer:
       _remove_quietly(aside)  # a temporary name: the next writer removes what is left
     else:
       os.rename(tmp, final)
-    _fsync_dir(self.directory)
+    fsync_directory(self.directory)
 
   def wait(self) -> None:
     """Saves the pending states and blocks until every started save is finalised."""
@@ -347,16 +347,6 @@ _TMP = ".pol-jax-tmp-"
 _UNFINISHED = re.compile(r"[0-9]+\.(pol-jax-tmp-[0-9]+-[0-9]+|orbax-checkpoint-tmp(-[0-9]+)?)")
 
 
-def _real_directory(path: str) -> bool:
-  """Whether ``path`` is a directory itself, not a link to one."""
-  import stat
-
-  try:
-    return stat.S_ISDIR(os.lstat(path).st_mode)
-  except FileNotFoundError:
-    return False
-
-
 def remove_unfinished(directory: str) -> list[str]:
   """Removes what killed saves left in a ``checkpoints/`` directory (nothing followed); returns the names removed.
 
@@ -365,7 +355,7 @@ def remove_unfinished(directory: str) -> list[str]:
   planted, undeletable tree cannot stop a coordinator from opening its run.
   """
   removed = []
-  if not _real_directory(directory):
+  if not safeio.is_real_dir(directory):
     return removed
   with os.scandir(directory) as entries:
     for entry in entries:
@@ -388,14 +378,6 @@ def _remove_quietly(path: str) -> bool:
   except OSError as e:
     logging.getLogger(__name__).warning("could not remove %s: %s", path, e)
     return False
-
-
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def _is_batch(path: str) -> bool:
